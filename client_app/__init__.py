@@ -1,0 +1,1 @@
+"""Site side: the ClientApp, local trainers, data, evaluation and private state."""

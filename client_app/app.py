@@ -1,0 +1,140 @@
+"""The ClientApp: one site's round (train) and its evaluation.
+
+Only the shared parts of the model (and, where a method defines them, the updates it
+sends) go into a reply; everything else is private state that stays on the site.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client_app.evaluation import evaluate_split
+from client_app.site_data import SiteData, simulation_site_data
+from client_app.state import PrivateState
+from client_app.trainers import LocalRound, Trainer, trainer_for
+from client_app.training import classification_loss, classifier_gradient
+from core.config import RunConfig
+from core.device import resolve_device, set_threads
+from models import SiteModel, build_model
+
+EXTRA_PREFIX = "extra:"  # private non-model arrays (e.g. SCAFFOLD's c_i) in the state file
+
+app = ClientApp()
+
+
+class Site:
+    """This node's identity, data, private state and model for one message."""
+
+    def __init__(self, msg: Message, context: Context) -> None:
+        values = {k: v for k, v in msg.content["config"].items() if k != "server-round"}
+        self.cfg = RunConfig.from_mapping(values)
+        self.server_round = int(msg.content["config"].get("server-round", 0))
+        node = context.node_config
+        self.site_id = int(node.get("partition-id", 0))
+        self.num_sites = int(node.get("num-partitions", 1))
+        self.name = str(node.get("site-name", f"site-{self.site_id}"))
+        state_dir = str(node.get("state-dir", "")) or str(Path(self.cfg.results_dir) / self.cfg.run_name / "site-state")
+        self.state = PrivateState(context.state, state_dir, self.cfg.run_name, self.name)
+        set_threads(self.cfg.num_threads)
+        self.device = resolve_device(self.cfg.device)
+        self.data: SiteData = simulation_site_data(self.cfg, self.site_id, self.num_sites)
+        self.trainer: Trainer = trainer_for(self.cfg.method)
+        self.model = self._build_model(msg.content["arrays"])
+
+    def _build_model(self, global_arrays: ArrayRecord) -> SiteModel:
+        spec = self.data.spec
+        torch.manual_seed(self.cfg.seed * 7919 + self.site_id)  # private parts differ between sites
+        model = build_model(
+            fused=self.cfg.fused,
+            in_channels=spec.channels,
+            num_classes=spec.num_classes,
+            image_size=spec.image_size,
+            ae_arch=self.cfg.ae_arch,
+            dz=self.cfg.dz,
+        )
+        shared = set(self.trainer.shared_keys(model))
+        incoming = global_arrays.to_torch_state_dict()
+        if set(incoming) != shared:
+            raise ValueError(
+                f"the server sent keys that differ from this method's shared set "
+                f"(missing {sorted(shared - set(incoming))[:5]}, unexpected {sorted(set(incoming) - shared)[:5]})"
+            )
+        saved = self.state.load() or {}
+        self.extras = {k[len(EXTRA_PREFIX) :]: v for k, v in saved.items() if k.startswith(EXTRA_PREFIX)}
+        private_model = {k: v for k, v in saved.items() if not k.startswith(EXTRA_PREFIX)}
+        self.restored = bool(saved)
+        model.load_state_dict({**model.state_dict(), **private_model, **incoming})
+        return model.to(self.device)
+
+    def private_arrays(self, extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        shared = set(self.trainer.shared_keys(self.model))
+        private = {k: v for k, v in self.model.state_dict().items() if k not in shared}
+        return {**private, **{EXTRA_PREFIX + k: v for k, v in extras.items()}}
+
+    def shared_arrays(self) -> ArrayRecord:
+        state = self.model.state_dict()
+        return ArrayRecord({k: state[k].detach().cpu() for k in self.trainer.shared_keys(self.model)})
+
+    def generator(self, purpose: int) -> torch.Generator:
+        seed = (self.cfg.seed * 1_000_003 + self.server_round * 1009 + self.site_id * 17 + purpose) % 2**63
+        return torch.Generator().manual_seed(seed)
+
+    def gradients(self) -> ArrayRecord:
+        """Classifier gradients at the current global model on a deterministic batch
+        (method.md section 3): on x, and for FusedSpaceFed also on x + D(E_i(x))."""
+        x, y = self.data.train.first(self.cfg.gamma_batch_size, self.generator(purpose=1))
+        x, y = x.to(self.device), y.to(self.device)
+        loss_fn = classification_loss(self.data.spec.multi_label)
+        grads = {"orig": classifier_gradient(self.model, x, y, loss_fn, fused_input=False)}
+        if self.model.fused:
+            grads["fused"] = classifier_gradient(self.model, x, y, loss_fn, fused_input=True)
+        return ArrayRecord(grads)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = Site(msg, context)
+    content = RecordDict()
+    if site.cfg.measure_gamma:
+        content["gradients"] = site.gradients()
+    job = LocalRound(
+        cfg=site.cfg,
+        data=site.data,
+        device=site.device,
+        generator=site.generator(purpose=0),
+        server_round=site.server_round,
+        incoming=msg.content,
+        extras=site.extras,
+    )
+    result = site.trainer.train(site.model, job)
+    site.state.save(site.private_arrays(result.extras), site.server_round)
+    content["arrays"] = site.shared_arrays()
+    content["metrics"] = MetricRecord(
+        {
+            **result.metrics,
+            "num-examples": len(site.data.train),
+            "site-id": site.site_id,
+            "restored": int(site.restored),
+        }
+    )
+    for key, record in (result.outgoing or {}).items():
+        content[key] = record
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    site = Site(msg, context)
+    task = site.data.spec.task
+    test = evaluate_split(site.model, site.data.test, task, site.device)
+    val = evaluate_split(site.model, site.data.val, task, site.device)
+    local = evaluate_split(site.model, site.data.local_test, task, site.device)
+    metrics = {f"test_{k}": v for k, v in test.items()}
+    metrics.update({f"val_{k}": v for k, v in val.items()})
+    metrics.update({f"local_{k}": v for k, v in local.items()})
+    metrics.update({"num-examples": len(site.data.test), "site-id": site.site_id})
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

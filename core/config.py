@@ -1,0 +1,132 @@
+"""The run configuration: one typed, validated view of `[tool.flwr.app.config]`.
+
+The defaults here equal those in pyproject.toml (a test keeps them in step). The
+ServerApp builds a `RunConfig` from the run config and sends it to the sites with every
+message, so server and sites always train with the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+METHODS = ("fusedspacefed", "fedavg", "fedprox", "scaffold", "fedbn")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """An invalid or impossible run configuration."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str = "fusedspacefed"
+    dataset: str = "bloodmnist"
+    data_root: str = "data/medmnist"
+    image_size: int = 28
+    download: bool = True
+    partition: str = "dirichlet-equal"
+    alpha: float = 0.05
+    classes_per_client: int = 2
+    num_server_rounds: int = 5
+    fraction_train: float = 1.0
+    local_epochs: int = 3
+    warmup_epochs: int = 1
+    batch_size: int = 256
+    lr: float = 0.1
+    lr_ae: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lambda_rec: float = 1.0
+    dz: int = 16
+    ae_arch: str = "bottleneck"
+    task_aware: bool = True
+    weighted: bool = True
+    proximal_mu: float = 0.01
+    measure_gamma: bool = True
+    gamma_batch_size: int = 256
+    eval_every: int = 1
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int = 0
+    results_dir: str = "results"
+    run_name: str = ""
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> RunConfig:
+        """Build from kebab-case keys (unknown keys are an error, missing keys take defaults)."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        kwargs = {}
+        for key, value in values.items():
+            field = known[key]
+            kwargs[field.name] = _coerce(key, value, type(getattr(cls(), field.name)))
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Kebab-case keys, ready for a Flower ConfigRecord or config.json."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        from partitions.partitioners import SCHEMES
+
+        checks = [
+            (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
+            (self.partition in SCHEMES, f"partition must be one of {SCHEMES}, got {self.partition!r}"),
+            (self.alpha > 0, f"alpha must be > 0, got {self.alpha}"),
+            (self.classes_per_client >= 1, f"classes-per-client must be >= 1, got {self.classes_per_client}"),
+            (self.num_server_rounds >= 1, f"num-server-rounds must be >= 1, got {self.num_server_rounds}"),
+            (0 < self.fraction_train <= 1, f"fraction-train must be in (0, 1], got {self.fraction_train}"),
+            (self.local_epochs >= 1, f"local-epochs must be >= 1, got {self.local_epochs}"),
+            (self.warmup_epochs >= 0, f"warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0 and self.lr_ae > 0, "lr and lr-ae must be > 0"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.lambda_rec >= 0, f"lambda-rec must be >= 0, got {self.lambda_rec}"),
+            (self.dz >= 1, f"dz must be >= 1, got {self.dz}"),
+            (self.ae_arch in ("bottleneck", "unet"), f"ae-arch must be 'bottleneck' or 'unet', got {self.ae_arch!r}"),
+            (self.proximal_mu >= 0, f"proximal-mu must be >= 0, got {self.proximal_mu}"),
+            (self.gamma_batch_size >= 1, f"gamma-batch-size must be >= 1, got {self.gamma_batch_size}"),
+            (self.eval_every >= 1, f"eval-every must be >= 1, got {self.eval_every}"),
+            (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
+            (self.num_threads >= 0, f"num-threads must be >= 0 (0 = automatic), got {self.num_threads}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def fused(self) -> bool:
+        return self.method == "fusedspacefed"
+
+    def default_run_name(self) -> str:
+        spread = f"a{self.alpha:g}" if self.partition.startswith("dirichlet") else f"k{self.classes_per_client}"
+        if self.partition == "iid":
+            spread = "iid"
+        return f"{self.method}-{self.dataset}-{self.partition}-{spread}-s{self.seed}"
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r} must be {kind.__name__}, got {value!r}") from None

@@ -1,0 +1,78 @@
+"""Models and the one definition of which state_dict keys belong to which part.
+
+Every model is a `SiteModel` with up to three named children: `encoder` (private,
+FusedSpaceFed only), `decoder` (shared) and `classifier` (shared). A state_dict key's
+part is its first dotted component, so the split can never drift from the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from models.autoencoders import build_autoencoder
+from models.classifier import PreActResNet20
+
+ENCODER, DECODER, CLASSIFIER = "encoder", "decoder", "classifier"
+PARTS = (ENCODER, DECODER, CLASSIFIER)
+
+
+class SiteModel(nn.Module):
+    """Classifier, optionally preceded by the autoencoder that produces the fused input."""
+
+    def __init__(self, classifier: nn.Module, encoder: nn.Module | None = None, decoder: nn.Module | None = None):
+        super().__init__()
+        if (encoder is None) != (decoder is None):
+            raise ValueError("encoder and decoder come together")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.classifier = classifier
+
+    @property
+    def fused(self) -> bool:
+        return self.encoder is not None
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x_rec = D(E_i(x))."""
+        return self.decoder(self.encoder(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """logits = C(x + D(E_i(x))) for FusedSpaceFed, C(x) otherwise."""
+        if self.fused:
+            x = x + self.reconstruct(x)
+        return self.classifier(x)
+
+
+def build_model(
+    *, fused: bool, in_channels: int, num_classes: int, image_size: int, ae_arch: str = "bottleneck", dz: int = 16
+) -> SiteModel:
+    """The site model: ResNet-20 classifier, plus the autoencoder when `fused`."""
+    if in_channels < 1 or num_classes < 1:
+        raise ValueError(f"need at least one channel and one class, got {in_channels} and {num_classes}")
+    classifier = PreActResNet20(in_channels, num_classes)
+    if not fused:
+        return SiteModel(classifier)
+    encoder, decoder = build_autoencoder(ae_arch, in_channels, image_size, dz)
+    return SiteModel(classifier, encoder, decoder)
+
+
+def part_of(key: str) -> str:
+    """Which part ('encoder', 'decoder', 'classifier') a state_dict key belongs to."""
+    part = key.split(".", 1)[0]
+    if part not in PARTS:
+        raise KeyError(f"state_dict key {key!r} belongs to no known model part {PARTS}")
+    return part
+
+
+def is_batchnorm_key(model: nn.Module, key: str) -> bool:
+    """True for the parameters and buffers of BatchNorm layers (FedBN keeps them private)."""
+    module_name = key.rsplit(".", 1)[0]
+    return isinstance(model.get_submodule(module_name), nn.modules.batchnorm._BatchNorm)
+
+
+def select_state(state: Mapping[str, torch.Tensor], parts: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The entries of `state` whose part is in `parts` (detached copies)."""
+    wanted = set(parts)
+    return {k: v.detach().clone() for k, v in state.items() if part_of(k) in wanted}

@@ -1,0 +1,56 @@
+"""Pre-activation ResNet-20 (CIFAR style), the classifier every method shares.
+
+One definition for FusedSpaceFed and all baselines keeps comparisons like for like.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv twice; a 1x1 conv shortcut when the shape changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = torch.relu(self.bn1(x))
+        identity = self.shortcut(pre) if self.shortcut is not None else x
+        out = self.conv1(pre)
+        out = self.conv2(torch.relu(self.bn2(out)))
+        return out + identity
+
+
+class PreActResNet20(nn.Module):
+    """3x3 stem to 16 channels, three stages of three blocks (16/32/64, strides 1/2/2)."""
+
+    def __init__(self, in_channels: int, num_classes: int, blocks_per_stage: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        layers: list[nn.Module] = []
+        width_in = 16
+        for width, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(blocks_per_stage):
+                layers.append(PreActBlock(width_in, width, stride if i == 0 else 1))
+                width_in = width
+        self.stages = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(64)
+        self.head = nn.Linear(64, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.stages(self.stem(x))
+        out = torch.relu(self.bn(out))
+        out = torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1)
+        return self.head(out)

@@ -1,0 +1,99 @@
+"""The results layout of a run: config.json, metrics.jsonl, summary.json, final model.
+
+Every file is written atomically (temporary file, then rename) so an interrupted run
+never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: write null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(_clean(obj), indent=2) + "\n").encode())
+
+
+class RunResults:
+    """Writes one run's files under `<results-dir>/<run-name>/`."""
+
+    def __init__(self, results_dir: str | Path, run_name: str) -> None:
+        self.dir = Path(results_dir) / run_name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_json(self.dir / "config.json", config)
+
+    def write_rounds(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite metrics.jsonl with all rounds so far (atomic; rows are small)."""
+        text = "".join(json.dumps(_clean(r)) + "\n" for r in rows)
+        atomic_write_bytes(self.metrics_path, text.encode())
+
+    def write_summary(self, rows: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+        atomic_write_json(self.dir / "summary.json", {**summarise(rows), **extra})
+        return summarise(rows)
+
+    def write_model(self, state: dict[str, torch.Tensor], name: str = "global_model.pt") -> Path:
+        path = self.dir / name
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+
+SUMMARY_KEYS = ("global_acc_mean", "global_acc_worst", "local_acc_mean", "macro_f1", "balanced_acc", "auc", "gamma")
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final round, best round on the test split (optimistic) and on the validation split."""
+    evaluated = [r for r in rows if r.get("global_acc_mean") is not None]
+    if not evaluated:
+        return {"rounds": len(rows), "final": None, "best_by_test": None, "best_by_val": None}
+
+    def pick(row: dict[str, Any], how: str) -> dict[str, Any]:
+        return {"round": row["round"], "selected_by": how, **{k: row.get(k) for k in SUMMARY_KEYS}}
+
+    def score(key: str):
+        return lambda r: -math.inf if r.get(key) is None or not math.isfinite(r[key]) else r[key]
+
+    return {
+        "rounds": len(rows),
+        "final": pick(evaluated[-1], "last evaluated round"),
+        "best_by_test": pick(
+            max(evaluated, key=score("global_acc_mean")), "highest global_acc_mean on the test split (optimistic)"
+        ),
+        "best_by_val": pick(max(evaluated, key=score("val_acc_mean")), "highest val_acc_mean on the validation split"),
+    }

@@ -1,0 +1,19 @@
+"""One server-side strategy per method, all built on Flower's FedAvg."""
+
+from strategies.base import PrivacyViolation, SharedModelStrategy
+from strategies.fedavg import FedAvgBaseline
+from strategies.fusedspacefed import FusedSpaceFed
+
+STRATEGIES: dict[str, type[SharedModelStrategy]] = {
+    "fusedspacefed": FusedSpaceFed,
+    "fedavg": FedAvgBaseline,
+}
+
+
+def strategy_class(method: str) -> type[SharedModelStrategy]:
+    if method not in STRATEGIES:
+        raise NotImplementedError(f"method {method!r} has no strategy yet; available: {sorted(STRATEGIES)}")
+    return STRATEGIES[method]
+
+
+__all__ = ["PrivacyViolation", "SharedModelStrategy", "STRATEGIES", "strategy_class"]
