@@ -57,6 +57,17 @@ class SharedModelStrategy(FedAvg):
         self.num_rounds = num_rounds
         self.failures: dict[int, list[str]] = {}
 
+    # -- strategy state (server checkpoints) -------------------------------------
+    def checkpoint_state(self) -> dict[str, np.ndarray]:
+        """Server-side state beyond the global arrays that a resumed run needs (e.g.
+        SCAFFOLD's control variate). Stateless strategies return an empty dict."""
+        return {}
+
+    def restore_state(self, state: dict[str, np.ndarray]) -> None:
+        """Inverse of `checkpoint_state`."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but was given {sorted(state)[:3]}")
+
     # -- checks ---------------------------------------------------------------
     def check_reply(self, msg: Message) -> None:
         """Refuse replies that carry private arrays or records nobody asked for."""
