@@ -128,42 +128,50 @@ def validate_npz(path: Path, flag: str, info: dict, size: int) -> MedMNISTData:
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise DataError(f"dataset file {path} is corrupt or not an npz archive ({exc}); replace it") from exc
 
-    channels = int(info["n_channels"])
-    num_classes = len(info["label"])
-    multi_label = info["task"] == MULTI_LABEL
     splits = {}
     for split in SPLITS:
         for key in (f"{split}_images", f"{split}_labels"):
             if key not in arrays:
                 raise DataError(f"dataset file {path} has no array {key!r} (found {sorted(arrays)})")
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        expected = (size, size) if channels == 1 else (size, size, channels)
-        if images.ndim not in (3, 4) or images.shape[1:] != expected:
-            raise DataError(
-                f"{path}: {split}_images has shape {images.shape}, expected (N, {', '.join(map(str, expected))})"
-            )
-        if images.dtype != np.uint8:
-            raise DataError(f"{path}: {split}_images has dtype {images.dtype}, expected uint8")
-        if len(labels) != len(images):
-            raise DataError(f"{path}: {len(images)} {split} images but {len(labels)} labels")
-        labels = labels.reshape(len(labels), -1).astype(np.int64)
-        if multi_label:
-            if labels.shape[1] != num_classes or not np.isin(labels, (0, 1)).all():
-                raise DataError(f"{path}: {split}_labels must be {num_classes} binary columns for {flag}")
-        else:
-            if labels.shape[1] != 1:
-                raise DataError(f"{path}: {split}_labels has {labels.shape[1]} columns, expected 1")
-            labels = labels[:, 0]
-            if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-                raise DataError(
-                    f"{path}: {split}_labels range {labels.min()}..{labels.max()} is outside 0..{num_classes - 1}"
-                )
-        if images.ndim == 3:
-            images = images[:, None]
-        else:
-            images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-        splits[split] = Split(images=images, labels=labels)
+        splits[split] = validate_split(
+            path, split, arrays[f"{split}_images"], arrays[f"{split}_labels"], flag, info, size
+        )
     return MedMNISTData(spec=dataset_spec(flag, size), splits=splits)
+
+
+def validate_split(
+    path: Path, split: str, images: np.ndarray, labels: np.ndarray, flag: str, info: dict, size: int
+) -> Split:
+    """Check one split's images and labels against medmnist's metadata; channels first."""
+    channels = int(info["n_channels"])
+    num_classes = len(info["label"])
+    multi_label = info["task"] == MULTI_LABEL
+    expected = (size, size) if channels == 1 else (size, size, channels)
+    if images.ndim not in (3, 4) or images.shape[1:] != expected:
+        raise DataError(
+            f"{path}: {split}_images has shape {images.shape}, expected (N, {', '.join(map(str, expected))})"
+        )
+    if images.dtype != np.uint8:
+        raise DataError(f"{path}: {split}_images has dtype {images.dtype}, expected uint8")
+    if len(labels) != len(images):
+        raise DataError(f"{path}: {len(images)} {split} images but {len(labels)} labels")
+    labels = labels.reshape(len(labels), -1).astype(np.int64)
+    if multi_label:
+        if labels.shape[1] != num_classes or not np.isin(labels, (0, 1)).all():
+            raise DataError(f"{path}: {split}_labels must be {num_classes} binary columns for {flag}")
+    else:
+        if labels.shape[1] != 1:
+            raise DataError(f"{path}: {split}_labels has {labels.shape[1]} columns, expected 1")
+        labels = labels[:, 0]
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise DataError(
+                f"{path}: {split}_labels range {labels.min()}..{labels.max()} is outside 0..{num_classes - 1}"
+            )
+    if images.ndim == 3:
+        images = images[:, None]
+    else:
+        images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    return Split(images=images, labels=labels)
 
 
 def partition_labels(labels: np.ndarray) -> np.ndarray:
