@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.evaluation import evaluate_split
-from client_app.site_data import SiteData, simulation_site_data
+from client_app.site_data import site_data_for
 from client_app.state import PrivateState
 from client_app.trainers import LocalRound, Trainer, trainer_for
 from client_app.training import classification_loss, classifier_gradient
@@ -34,14 +34,14 @@ class Site:
         self.cfg = RunConfig.from_mapping(values)
         self.server_round = int(msg.content["config"].get("server-round", 0))
         node = context.node_config
-        self.site_id = int(node.get("partition-id", 0))
-        self.num_sites = int(node.get("num-partitions", 1))
+        self.data, meta = site_data_for(self.cfg, node)
+        self.site_id = int(node.get("partition-id", meta.get("site", 0)))
+        self.num_sites = int(node.get("num-partitions", meta.get("num_sites", 1)))
         self.name = str(node.get("site-name", f"site-{self.site_id}"))
         state_dir = str(node.get("state-dir", "")) or str(Path(self.cfg.results_dir) / self.cfg.run_name / "site-state")
         self.state = PrivateState(context.state, state_dir, self.cfg.run_name, self.name)
         set_threads(self.cfg.num_threads)
         self.device = resolve_device(self.cfg.device)
-        self.data: SiteData = simulation_site_data(self.cfg, self.site_id, self.num_sites)
         self.trainer: Trainer = trainer_for(self.cfg.method)
         self.model = self._build_model(msg.content["arrays"])
 

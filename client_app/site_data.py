@@ -4,20 +4,39 @@ In simulation a site is a partition of a MedMNIST training set (by `partition-id
 its evaluation data are the official test and validation splits plus its personalised
 test shard. Caches are keyed by everything the data depends on, so one Ray actor that
 serves many sites loads each dataset file only once.
+
+In a deployment a site reads its own data from the node config's `data-path`: an npz
+in MedMNIST's layout (as `python -m partitions.split` writes) or an image folder, and
+evaluates on its own held-out arrays. The server never sees site data.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from client_app.training import TensorSplit
 from core.config import RunConfig
-from partitions.medmnist_data import DatasetSpec, MedMNISTData, Split, load_medmnist, partition_labels
+from partitions.medmnist_data import (
+    MULTI_LABEL,
+    DataError,
+    DatasetSpec,
+    MedMNISTData,
+    Split,
+    dataset_spec,
+    load_medmnist,
+    medmnist_info,
+    partition_labels,
+    validate_npz,
+    validate_split,
+)
 from partitions.partitioners import local_test_indices, partition_indices
+from partitions.split import META_KEY
 
 
 @dataclass
@@ -86,3 +105,168 @@ def simulation_site_data(cfg: RunConfig, site_id: int, num_sites: int) -> SiteDa
         val=val,
         local_test=to_tensors(data["test"], multi, shard),
     )
+
+
+# -- deployment: the site's own data (node config `data-path`) ------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+FOLDER_HOLDOUT = (("val", 0.1), ("test", 0.2))  # carved per class from a plain class-folder site
+
+
+@dataclass(frozen=True)
+class SiteFile:
+    """A site's own data: its splits, an optional personalised test shard, and, for
+    files written by `python -m partitions.split`, where they came from."""
+
+    data: MedMNISTData
+    local_test: Split | None
+    meta: dict
+
+
+def deployment_site_data(cfg: RunConfig, data_path: str | Path) -> tuple[SiteData, dict]:
+    """A SuperNode's data from its own `data-path` (an npz in MedMNIST's layout, or an
+    image folder): it trains on the train split and evaluates on its own held-out data."""
+    site = load_site_file(str(Path(data_path).expanduser()), cfg.dataset, cfg.image_size, cfg.seed)
+    multi = site.data.spec.multi_label
+    test = to_tensors(site.data["test"], multi)
+    data = SiteData(
+        spec=site.data.spec,
+        train=to_tensors(site.data["train"], multi),
+        test=test,
+        val=to_tensors(site.data["val"], multi),
+        local_test=to_tensors(site.local_test, multi) if site.local_test is not None else test,
+    )
+    if len(data.train) == 0:
+        raise DataError(f"site data {data_path} has no training samples")
+    return data, site.meta
+
+
+@lru_cache(maxsize=2)
+def load_site_file(path: str, dataset: str, image_size: int, seed: int = 0) -> SiteFile:
+    """Load and validate a site's data (npz file or image folder); errors name the path."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(
+            f"site data-path {p} does not exist (node config 'data-path' of this SuperNode). Point it at the "
+            "site's npz file (python -m partitions.split writes them) or at an image folder with one "
+            "sub-folder per class."
+        )
+    info = medmnist_info(dataset)
+    if p.is_dir():
+        return _load_image_folder(p, dataset, info, image_size, seed)
+    data = validate_npz(p, dataset, info, image_size)
+    with np.load(p, allow_pickle=False) as npz:
+        meta = json.loads(str(npz[META_KEY])) if META_KEY in npz.files else {}
+        local = None
+        if "local_test_images" in npz.files and "local_test_labels" in npz.files:
+            local = validate_split(
+                p, "local_test", npz["local_test_images"], npz["local_test_labels"], dataset, info, image_size
+            )
+    if meta.get("dataset", dataset) != dataset:
+        raise DataError(f"site file {p} holds {meta['dataset']!r} data but the run's dataset is {dataset!r}")
+    return SiteFile(data=data, local_test=local, meta=meta)
+
+
+def _class_index(folder: str, class_names: list[str], path: Path) -> int:
+    """A class folder's label: its index ("0", "1", ...) or the class name (any case,
+    spaces or underscores) from medmnist's metadata."""
+
+    def norm(name: str) -> str:
+        return "".join(ch for ch in name.lower() if ch.isalnum())
+
+    if folder.isdigit() and int(folder) < len(class_names):
+        return int(folder)
+    names = {norm(n): i for i, n in enumerate(class_names)}
+    if norm(folder) in names:
+        return names[norm(folder)]
+    raise DataError(
+        f"image folder {path}: sub-folder {folder!r} is not a class of this dataset; use the class index "
+        f"(0..{len(class_names) - 1}) or one of {class_names}"
+    )
+
+
+def _read_images(files: list[Path], channels: int, size: int) -> np.ndarray:
+    from PIL import Image
+
+    mode = "L" if channels == 1 else "RGB"
+    out = np.empty((len(files), channels, size, size), dtype=np.uint8)
+    for i, file in enumerate(files):
+        try:
+            with Image.open(file) as img:
+                img = img.convert(mode)
+                if img.size != (size, size):
+                    img = img.resize((size, size), Image.Resampling.BICUBIC)
+                array = np.asarray(img, dtype=np.uint8)
+        except Exception as exc:
+            raise DataError(f"image {file} cannot be read ({type(exc).__name__}: {exc})") from exc
+        out[i] = array[None] if channels == 1 else array.transpose(2, 0, 1)
+    return out
+
+
+def _folder_split(root: Path, class_names: list[str], channels: int, size: int) -> Split:
+    files, labels = [], []
+    for sub in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        label = _class_index(sub.name, class_names, root)
+        found = sorted(f for f in sub.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        files += found
+        labels += [label] * len(found)
+    return Split(images=_read_images(files, channels, size), labels=np.array(labels, dtype=np.int64))
+
+
+def _load_image_folder(path: Path, dataset: str, info: dict, size: int, seed: int) -> SiteFile:
+    """`path/<class>/<images>` (val and test carved per class: 10 % and 20 %, seeded),
+    or `path/train/<class>/...` with `val/` and `test/` beside it."""
+    if info["task"] == MULTI_LABEL:
+        raise DataError(f"image folder {path}: {dataset} is multi-label; class folders cannot express it, use an npz")
+    names = [info["label"][str(i)] for i in range(len(info["label"]))]
+    channels = int(info["n_channels"])
+    if (path / "train").is_dir():
+        splits = {"train": _folder_split(path / "train", names, channels, size)}
+        for split in ("val", "test"):
+            part = path / split
+            splits[split] = (
+                _folder_split(part, names, channels, size)
+                if part.is_dir()
+                else Split(splits["train"].images[:0], splits["train"].labels[:0])
+            )
+        if len(splits["test"]) == 0:
+            raise DataError(f"image folder {path} has train/ but no test/ images to evaluate on")
+    else:
+        every = _folder_split(path, names, channels, size)
+        rng = np.random.default_rng(seed)
+        chosen = {name: [] for name, _ in FOLDER_HOLDOUT}
+        train = []
+        for c in np.unique(every.labels):
+            idx = rng.permutation(np.flatnonzero(every.labels == c))
+            start = 0
+            for name, share in FOLDER_HOLDOUT:
+                n = int(round(share * len(idx))) if len(idx) >= 3 else 0
+                chosen[name].append(idx[start : start + n])
+                start += n
+            train.append(idx[start:])
+
+        def take(parts: list[np.ndarray]) -> Split:
+            idx = np.sort(np.concatenate(parts)) if parts else np.array([], dtype=np.int64)
+            return Split(every.images[idx], every.labels[idx])
+
+        splits = {"train": take(train), **{name: take(chosen[name]) for name, _ in FOLDER_HOLDOUT}}
+    if len(splits["train"]) == 0:
+        raise DataError(f"image folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}) in class sub-folders")
+    return SiteFile(data=MedMNISTData(spec=dataset_spec(dataset, size), splits=splits), local_test=None, meta={})
+
+
+def site_data_for(cfg: RunConfig, node_config) -> tuple[SiteData, dict]:
+    """This node's data: its own `data-path` (deployment) or its `partition-id` of the
+    configured dataset (simulation); returns the data and the site file's metadata."""
+    data_path = str(node_config.get("data-path", "") or "")
+    if data_path:
+        return deployment_site_data(cfg, data_path)
+    if "partition-id" not in node_config:
+        raise DataError(
+            "this SuperNode's node config has no 'data-path' (a deployed site's own data file or image folder) "
+            "and no 'partition-id' (a simulated site): start it with --node-config 'data-path=\"/path/site.npz\" "
+            'site-name="..." state-dir="/path/state"\''
+        )
+    site_id = int(node_config["partition-id"])
+    num_sites = int(node_config.get("num-partitions", 1))
+    return simulation_site_data(cfg, site_id, num_sites), {}
