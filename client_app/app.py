@@ -29,10 +29,10 @@ app = ClientApp()
 class Site:
     """This node's identity, data, private state and model for one message."""
 
-    def __init__(self, msg: Message, context: Context) -> None:
-        values = {k: v for k, v in msg.content["config"].items() if k != "server-round"}
+    def __init__(self, content: RecordDict, context: Context) -> None:
+        values = {k: v for k, v in content["config"].items() if k != "server-round"}
         self.cfg = RunConfig.from_mapping(values)
-        self.server_round = int(msg.content["config"].get("server-round", 0))
+        self.server_round = int(content["config"].get("server-round", 0))
         node = context.node_config
         self.data, meta = site_data_for(self.cfg, node)
         self.site_id = int(node.get("partition-id", meta.get("site", 0)))
@@ -43,7 +43,7 @@ class Site:
         set_threads(self.cfg.num_threads)
         self.device = resolve_device(self.cfg.device)
         self.trainer: Trainer = trainer_for(self.cfg.method)
-        self.model = self._build_model(msg.content["arrays"])
+        self.model = self._build_model(content["arrays"])
 
     def _build_model(self, global_arrays: ArrayRecord) -> SiteModel:
         spec = self.data.spec
@@ -95,9 +95,9 @@ class Site:
         return ArrayRecord(grads)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    site = Site(msg, context)
+def train_round(incoming: RecordDict, context: Context) -> RecordDict:
+    """One round at this site; returns the reply content (shared arrays and metrics)."""
+    site = Site(incoming, context)
     content = RecordDict()
     if site.cfg.measure_gamma:
         content["gradients"] = site.gradients()
@@ -107,7 +107,7 @@ def train(msg: Message, context: Context) -> Message:
         device=site.device,
         generator=site.generator(purpose=0),
         server_round=site.server_round,
-        incoming=msg.content,
+        incoming=incoming,
         extras=site.extras,
     )
     result = site.trainer.train(site.model, job)
@@ -123,12 +123,12 @@ def train(msg: Message, context: Context) -> Message:
     )
     for key, record in (result.outgoing or {}).items():
         content[key] = record
-    return Message(content=content, reply_to=msg)
+    return content
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    site = Site(msg, context)
+def evaluate_round(incoming: RecordDict, context: Context) -> RecordDict:
+    """Evaluate the global model (with this site's private parts) on the site's data."""
+    site = Site(incoming, context)
     task = site.data.spec.task
     test = evaluate_split(site.model, site.data.test, task, site.device)
     val = evaluate_split(site.model, site.data.val, task, site.device)
@@ -137,4 +137,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics.update({f"val_{k}": v for k, v in val.items()})
     metrics.update({f"local_{k}": v for k, v in local.items()})
     metrics.update({"num-examples": len(site.data.test), "site-id": site.site_id})
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return Message(content=train_round(msg.content, context), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return Message(content=evaluate_round(msg.content, context), reply_to=msg)

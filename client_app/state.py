@@ -24,6 +24,10 @@ class StateError(RuntimeError):
     """A site's private state on disk is unreadable."""
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "unnamed"
 
@@ -46,7 +50,7 @@ class PrivateState:
                 raise ValueError("'arrays' is not a mapping of tensors")
         except Exception as exc:
             raise StateError(
-                f"private state file {self.path} is unreadable ({type(exc).__name__}: {exc}); it was left in place "
+                f"private state file {self.path} is unreadable ({type(exc).__name__}: {_first_line(exc)}); it was left in place "
                 "for inspection. Move it away to start this site afresh (its encoder will be re-initialised)."
             ) from exc
         self.node_state.array_records[RECORD_KEY] = ArrayRecord(arrays)

@@ -135,10 +135,12 @@ def local_test_indices(
     rng = np.random.default_rng(seed)
     shard_size = shard_size or max(1, len(test_labels) // num_sites)
     classes, counts = np.unique(train_labels, return_counts=True)
-    wanted = np.floor(counts / counts.sum() * shard_size).astype(int)
+    shares = counts / counts.sum()
+    pools = [np.flatnonzero(test_labels == c) for c in classes]
+    # shrink the shard rather than distort its label distribution when a class pool is small
+    fits = [len(pool) / share for pool, share in zip(pools, shares) if share > 0]
+    shard_size = int(min([shard_size, *fits]))
+    wanted = np.floor(shares * shard_size).astype(int)
     wanted[np.argmax(counts)] += shard_size - wanted.sum()
-    chosen = []
-    for c, n in zip(classes, wanted):
-        pool = np.flatnonzero(test_labels == c)
-        chosen.append(rng.choice(pool, size=min(n, len(pool)), replace=False))
+    chosen = [rng.choice(pool, size=min(n, len(pool)), replace=False) for pool, n in zip(pools, wanted)]
     return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.array([], dtype=np.int64)

@@ -2,11 +2,17 @@
 
 from strategies.base import PrivacyViolation, SharedModelStrategy
 from strategies.fedavg import FedAvgBaseline
+from strategies.fedbn import FedBNBaseline
+from strategies.fedprox import FedProxBaseline
 from strategies.fusedspacefed import FusedSpaceFed
+from strategies.scaffold import Scaffold
 
 STRATEGIES: dict[str, type[SharedModelStrategy]] = {
     "fusedspacefed": FusedSpaceFed,
     "fedavg": FedAvgBaseline,
+    "fedprox": FedProxBaseline,
+    "scaffold": Scaffold,
+    "fedbn": FedBNBaseline,
 }
 
 

@@ -2,11 +2,17 @@
 
 from client_app.trainers.base import LocalRound, RoundResult, Trainer
 from client_app.trainers.fedavg import FedAvgTrainer
+from client_app.trainers.fedbn import FedBNTrainer
+from client_app.trainers.fedprox import FedProxTrainer
 from client_app.trainers.fusedspacefed import FusedSpaceFedTrainer
+from client_app.trainers.scaffold import ScaffoldTrainer
 
 TRAINERS: dict[str, type[Trainer]] = {
     "fusedspacefed": FusedSpaceFedTrainer,
     "fedavg": FedAvgTrainer,
+    "fedprox": FedProxTrainer,
+    "scaffold": ScaffoldTrainer,
+    "fedbn": FedBNTrainer,
 }
 
 

@@ -1,4 +1,8 @@
-"""FedAvg's local round: SGD on the classification loss over the whole classifier."""
+"""FedAvg's local round: SGD on the classification loss over the whole classifier.
+
+The other classifier-only baselines (FedProx, SCAFFOLD, FedBN) are FedAvg with one
+change each; they override the hooks of `FedAvgTrainer` instead of repeating the loop.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,47 @@ import torch
 
 from client_app.trainers.base import LocalRound, RoundResult, Trainer
 from client_app.training import classification_loss, run_epochs, sgd
+from core.config import RunConfig
 from models import SiteModel
 
 
 class FedAvgTrainer(Trainer):
+    # -- hooks ------------------------------------------------------------------
+    def start(self, model: SiteModel, job: LocalRound) -> None:
+        """Called once the global model is loaded, before the first local step."""
+
+    def optimizer(self, model: SiteModel, cfg: RunConfig) -> torch.optim.Optimizer:
+        return sgd(model.classifier.parameters(), cfg.lr, cfg)
+
+    def penalty(self, model: SiteModel) -> torch.Tensor | float:
+        """A term added to the classification loss of every step (FedProx)."""
+        return 0.0
+
+    def adjust_gradients(self, model: SiteModel) -> None:
+        """Called between backward() and the optimiser step (SCAFFOLD's correction)."""
+
+    def finish(self, model: SiteModel, job: LocalRound, steps: int) -> RoundResult:
+        """The round's result beyond the training loss; `steps` = local steps taken."""
+        return RoundResult(metrics={})
+
+    # -- the round ----------------------------------------------------------------
     def train(self, model: SiteModel, job: LocalRound) -> RoundResult:
         cfg, loss_fn = job.cfg, classification_loss(job.data.spec.multi_label)
         model.train()
-        optimizer = sgd(model.classifier.parameters(), cfg.lr, cfg)
+        self.start(model, job)
+        optimizer = self.optimizer(model, cfg)
 
         def step(x: torch.Tensor, y: torch.Tensor) -> float:
             loss = loss_fn(model.classifier(x), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + self.penalty(model)).backward()
+            self.adjust_gradients(model)
             optimizer.step()
             return loss.item()
 
-        train_loss, _ = run_epochs(job.data.train, cfg.local_epochs, cfg.batch_size, job.device, job.generator, step)
-        return RoundResult(metrics={"train_loss": train_loss})
+        train_loss, steps = run_epochs(
+            job.data.train, cfg.local_epochs, cfg.batch_size, job.device, job.generator, step
+        )
+        result = self.finish(model, job, steps)
+        result.metrics = {"train_loss": train_loss, **result.metrics}
+        return result

@@ -39,26 +39,31 @@ def decoupled_losses(
 class FusedSpaceFedTrainer(Trainer):
     shared_parts = (DECODER, CLASSIFIER)
 
-    def train(self, model: SiteModel, job: LocalRound) -> RoundResult:
-        cfg, loss_fn = job.cfg, classification_loss(job.data.spec.multi_label)
+    def warm_up(self, model: SiteModel, job: LocalRound) -> float:
+        """Re-align E_i to the new global decoder: D and C frozen, reconstruction loss only."""
+        cfg = job.cfg
         model.train()
-
-        # 1. Warm-up: only E_i learns to reconstruct through the frozen global decoder.
         set_trainable(model, False)
         set_trainable(model.encoder, True)
-        warm_opt = sgd(model.encoder.parameters(), cfg.lr_ae, cfg)
+        optimizer = sgd(model.encoder.parameters(), cfg.lr_ae, cfg)
 
-        def warm_step(x: torch.Tensor, _: torch.Tensor) -> float:
+        def step(x: torch.Tensor, _: torch.Tensor) -> float:
             loss = reconstruction_loss(model, x)
-            warm_opt.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            warm_opt.step()
+            optimizer.step()
             return loss.item()
 
-        warm_loss, _ = run_epochs(
-            job.data.train, cfg.warmup_epochs, cfg.batch_size, job.device, job.generator, warm_step
-        )
-        set_trainable(model, True)
+        try:
+            loss, _ = run_epochs(job.data.train, cfg.warmup_epochs, cfg.batch_size, job.device, job.generator, step)
+        finally:
+            set_trainable(model, True)
+        return loss
+
+    def train(self, model: SiteModel, job: LocalRound) -> RoundResult:
+        cfg, loss_fn = job.cfg, classification_loss(job.data.spec.multi_label)
+        warm_loss = self.warm_up(model, job)
+        model.train()
 
         # 2. Fused local training.
         ae_opt = sgd([*model.encoder.parameters(), *model.decoder.parameters()], cfg.lr_ae, cfg)

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real MedMNIST files and small synthetic files in the same format."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FSF_DATA_ROOT", REPO.parent / "shared" / "data" / "medmnist"))
+
+
+@pytest.fixture(scope="session")
+def real_data_root() -> Path:
+    """The verified MedMNIST files (../shared/data/medmnist). Missing means a broken checkout: fail."""
+    if not (SHARED_DATA / "breastmnist.npz").exists():
+        pytest.fail(f"real MedMNIST files not found in {SHARED_DATA} (set FSF_DATA_ROOT)")
+    return SHARED_DATA
+
+
+def write_fake_medmnist(
+    root: Path,
+    flag: str = "bloodmnist",
+    sizes: tuple[int, int, int] = (240, 40, 80),
+    channels: int = 3,
+    num_classes: int = 8,
+    multi_label: bool = False,
+    seed: int = 0,
+    image_size: int = 28,
+) -> Path:
+    """A small npz in medmnist's layout whose images depend on the label (learnable)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in zip(("train", "val", "test"), sizes, strict=True):
+        if multi_label:
+            labels = (rng.random((n, num_classes)) < 0.2).astype(np.uint8)
+            level = labels[:, :1].astype(float)
+        else:
+            labels = rng.integers(0, num_classes, size=(n, 1)).astype(np.uint8)
+            labels[:num_classes, 0] = np.arange(num_classes)  # every class present
+            level = labels / max(num_classes - 1, 1)
+        shape = (n, image_size, image_size) + ((channels,) if channels > 1 else ())
+        noise = rng.normal(0, 20, size=shape)
+        base = level.reshape((n,) + (1,) * (len(shape) - 1)) * 200
+        arrays[f"{split}_images"] = np.clip(base + 25 + noise, 0, 255).astype(np.uint8)
+        arrays[f"{split}_labels"] = labels
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / (f"{flag}.npz" if image_size == 28 else f"{flag}_{image_size}.npz")
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+@pytest.fixture
+def fake_root(tmp_path: Path) -> Path:
+    write_fake_medmnist(tmp_path / "data")
+    return tmp_path / "data"
