@@ -52,6 +52,10 @@ class RunConfig:
     num_threads: int = 0
     results_dir: str = "results"
     run_name: str = ""
+    min_replies: int = 1
+    round_timeout: float = 3600.0
+    resume_from: str = ""
+    keep_checkpoints: int = 3
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> RunConfig:
@@ -99,6 +103,9 @@ class RunConfig:
             (self.eval_every >= 1, f"eval-every must be >= 1, got {self.eval_every}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
             (self.num_threads >= 0, f"num-threads must be >= 0 (0 = automatic), got {self.num_threads}"),
+            (self.min_replies >= 1, f"min-replies must be >= 1, got {self.min_replies}"),
+            (self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}"),
+            (self.keep_checkpoints >= 0, f"keep-checkpoints must be >= 0 (0 = all), got {self.keep_checkpoints}"),
         ]
         for ok, message in checks:
             if not ok:
