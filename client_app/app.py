@@ -6,15 +6,17 @@ sends) go into a reply; everything else is private state that stays on the site.
 
 from __future__ import annotations
 
+from logging import INFO
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from client_app.evaluation import evaluate_split
 from client_app.site_data import site_data_for
-from client_app.state import PrivateState
+from client_app.state import PrivateState, state_digest
 from client_app.trainers import LocalRound, Trainer, trainer_for
 from client_app.training import classification_loss, classifier_gradient
 from core.config import RunConfig
@@ -29,7 +31,8 @@ app = ClientApp()
 class Site:
     """This node's identity, data, private state and model for one message."""
 
-    def __init__(self, content: RecordDict, context: Context) -> None:
+    def __init__(self, content: RecordDict, context: Context, phase: str = "train") -> None:
+        self.phase = phase  # "train" starts from the state of an earlier round, "evaluate" from this round's
         values = {k: v for k, v in content["config"].items() if k != "server-round"}
         self.cfg = RunConfig.from_mapping(values)
         self.server_round = int(content["config"].get("server-round", 0))
@@ -39,7 +42,7 @@ class Site:
         self.num_sites = int(node.get("num-partitions", meta.get("num_sites", 1)))
         self.name = str(node.get("site-name", f"site-{self.site_id}"))
         state_dir = str(node.get("state-dir", "")) or str(Path(self.cfg.results_dir) / self.cfg.run_name / "site-state")
-        self.state = PrivateState(context.state, state_dir, self.cfg.run_name, self.name)
+        self.state = PrivateState(context.state, state_dir, self.cfg.run_name, self.name, self.cfg.keep_checkpoints)
         set_threads(self.cfg.num_threads)
         self.device = resolve_device(self.cfg.device)
         self.trainer: Trainer = trainer_for(self.cfg.method)
@@ -63,7 +66,17 @@ class Site:
                 f"the server sent keys that differ from this method's shared set "
                 f"(missing {sorted(shared - set(incoming))[:5]}, unexpected {sorted(set(incoming) - shared)[:5]})"
             )
-        saved = self.state.load() or {}
+        before = (self.server_round + (self.phase == "evaluate")) if self.server_round else None
+        saved = self.state.load(before_round=before) or {}
+        if self.state.source not in ("", "memory"):
+            log(
+                INFO,
+                "site %s: private state of round %d restored from %s (sha256 %s)",
+                self.name,
+                self.state.loaded_round,
+                self.state.source,
+                state_digest(saved),
+            )
         self.extras = {k[len(EXTRA_PREFIX) :]: v for k, v in saved.items() if k.startswith(EXTRA_PREFIX)}
         private_model = {k: v for k, v in saved.items() if not k.startswith(EXTRA_PREFIX)}
         self.restored = bool(saved)
@@ -128,7 +141,7 @@ def train_round(incoming: RecordDict, context: Context) -> RecordDict:
 
 def evaluate_round(incoming: RecordDict, context: Context) -> RecordDict:
     """Evaluate the global model (with this site's private parts) on the site's data."""
-    site = Site(incoming, context)
+    site = Site(incoming, context, phase="evaluate")
     task = site.data.spec.task
     test = evaluate_split(site.model, site.data.test, task, site.device)
     val = evaluate_split(site.model, site.data.val, task, site.device)

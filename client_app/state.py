@@ -1,23 +1,34 @@
 """A site's private state: the arrays that never leave it (encoder, control variates).
 
 Kept in `context.state` (fast, lives as long as the run on this node) and on the
-site's disk (survives a SuperNode restart). Disk writes are atomic (write a temporary
-file, fsync, rename), so a crash mid-write leaves the previous state intact. A file
-that cannot be read is reported and left in place for inspection.
+site's disk (survives a SuperNode restart), under `<state-dir>/<run-name>/<site-name>/`.
+Disk writes are atomic (write a temporary file, fsync, rename), so a crash mid-write
+leaves the previous state intact. A file that cannot be read is reported and left in
+place for inspection.
+
+`private_state.pt` holds the newest state and the round that wrote it. The states it
+replaces are kept as `history/round-<N>.pt` (the newest `keep` of them), so that when
+the server re-runs a round (a run resumed from a checkpoint) the site starts that
+round from the state it had before it, exactly as the first time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 RECORD_KEY = "private-state"
+ROUND_KEY = "private-state-round"  # config record in context.state: the round RECORD_KEY is from
 FILE_NAME = "private_state.pt"
+HISTORY_DIR = "history"
 
 
 class StateError(RuntimeError):
@@ -32,36 +43,92 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "unnamed"
 
 
-class PrivateState:
-    def __init__(self, node_state: RecordDict, state_dir: str | Path, run_name: str, site_name: str) -> None:
-        self.node_state = node_state
-        self.path = Path(state_dir).expanduser() / _safe(run_name) / _safe(site_name) / FILE_NAME
+def state_digest(arrays: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes: equal digests mean bit-identical state."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        tensor = arrays[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
-    def load(self) -> dict[str, torch.Tensor] | None:
-        """The last saved private arrays: from memory, else from disk, else None (first round)."""
+
+def read_state_file(path: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """(arrays, round) from a state file; StateError (file left in place) if unreadable."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        arrays = saved["arrays"]
+        if not isinstance(arrays, dict) or not all(isinstance(v, torch.Tensor) for v in arrays.values()):
+            raise ValueError("'arrays' is not a mapping of tensors")
+        server_round = int(saved.get("round", 0))
+    except Exception as exc:
+        raise StateError(
+            f"private state file {path} is unreadable ({type(exc).__name__}: {_first_line(exc)}); it was left in "
+            "place for inspection. Move it away to start this site afresh (its encoder will be re-initialised)."
+        ) from exc
+    return arrays, server_round
+
+
+class PrivateState:
+    def __init__(
+        self, node_state: RecordDict, state_dir: str | Path, run_name: str, site_name: str, keep: int = 3
+    ) -> None:
+        self.node_state = node_state
+        self.dir = Path(state_dir).expanduser() / _safe(run_name) / _safe(site_name)
+        self.path = self.dir / FILE_NAME
+        self.keep = keep  # history files kept (0: all)
+        self.source = ""  # where the last load came from: "", "memory" or a file path
+        self.loaded_round = 0
+
+    def load(self, before_round: int | None = None) -> dict[str, torch.Tensor] | None:
+        """The newest saved private arrays from a round before `before_round` (any round
+        when None): from memory, else from disk, else None (first participation)."""
+        self.source, self.loaded_round = "", 0
+
+        def fits(server_round: int) -> bool:
+            return before_round is None or server_round < before_round
+
         if RECORD_KEY in self.node_state.array_records:
-            return self.node_state.array_records[RECORD_KEY].to_torch_state_dict()
+            server_round = int(self.node_state.config_records.get(ROUND_KEY, {}).get("round", 0))
+            if fits(server_round):
+                self.source, self.loaded_round = "memory", server_round
+                return self.node_state.array_records[RECORD_KEY].to_torch_state_dict()
         if not self.path.exists():
             return None
-        try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
-            arrays = saved["arrays"]
-            if not isinstance(arrays, dict) or not all(isinstance(v, torch.Tensor) for v in arrays.values()):
-                raise ValueError("'arrays' is not a mapping of tensors")
-        except Exception as exc:
-            raise StateError(
-                f"private state file {self.path} is unreadable ({type(exc).__name__}: {_first_line(exc)}); it was left in place "
-                "for inspection. Move it away to start this site afresh (its encoder will be re-initialised)."
-            ) from exc
-        self.node_state.array_records[RECORD_KEY] = ArrayRecord(arrays)
+        arrays, server_round = read_state_file(self.path)
+        path = self.path
+        if not fits(server_round):
+            older = [(r, p) for r, p in self.history() if fits(r)]
+            if not older:
+                raise StateError(
+                    f"this site's newest saved state ({self.path}, round {server_round}) is not older than round "
+                    f"{before_round}, which the server is running again, and no older state is kept in "
+                    f"{self.dir / HISTORY_DIR}; resume from a later checkpoint, or move {self.dir} away to start "
+                    "this site afresh"
+                )
+            server_round, path = older[-1]
+            arrays, server_round = read_state_file(path)
+        self._remember(arrays, server_round)
+        self.source, self.loaded_round = str(path), server_round
         return arrays
 
+    def history(self) -> list[tuple[int, Path]]:
+        """Kept earlier states as (round, path), oldest first."""
+        found = []
+        for path in (self.dir / HISTORY_DIR).glob("round-*.pt"):
+            try:
+                found.append((int(path.stem.split("-", 1)[1]), path))
+            except ValueError:
+                continue
+        return sorted(found)
+
     def save(self, arrays: dict[str, torch.Tensor], server_round: int) -> None:
-        """Keep in memory and write atomically to disk."""
+        """Keep in memory and write atomically to disk (the previous file goes to history)."""
         arrays = {k: v.detach().cpu().contiguous() for k, v in arrays.items()}
-        self.node_state.array_records[RECORD_KEY] = ArrayRecord(arrays)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.path.parent)
+        self._remember(arrays, server_round)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._archive_current(server_round)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.dir)
         try:
             with os.fdopen(fd, "wb") as handle:
                 torch.save({"arrays": arrays, "round": server_round}, handle)
@@ -71,3 +138,37 @@ class PrivateState:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def _remember(self, arrays: dict[str, torch.Tensor], server_round: int) -> None:
+        self.node_state.array_records[RECORD_KEY] = ArrayRecord(arrays)
+        self.node_state.config_records[ROUND_KEY] = ConfigRecord({"round": server_round})
+
+    def _archive_current(self, new_round: int) -> None:
+        """Keep the file about to be replaced as history/round-<N>.pt (a hard link, or a
+        copy where links are not possible); then drop history beyond `keep`."""
+        if not self.path.exists():
+            return
+        try:
+            _, old_round = read_state_file(self.path)
+        except StateError:  # keep an unreadable file for inspection rather than overwrite it
+            os.replace(self.path, self.path.with_name(f"{FILE_NAME}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"))
+            return
+        if old_round != new_round:
+            history = self.dir / HISTORY_DIR
+            history.mkdir(exist_ok=True)
+            target = history / f"round-{old_round:04d}.pt"
+            tmp = history / f".tmp-{os.getpid()}-{old_round}.pt"
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(self.path, tmp)
+            except OSError:
+                shutil.copy2(self.path, tmp)
+            os.replace(tmp, target)
+        # history of rounds at or after the new one belongs to a timeline the server abandoned
+        for server_round, path in self.history():
+            if server_round >= new_round:
+                path.unlink(missing_ok=True)
+        kept = self.history()
+        if self.keep > 0:
+            for _, path in kept[: max(0, len(kept) - self.keep)]:
+                path.unlink(missing_ok=True)

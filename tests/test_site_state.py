@@ -1,0 +1,84 @@
+"""Durable site state: atomic files keyed by run and site, exact restore, history for
+re-run rounds, and a clear error (file kept) for a corrupt file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import RecordDict
+
+from client_app.state import FILE_NAME, HISTORY_DIR, PrivateState, StateError, read_state_file, state_digest
+
+
+def arrays(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "encoder.w": torch.randn(4, 3, generator=g),
+        "encoder.n": torch.tensor(seed),
+        "extra:c": torch.randn(2, generator=g, dtype=torch.float64),
+    }
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_state_is_keyed_by_run_and_site_and_survives_a_restart(tmp_path):
+    state = PrivateState(RecordDict(), tmp_path, "run/1", "hospital a")
+    assert state.path == tmp_path / "run_1" / "hospital_a" / FILE_NAME
+    assert state.load(before_round=1) is None  # first participation
+    state.save(arrays(1), 1)
+    assert not list(state.dir.glob(".tmp-*"))  # written by rename, no leftovers
+
+    restarted = PrivateState(RecordDict(), tmp_path, "run/1", "hospital a")  # empty context.state
+    loaded = restarted.load(before_round=2)
+    assert same(loaded, arrays(1)) and state_digest(loaded) == state_digest(arrays(1))
+    assert restarted.source == str(state.path) and restarted.loaded_round == 1
+    assert restarted.load(before_round=2) is not None and restarted.source == "memory"
+    assert PrivateState(RecordDict(), tmp_path, "run/2", "hospital a").load() is None  # another run
+
+
+def test_a_round_run_again_starts_from_the_state_before_it(tmp_path):
+    state = PrivateState(RecordDict(), tmp_path, "run", "site", keep=2)
+    for r in (1, 2, 3):
+        state.save(arrays(r), r)
+    assert sorted(p.name for p in (state.dir / HISTORY_DIR).iterdir()) == ["round-0001.pt", "round-0002.pt"]
+    fresh = PrivateState(RecordDict(), tmp_path, "run", "site")
+    assert same(fresh.load(before_round=4), arrays(3))
+    fresh = PrivateState(RecordDict(), tmp_path, "run", "site")
+    assert same(fresh.load(before_round=3), arrays(2)) and fresh.loaded_round == 2
+    # memory from a later round is not used for an earlier one
+    assert same(fresh.load(before_round=2), arrays(1))
+    with pytest.raises(StateError, match="not older than round 1"):
+        PrivateState(RecordDict(), tmp_path, "run", "site").load(before_round=1)
+
+    # re-running round 2 abandons the old rounds 2 and 3
+    state.save(arrays(20), 2)
+    assert [r for r, _ in state.history()] == [1]
+    assert read_state_file(state.path)[1] == 2
+
+
+def test_keep_limits_history(tmp_path):
+    state = PrivateState(RecordDict(), tmp_path, "run", "site", keep=1)
+    for r in range(1, 6):
+        state.save(arrays(r), r)
+    assert [r for r, _ in state.history()] == [4]
+    unlimited = PrivateState(RecordDict(), tmp_path, "other", "site", keep=0)
+    for r in range(1, 6):
+        unlimited.save(arrays(r), r)
+    assert [r for r, _ in unlimited.history()] == [1, 2, 3, 4]
+
+
+def test_corrupt_state_file_gives_a_clear_error_and_is_kept(tmp_path):
+    state = PrivateState(RecordDict(), tmp_path, "run", "site")
+    state.save(arrays(1), 1)
+    state.path.write_bytes(b"\x00not a torch file")
+    with pytest.raises(StateError, match=r"private_state\.pt is unreadable.*left in place for inspection"):
+        PrivateState(RecordDict(), tmp_path, "run", "site").load(before_round=2)
+    assert state.path.read_bytes() == b"\x00not a torch file"
+
+    # a node that still holds the state in memory saves over it, but keeps the bad file aside
+    state.save(arrays(2), 2)
+    kept = list(state.dir.glob(f"{FILE_NAME}.unreadable-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == b"\x00not a torch file"
+    assert same(read_state_file(state.path)[0], arrays(2))
