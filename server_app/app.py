@@ -20,6 +20,14 @@ from client_app.trainers import trainer_for
 from core.config import RunConfig
 from models import build_model
 from partitions.medmnist_data import dataset_spec
+from server_app.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    find_resume_checkpoint,
+    resumed_config,
+    write_checkpoint,
+)
+from server_app.faults import SiteBook, TooFewReplies, exchange
 from server_app.results import RunResults
 from strategies import SharedModelStrategy, strategy_class
 
@@ -74,18 +82,18 @@ def build_strategy(cfg: RunConfig, shared_keys: list[str], num_nodes: int) -> Sh
         shared_keys,
         weighted=cfg.weighted,
         fraction_train=cfg.fraction_train,
-        min_train_nodes=1,
-        min_available_nodes=num_nodes,
+        min_train_nodes=cfg.min_replies,
+        min_available_nodes=cfg.min_replies,  # a round goes on without sites that are down
         eval_every=cfg.eval_every,
         num_rounds=cfg.num_server_rounds,
     )
 
 
-def wait_for_nodes(grid: Grid, timeout: float = 600.0) -> int:
+def wait_for_nodes(grid: Grid, timeout: float = 600.0, minimum: int = 1) -> int:
     start = time.time()
-    while not (nodes := list(grid.get_node_ids())):
+    while len(nodes := list(grid.get_node_ids())) < minimum:
         if time.time() - start > timeout:
-            raise RuntimeError(f"no SuperNode connected within {timeout:.0f} s")
+            raise RuntimeError(f"{len(nodes)} SuperNodes connected within {timeout:.0f} s, fewer than {minimum}")
         time.sleep(1)
     return len(nodes)
 
@@ -108,40 +116,80 @@ def progress_line(row: dict[str, Any], num_rounds: int) -> str:
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
-    """Run `cfg.num_server_rounds` rounds and write the results; returns the summary."""
-    cfg = cfg.replace(run_name=cfg.run_name or cfg.default_run_name())
+    """Run `cfg.num_server_rounds` rounds and write the results; returns the summary.
+
+    After every round a checkpoint is written; `resume-from` continues from one. A round
+    aggregates the replies that arrived within `round-timeout` when at least
+    `min-replies` did, and records the sites that failed.
+    """
+    checkpoint = find_resume_checkpoint(cfg)
+    if checkpoint is not None:
+        cfg = resumed_config(cfg, checkpoint)
+    else:
+        cfg = cfg.replace(run_name=cfg.run_name or cfg.default_run_name())
     results = RunResults(cfg.results_dir, cfg.run_name)
     results.write_config(cfg.to_mapping())
     console.rule(f"{cfg.method} on {cfg.dataset} ({cfg.partition}) -> {results.dir}")
 
-    num_nodes = wait_for_nodes(grid)
+    num_nodes = wait_for_nodes(grid, minimum=cfg.min_replies)
     partition_summary(cfg, num_nodes, results)
     arrays, shared_keys = initial_model_arrays(cfg)
     strategy = build_strategy(cfg, shared_keys, num_nodes)
     config = ConfigRecord(cfg.to_mapping())
     rows: list[dict[str, Any]] = []
+    first_round = 1
+    if checkpoint is not None:
+        if set(checkpoint.arrays) != set(shared_keys):
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} holds arrays that differ from this method's shared set"
+            )
+        arrays = ArrayRecord(checkpoint.arrays)
+        strategy.restore_state(checkpoint.strategy_state)
+        rows = checkpoint.rows
+        first_round = checkpoint.server_round + 1
+        console.print(f"resuming {cfg.run_name} after round {checkpoint.server_round} from {checkpoint.path}")
+    else:
+        write_checkpoint(cfg, 0, arrays.to_torch_state_dict(), strategy.checkpoint_state(), rows)
+    book = SiteBook()
 
-    for server_round in range(1, cfg.num_server_rounds + 1):
+    for server_round in range(first_round, cfg.num_server_rounds + 1):
         started = time.time()
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
+        train = exchange(
+            grid,
+            strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid),
+            cfg.round_timeout,
+            book,
         )
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if len(train.replies) < cfg.min_replies:
+            raise TooFewReplies(
+                f"round {server_round}: {len(train.replies)} of {train.sent} sites replied, fewer than min-replies = "
+                f"{cfg.min_replies} ({'; '.join(train.failed) or 'no site was sampled'}). The run stopped; resume it "
+                f'with resume-from = "latest" (checkpoint of round {server_round - 1} in '
+                f"{checkpoint_dir(cfg.results_dir, cfg.run_name)})"
+            )
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, train.replies)
         if new_arrays is None:
-            failures = "; ".join(strategy.failures.get(server_round, [])) or "no replies"
-            raise RuntimeError(f"round {server_round}: no site returned a model ({failures})")
+            raise RuntimeError(f"round {server_round}: no site returned a model ({'; '.join(train.failed)})")
+        strategy.failures[server_round] = train.failed
         arrays = new_arrays
-        replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid)
+        evaluation = exchange(
+            grid,
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid),
+            cfg.round_timeout,
+            book,
         )
-        eval_metrics = strategy.aggregate_evaluate(server_round, replies)
+        eval_metrics = strategy.aggregate_evaluate(server_round, evaluation.replies)
         row: dict[str, Any] = {"round": server_round, "round_seconds": time.time() - started}
         row.update(dict(train_metrics or {}))
         row.update(dict(eval_metrics or {}))
-        row["failed_sites"] = strategy.failures.get(server_round, [])
+        row["failed_sites"] = train.failed
+        row["failed_eval_sites"] = evaluation.failed
         rows.append(row)
         results.write_rounds(rows)
+        write_checkpoint(cfg, server_round, arrays.to_torch_state_dict(), strategy.checkpoint_state(), rows)
         console.print(progress_line(row, cfg.num_server_rounds))
+        for failure in train.failed + [f"evaluate: {f}" for f in evaluation.failed]:
+            console.print(f"[yellow]  failed: {failure}[/yellow]")
 
     results.write_model(arrays.to_torch_state_dict())
     summary = results.write_summary(rows, {"run_name": cfg.run_name, "method": cfg.method, "dataset": cfg.dataset})

@@ -1,0 +1,130 @@
+"""Server checkpoints, resume and faulty sites, with the real round loop
+(`run_federation`) and the real ClientApp handlers over an in-process grid."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+
+import client_app.app as client
+from core.config import ConfigError, RunConfig
+from server_app.app import run_federation
+from server_app.checkpoint import CheckpointError, list_checkpoints, read_checkpoint
+from server_app.faults import TooFewReplies
+from tests.fl_harness import server_identity, small_config, write_fake_medmnist
+
+
+@dataclass
+class LocalGrid:
+    """Delivers train and evaluate messages to the real handlers; `down[node]` lists the
+    rounds in which that node does not answer (as if its SuperNode had died)."""
+
+    state_dir: Path
+    num_sites: int = 3
+    down: dict[int, set[int]] = field(default_factory=dict)
+    contexts: dict[int, Context] = field(default_factory=dict)
+    timeouts: list[float | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for i in range(self.num_sites):
+            node_config = {"partition-id": i, "num-partitions": self.num_sites, "state-dir": str(self.state_dir)}
+            self.contexts[i + 1] = Context(
+                run_id=1, node_id=i + 1, node_config=node_config, state=RecordDict(), run_config={}
+            )
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        self.timeouts.append(timeout)
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if int(msg.content["config"]["server-round"]) in self.down.get(node, set()):
+                self.contexts[node].state = RecordDict()  # the restarted node lost its memory
+                continue
+            delivered = copy.copy(msg)
+            delivered.content = copy.deepcopy(msg.content)
+            handler = client.train if msg.metadata.message_type == "train" else client.evaluate
+            replies.append(handler(delivered, self.contexts[node]))
+        return replies
+
+
+def run(cfg: RunConfig, grid: LocalGrid) -> dict:
+    with server_identity():
+        return run_federation(grid, cfg)
+
+
+def rows(cfg: RunConfig) -> list[dict]:
+    path = Path(cfg.results_dir) / cfg.run_name / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def cfg(tmp_path) -> RunConfig:
+    write_fake_medmnist(tmp_path / "data")
+    return small_config(tmp_path, "fusedspacefed", run_name="resume", round_timeout=30.0)
+
+
+def test_checkpoints_every_round_and_an_exact_resume(cfg, tmp_path):
+    grid = LocalGrid(tmp_path / "site-state")
+    run(cfg, grid)
+    assert grid.timeouts and all(t == 30.0 for t in grid.timeouts)
+    assert [r for r, _ in list_checkpoints(cfg.results_dir, cfg.run_name)] == [0, 1, 2]
+    first = rows(cfg)
+    final_model = torch.load(Path(cfg.results_dir) / cfg.run_name / "global_model.pt", weights_only=True)
+    ckpt = read_checkpoint(list_checkpoints(cfg.results_dir, cfg.run_name)[1][1])
+    assert ckpt.server_round == 1 and ckpt.run_name == "resume" and len(ckpt.rows) == 1
+
+    # A fresh server and restarted sites (empty memory, same disks) continue from round 1.
+    resumed_cfg = cfg.replace(run_name="", resume_from=str(ckpt.path))
+    run(resumed_cfg, LocalGrid(tmp_path / "site-state"))
+    again = rows(cfg)
+    assert [r["round"] for r in again] == [1, 2]
+    assert again[0] == first[0]
+    skip = {"round_seconds"}
+    assert {k: v for k, v in again[1].items() if k not in skip} == {k: v for k, v in first[1].items() if k not in skip}
+    resumed_model = torch.load(Path(cfg.results_dir) / cfg.run_name / "global_model.pt", weights_only=True)
+    assert all(torch.equal(final_model[k], resumed_model[k]) for k in final_model)
+    assert json.loads((Path(cfg.results_dir) / "resume" / "summary.json").read_text())["rounds"] == 2
+
+
+def test_a_failed_site_does_not_end_the_run(cfg, tmp_path):
+    cfg = cfg.replace(min_replies=2, num_server_rounds=3)
+    grid = LocalGrid(tmp_path / "site-state", down={3: {2}})
+    run(cfg, grid)
+    history = rows(cfg)
+    assert [r["num_replies"] for r in history] == [3, 2, 3]
+    assert history[1]["failed_sites"] == ["node 3 (site 2): no reply within 30 s"]
+    assert history[1]["failed_eval_sites"] == history[1]["failed_sites"] and history[0]["failed_sites"] == []
+    assert all(r["global_acc_mean"] is not None for r in history)
+
+
+def test_too_few_replies_stops_with_a_resumable_checkpoint(cfg, tmp_path):
+    cfg = cfg.replace(min_replies=3)
+    with pytest.raises(TooFewReplies, match=r"round 2: 2 of 3 sites replied, fewer than min-replies = 3.*resume-from"):
+        run(cfg, LocalGrid(tmp_path / "site-state", down={2: {2}}))
+    assert [r for r, _ in list_checkpoints(cfg.results_dir, cfg.run_name)] == [0, 1]
+    run(cfg.replace(resume_from="latest"), LocalGrid(tmp_path / "site-state"))
+    assert [r["round"] for r in rows(cfg)] == [1, 2]
+
+
+def test_resume_refuses_a_different_configuration(cfg, tmp_path):
+    with pytest.raises(CheckpointError, match="has no checkpoint"):
+        run(cfg.replace(resume_from="latest"), LocalGrid(tmp_path / "site-state"))
+    run(cfg.replace(num_server_rounds=1), LocalGrid(tmp_path / "site-state"))
+    with pytest.raises(ConfigError, match=r"configuration differs \(lr: checkpoint 0.1, now 0.2\)"):
+        run(cfg.replace(resume_from="latest", lr=0.2), LocalGrid(tmp_path / "site-state"))
+    path = list_checkpoints(cfg.results_dir, cfg.run_name)[-1][1]
+    with pytest.raises(ConfigError, match="differs from the checkpoint's run 'resume'"):
+        run(cfg.replace(resume_from=str(path), run_name="other"), LocalGrid(tmp_path / "site-state"))
+    path.write_bytes(b"broken")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        run(cfg.replace(resume_from=str(path)), LocalGrid(tmp_path / "site-state"))
+    assert path.read_bytes() == b"broken"
