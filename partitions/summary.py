@@ -27,8 +27,9 @@ def summary_dict(counts: np.ndarray, total_samples: int, scheme: str, class_name
 
 def print_table(counts: np.ndarray, title: str, class_names: list[str]) -> None:
     """Sites as rows, classes as columns, with totals: the partitioning at a glance."""
-    from rich.console import Console
     from rich.table import Table
+
+    from core.console import console
 
     table = Table(title=title, show_lines=False)
     table.add_column("site", justify="right")
@@ -38,7 +39,7 @@ def print_table(counts: np.ndarray, title: str, class_names: list[str]) -> None:
     for i, row in enumerate(counts):
         table.add_row(str(i), *(str(int(v)) for v in row), str(int(row.sum())))
     table.add_row("all", *(str(int(v)) for v in counts.sum(0)), str(int(counts.sum())), style="bold")
-    Console(stderr=True).print(table)
+    console.print(table)
 
 
 def save_plot(counts: np.ndarray, path: Path, title: str, class_names: list[str]) -> None:
