@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from rich.console import Console
 
 from client_app.trainers import trainer_for
 from core.config import RunConfig
+from core.console import console
 from models import build_model
 from partitions.medmnist_data import dataset_spec
 from server_app.checkpoint import (
@@ -30,8 +30,6 @@ from server_app.checkpoint import (
 from server_app.faults import SiteBook, TooFewReplies, exchange
 from server_app.results import RunResults
 from strategies import SharedModelStrategy, strategy_class
-
-console = Console(stderr=True, highlight=False)
 
 
 def initial_model_arrays(cfg: RunConfig) -> tuple[ArrayRecord, list[str]]:
