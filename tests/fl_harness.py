@@ -5,8 +5,9 @@ strategy) and the real ClientApp `train` handler, without Ray or a SuperLink.
 `Context` (node_config with partition-id, num-partitions and a state-dir under the
 test's tmp_path), and records every message in both directions for inspection. Each
 site receives its own deep copy of the message content, as it would after
-serialisation. Data: a tiny synthetic dataset in MedMNIST's npz layout (breastmnist:
-1 channel, 28 x 28, 2 classes), so nothing here needs the network or shared files.
+serialisation. Replies come back in node order, so runs repeat exactly. Data: a tiny
+synthetic dataset in MedMNIST's npz layout (breastmnist: 1 channel, 28 x 28, 2
+classes), so nothing here needs the network or shared files.
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ class FakeGrid:
 
     def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
         out = []
-        for msg in messages:
+        # in node order (not the strategy's random sampling order): the server then sums
+        # the replies in a fixed order, so repeated runs agree bit for bit
+        for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
             self.sent.append(msg)
             delivered = copy.copy(msg)
             delivered.content = copy.deepcopy(msg.content)

@@ -94,8 +94,9 @@ def test_gamma_zero_when_every_site_holds_the_same_data(tmp_path, method: str) -
     if method == "fusedspacefed":
         # the private encoders differ between sites, so the fused inputs (and Gamma_fused) do
         assert metrics["gamma"] > 1e-6 * scale
-        assert abs(metrics["gamma_Phi"]) <= 1e-6 * metrics["gamma"]
-        assert metrics["gamma_R"] == pytest.approx(metrics["gamma"], rel=1e-6)
+        # with Gamma_orig ~ 0, Phi ~ 0 (|Phi| <= 2 sqrt(Gamma_orig R)) and R carries Gamma_fused
+        assert abs(metrics["gamma_Phi"]) <= 1e-4 * metrics["gamma"]
+        assert metrics["gamma_R"] == pytest.approx(metrics["gamma"], rel=1e-4)
 
 
 def test_gamma_positive_and_decomposed_when_sites_differ(tmp_path) -> None:
