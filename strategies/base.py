@@ -92,7 +92,8 @@ class SharedModelStrategy(FedAvg):
         for msg in replies:
             (failed if msg.has_error() else valid).append(msg)
         self.failures[server_round] = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed]
-        return valid
+        # A fixed order makes float sums, and so whole runs, repeatable whatever the arrival order.
+        return sorted(valid, key=_reply_order)
 
     def weights(self, replies: list[Message]) -> list[float]:
         if not self.weighted:
@@ -153,6 +154,11 @@ class SharedModelStrategy(FedAvg):
             }
         )
         return MetricRecord(metrics)
+
+
+def _reply_order(msg: Message) -> tuple[int, int]:
+    metrics = msg.content.metric_records.get("metrics", {})
+    return int(metrics.get("site-id", 0)), int(msg.metadata.src_node_id)
 
 
 def _tensor(array: Array) -> torch.Tensor:
