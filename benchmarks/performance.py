@@ -1,0 +1,400 @@
+"""Measure the simulation's overhead and memory; write benchmarks/PERFORMANCE.md.
+
+    .venv/bin/python -m benchmarks.performance                   # all measurements
+    .venv/bin/python -m benchmarks.performance --only overhead   # or: memory
+
+(a) Overhead: seconds per round of the Flower simulation (Ray backend, one process, as
+    `benchmarks/sweep.py` runs it) against the same local training in a plain single-process
+    PyTorch loop that calls the project's own trainer and data code (client_app.trainers,
+    client_app.site_data) with no Flower: same sites, epochs, batch size, model, method,
+    seed. Evaluation is off in both for the measured rounds (eval-every beyond them) and Gamma
+    is off in both. Steady-state rounds only: the first round (data loading, Ray actors
+    starting) and the last (Flower always evaluates after the last round) are excluded.
+(b) Memory: peak resident memory of a 100-site simulation on a small dataset, the sum of RSS
+    over the whole process tree (driver, Ray's GCS, raylet, workers), sampled with psutil.
+(c) GPU: measured only where CUDA is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "medmnist"
+OUT = ROOT / "benchmarks" / "PERFORMANCE.md"
+RAW = ROOT / "benchmarks" / "performance.json"
+
+
+def machine() -> dict[str, Any]:
+    import flwr
+    import psutil
+    import ray
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads_default": torch.get_num_threads(),
+        "flwr": flwr.__version__,
+        "ray": ray.__version__,
+        "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average": os.getloadavg(),
+    }
+
+
+# -- (a) overhead --------------------------------------------------------------------------
+
+
+def run_child(payload: dict[str, Any], sample_memory: bool = False) -> dict[str, Any]:
+    """One simulation in a child process (the sweep's child mode); wall time and, optionally,
+    the peak of the summed RSS of its whole process tree."""
+    import psutil
+
+    from benchmarks.sweep import RunSpec, child_env
+
+    env = child_env(RunSpec("fedavg", "x", "iid", 1.0, 0, 1, cpus_per_site=payload["cpus_per_site"]))
+    started = time.time()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.sweep", "--child", json.dumps(payload)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    peak = {"rss": 0, "procs": 0, "at": 0.0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        parent = psutil.Process(proc.pid)
+        while not stop.is_set():
+            try:
+                tree = [parent, *parent.children(recursive=True)]
+            except psutil.Error:
+                break
+            total = 0
+            for p in tree:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            if total > peak["rss"]:
+                peak.update(rss=total, procs=len(tree), at=time.time() - started)
+            time.sleep(0.25)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if sample_memory:
+        sampler.start()
+    output, _ = proc.communicate()
+    stop.set()
+    if sample_memory:
+        sampler.join()
+    wall = time.time() - started
+    if proc.returncode != 0:
+        tail = output.decode(errors="replace")[-3000:]
+        raise RuntimeError(f"simulation failed (exit {proc.returncode}):\n{tail}")
+    return {"wall_s": wall, "peak_rss_bytes": peak["rss"], "peak_procs": peak["procs"], "peak_at_s": peak["at"]}
+
+
+def flower_rounds(cfg: dict[str, Any], sites: int, cpus: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="perf-") as tmp:
+        run_config = {**cfg, "results-dir": tmp, "run-name": "flower"}
+        info = run_child({"run_config": run_config, "sites": sites, "cpus_per_site": cpus})
+        rows = [json.loads(line) for line in (Path(tmp) / "flower" / "metrics.jsonl").read_text().splitlines()]
+    info["round_seconds"] = [r["round_seconds"] for r in rows]
+    return info
+
+
+def plain_rounds(cfg: dict[str, Any], sites: int, threads: int) -> dict[str, Any]:
+    """The same rounds without Flower: for each site, a fresh model with the global shared
+    arrays and the site's private state, the project's trainer, then the same averaging."""
+    import torch
+    from flwr.app import RecordDict
+
+    from client_app.site_data import simulation_site_data
+    from client_app.trainers import LocalRound, trainer_for
+    from core.config import RunConfig
+    from models import build_model
+
+    torch.set_num_threads(threads)
+    rc = RunConfig.from_mapping({k: v for k, v in cfg.items() if k not in ("results-dir", "run-name")})
+    started = time.time()
+    data = [simulation_site_data(rc, i, sites) for i in range(sites)]
+    load_s = time.time() - started
+    trainer = trainer_for(rc.method)
+
+    def fresh(site_id: int):
+        torch.manual_seed(rc.seed * 7919 + site_id)
+        spec = data[site_id].spec
+        return build_model(
+            fused=rc.fused,
+            in_channels=spec.channels,
+            num_classes=spec.num_classes,
+            image_size=spec.image_size,
+            ae_arch=rc.ae_arch,
+            dz=rc.dz,
+        )
+
+    torch.manual_seed(rc.seed)
+    template = fresh(0)
+    keys = trainer.shared_keys(template)
+    global_state = {k: v.clone() for k, v in template.state_dict().items() if k in keys}
+    private: dict[int, dict[str, torch.Tensor]] = {}
+    seconds = []
+    for server_round in range(1, rc.num_server_rounds + 1):
+        t0 = time.time()
+        replies = []
+        for site_id in range(sites):
+            model = fresh(site_id)
+            model.load_state_dict({**model.state_dict(), **private.get(site_id, {}), **global_state})
+            gen = torch.Generator().manual_seed(rc.seed * 1_000_003 + server_round * 1009 + site_id * 17)
+            job = LocalRound(
+                cfg=rc,
+                data=data[site_id],
+                device=torch.device("cpu"),
+                generator=gen,
+                server_round=server_round,
+                incoming=RecordDict(),
+            )
+            trainer.train(model, job)
+            state = model.state_dict()
+            private[site_id] = {k: v.detach().clone() for k, v in state.items() if k not in keys}
+            replies.append(({k: state[k].detach().clone() for k in keys}, len(data[site_id].train)))
+        total = sum(n for _, n in replies)
+        global_state = {
+            k: (
+                sum(s[k].double() * (n / total) for s, n in replies).to(global_state[k].dtype)
+                if global_state[k].is_floating_point()
+                else replies[0][0][k]
+            )
+            for k in keys
+        }
+        seconds.append(time.time() - t0)
+    return {"round_seconds": seconds, "data_load_s": load_s, "threads": threads}
+
+
+def steady(seconds: list[float]) -> list[float]:
+    """Rounds 2 .. R-1 (the first loads data and starts actors; Flower evaluates after the last)."""
+    return seconds[1:-1] if len(seconds) > 2 else seconds
+
+
+def overhead(args: argparse.Namespace) -> dict[str, Any]:
+    rounds = args.rounds
+    cfg = {
+        "method": args.method,
+        "dataset": args.dataset,
+        "data-root": str(args.data_root),
+        "download": False,
+        "partition": "dirichlet-equal",
+        "alpha": 0.05,
+        "num-server-rounds": rounds,
+        "local-epochs": 3,
+        "warmup-epochs": 2,
+        "batch-size": 256,
+        "eval-every": rounds + 1,  # no evaluation before the last round
+        "measure-gamma": False,
+        "seed": 0,
+        "device": "cpu",
+        "num-threads": 1,
+        "keep-checkpoints": 1,
+    }
+    cores = os.cpu_count() or 1
+    load_before = os.getloadavg()
+    flower = flower_rounds(cfg, args.sites, cpus=1.0)
+    plain = plain_rounds(cfg, args.sites, threads=cores)
+    plain1 = plain_rounds(cfg, args.sites, threads=1) if args.single_thread_too else None
+    f, p = statistics.median(steady(flower["round_seconds"])), statistics.median(steady(plain["round_seconds"]))
+    result = {
+        "config": cfg,
+        "sites": args.sites,
+        "flower": flower,
+        "plain": plain,
+        "plain_1_thread": plain1,
+        "flower_s_per_round": f,
+        "plain_s_per_round": p,
+        "ratio": f / p,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+    if plain1:
+        result["plain_1_thread_s_per_round"] = statistics.median(steady(plain1["round_seconds"]))
+    return result
+
+
+# -- (b) memory ----------------------------------------------------------------------------
+
+
+def memory(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="perf-mem-") as tmp:
+        cfg = {
+            "method": "fusedspacefed",
+            "dataset": args.memory_dataset,
+            "data-root": str(args.data_root),
+            "download": False,
+            "partition": "dirichlet-equal",
+            "alpha": 0.05,
+            "num-server-rounds": args.memory_rounds,
+            "local-epochs": 1,
+            "warmup-epochs": 1,
+            "batch-size": 256,
+            "seed": 0,
+            "device": "cpu",
+            "num-threads": 1,
+            "keep-checkpoints": 1,
+            "results-dir": tmp,
+            "run-name": "memory",
+        }
+        info = run_child({"run_config": cfg, "sites": args.memory_sites, "cpus_per_site": 1.0}, sample_memory=True)
+        rows = [json.loads(line) for line in (Path(tmp) / "memory" / "metrics.jsonl").read_text().splitlines()]
+    info.update(config=cfg, sites=args.memory_sites, round_seconds=[r["round_seconds"] for r in rows])
+    return info
+
+
+# -- the file ------------------------------------------------------------------------------
+
+
+def render(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    lines = [
+        "# Performance",
+        "",
+        "Generated by `.venv/bin/python -m benchmarks.performance` (raw numbers: `benchmarks/performance.json`).",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {m['cpu']}, {m['logical_cores']} logical cores; RAM {m['ram_gib']} GiB; no GPU"
+        if not m["cuda"]
+        else f"- CPU: {m['cpu']}, {m['logical_cores']} cores; RAM {m['ram_gib']} GiB; GPU {m['gpu']}",
+        f"- Python {m['python']}, torch {m['torch']}, flwr {m['flwr']}, ray {m['ray']}",
+        f"- Load average when the measurement started: {', '.join(f'{x:.1f}' for x in m['load_average'])} "
+        "(the machine is shared with other engineers' jobs and this session's own benchmark sweep, so absolute "
+        "seconds are noisy; the ratio compares two measurements taken back to back under the same conditions).",
+        "",
+    ]
+    o = data.get("overhead")
+    if o:
+        c = o["config"]
+        lines += [
+            "## (a) Flower simulation vs a plain PyTorch loop",
+            "",
+            f"Config: {c['method']} on {c['dataset']}, {o['sites']} sites, {c['partition']} alpha {c['alpha']}, "
+            f"{c['num-server-rounds']} rounds, {c['local-epochs']} local epochs, {c['warmup-epochs']} warm-up epochs, "
+            f"batch {c['batch-size']}, seed {c['seed']}, CPU. Evaluation and Gamma off in both for the measured rounds.",
+            "",
+            "- Flower: `flwr.simulation.run_simulation`, Ray backend, client resources 1 CPU per site "
+            f"(so {m['logical_cores']} sites train in parallel), `num-threads = 1` and OMP_NUM_THREADS=1 per actor.",
+            "- Plain loop: one process, the sites one after another, the project's trainer "
+            f"(`client_app.trainers`) and data (`client_app.site_data`), torch threads = {o['plain']['threads']} "
+            "(all cores); a fresh model per site per round loaded with the global and private arrays, example-"
+            "weighted averaging of the shared arrays, as the server does.",
+            "- Seconds per round are the median of the steady-state rounds (2 .. R-1): round 1 includes data "
+            "loading and actor start-up, and Flower always evaluates after the last round.",
+            "",
+            "| | seconds per round (steady state) | all rounds (s) |",
+            "|---|---|---|",
+            f"| Flower simulation | {o['flower_s_per_round']:.2f} | {', '.join(f'{s:.1f}' for s in o['flower']['round_seconds'])} |",
+            f"| plain loop, {o['plain']['threads']} threads | {o['plain_s_per_round']:.2f} | "
+            f"{', '.join(f'{s:.1f}' for s in o['plain']['round_seconds'])} |",
+        ]
+        if o.get("plain_1_thread"):
+            lines.append(
+                f"| plain loop, 1 thread | {o['plain_1_thread_s_per_round']:.2f} | "
+                f"{', '.join(f'{s:.1f}' for s in o['plain_1_thread']['round_seconds'])} |"
+            )
+        lines += [
+            "",
+            f"**Ratio Flower / plain = {o['ratio']:.2f}** (target <= 1.15). Flower's whole run took "
+            f"{o['flower']['wall_s']:.0f} s for {c['num-server-rounds']} rounds, including Ray start-up and the final "
+            "evaluation. Load average before / after: "
+            f"{', '.join(f'{x:.1f}' for x in o['load_average_before'])} / "
+            f"{', '.join(f'{x:.1f}' for x in o['load_average_after'])}.",
+            "",
+        ]
+    mem = data.get("memory")
+    if mem:
+        c = mem["config"]
+        lines += [
+            "## (b) Peak memory with 100 sites",
+            "",
+            f"{mem['sites']} simulated sites, {c['method']} on {c['dataset']} ({c['partition']} alpha {c['alpha']}), "
+            f"{c['num-server-rounds']} round(s) with evaluation, {c['local-epochs']} local epoch, CPU, 1 CPU per site.",
+            "",
+            f"- **Peak resident memory: {mem['peak_rss_bytes'] / 2**30:.2f} GiB** (sum of RSS over "
+            f"{mem['peak_procs']} processes of the run's process tree: driver, Ray GCS, raylet, workers, sampled every "
+            f"0.25 s with psutil; peak at {mem['peak_at_s']:.0f} s of {mem['wall_s']:.0f} s). Summed RSS counts shared "
+            "pages (torch libraries) once per process, so it overstates the unique memory.",
+            f"- Round seconds: {', '.join(f'{s:.1f}' for s in mem['round_seconds'])}.",
+            "",
+        ]
+    lines += ["## (c) GPU", ""]
+    if m["cuda"]:
+        lines.append(f"GPU present ({m['gpu']}) but not measured by this script yet.")
+    else:
+        lines.append(
+            "No GPU was available on this machine (torch.cuda.is_available() is False), so there are no GPU "
+            "figures. None are invented here; run this script on a CUDA machine to add them."
+        )
+    notes = data.get("notes")
+    if notes:
+        lines += ["", "## Notes", "", notes.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=("overhead", "memory"))
+    p.add_argument("--dataset", default="retinamnist")
+    p.add_argument("--method", default="fedavg")
+    p.add_argument("--sites", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--single-thread-too", action="store_true", help="also time the plain loop with 1 thread")
+    p.add_argument("--memory-dataset", default="breastmnist")
+    p.add_argument("--memory-sites", type=int, default=100)
+    p.add_argument("--memory-rounds", type=int, default=1)
+    p.add_argument("--data-root", default=str(DATA))
+    p.add_argument("--notes", help="a Markdown file appended as Notes")
+    p.add_argument("--render-only", action="store_true", help="rewrite PERFORMANCE.md from performance.json")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    data = json.loads(RAW.read_text()) if RAW.exists() else {}
+    if not args.render_only:
+        data["machine"] = machine()
+        if args.only in (None, "overhead"):
+            data["overhead"] = overhead(args)
+            print(f"overhead ratio {data['overhead']['ratio']:.2f}")
+        if args.only in (None, "memory"):
+            data["memory"] = memory(args)
+            print(f"peak RSS {data['memory']['peak_rss_bytes'] / 2**30:.2f} GiB")
+    if args.notes:
+        data["notes"] = Path(args.notes).read_text()
+    RAW.write_text(json.dumps(data, indent=2) + "\n")
+    OUT.write_text(render(data))
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

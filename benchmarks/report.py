@@ -1,0 +1,509 @@
+"""Turn the sweep's runs into benchmarks/RESULTS.md and benchmarks/figures/*.png.
+
+    .venv/bin/python -m benchmarks.report                      # runs under benchmarks/runs/
+    .venv/bin/python -m benchmarks.report --results-dir DIR --out benchmarks/RESULTS.md
+
+Only finished runs (summary.json present) enter the tables; runs still going are counted.
+A cell is (dataset, partition, alpha or k, method, variant, rounds, local epochs); its
+numbers are the mean +- sample standard deviation over the seeds it has. Accuracy is the
+global accuracy of method.md section 4 (official test split; FusedSpaceFed through each
+site's own encoder, mean over sites), in percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = ROOT / "benchmarks" / "runs"
+DEFAULT_OUT = ROOT / "benchmarks" / "RESULTS.md"
+DEFAULT_FIGURES = ROOT / "benchmarks" / "figures"
+
+# method.md section 6: accuracy %, Dirichlet alpha = 0.05, and pathological with 2 classes per site
+PUBLISHED_DIRICHLET = {
+    "pathmnist": {"fedavg": 53.45, "fedprox": 48.11, "scaffold": 39.90, "fusedspacefed": 60.77},
+    "chestmnist": {"fedavg": 90.28, "fedprox": 89.93, "scaffold": 89.44, "fusedspacefed": 93.22},
+    "dermamnist": {"fedavg": 67.70, "fedprox": 65.94, "scaffold": 63.35, "fusedspacefed": 69.60},
+    "octmnist": {"fedavg": 41.56, "fedprox": 42.50, "scaffold": 38.69, "fusedspacefed": 46.25},
+    "pneumoniamnist": {"fedavg": 69.12, "fedprox": 70.24, "scaffold": 70.01, "fusedspacefed": 72.95},
+    "retinamnist": {"fedavg": 48.13, "fedprox": 49.69, "scaffold": 48.75, "fusedspacefed": 53.00},
+    "breastmnist": {"fedavg": 80.25, "fedprox": 79.33, "scaffold": 77.78, "fusedspacefed": 81.61},
+    "bloodmnist": {"fedavg": 53.87, "fedprox": 47.38, "scaffold": 45.68, "fusedspacefed": 58.83},
+}
+PUBLISHED_PATHOLOGICAL = {
+    "pathmnist": {"fedavg": 20.49, "fedprox": 19.66, "scaffold": 17.16, "fusedspacefed": 50.94},
+    "dermamnist": {"fedavg": 25.75, "fedprox": 24.43, "scaffold": 22.46, "fusedspacefed": 48.15},
+    "retinamnist": {"fedavg": 34.37, "fedprox": 33.02, "scaffold": 26.61, "fusedspacefed": 49.26},
+    "bloodmnist": {"fedavg": 18.22, "fedprox": 19.48, "scaffold": 18.10, "fusedspacefed": 30.60},
+}
+LABELS = {
+    "fusedspacefed": "FusedSpaceFed (task-aware)",
+    "fusedspacefed-decoupled": "FusedSpaceFed (decoupled)",
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx",
+    "scaffold": "SCAFFOLD",
+    "fedbn": "FedBN",
+}
+ORDER = list(LABELS)
+FSF, FSF_DEC, FEDAVG = "fusedspacefed", "fusedspacefed-decoupled", "fedavg"
+
+
+@dataclass
+class Run:
+    name: str
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    partition: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """Method key with the FusedSpaceFed variant."""
+        m = self.config["method"]
+        return FSF_DEC if m == FSF and not self.config.get("task-aware", True) else m
+
+    @property
+    def spread(self) -> str:
+        p = self.config["partition"]
+        if p.startswith("dirichlet"):
+            return f"alpha={self.config['alpha']:g}"
+        return f"k={self.config['classes-per-client']}" if p == "pathological" else "iid"
+
+    @property
+    def group(self) -> tuple:
+        """Everything but method and seed: the runs compared in one table."""
+        c = self.config
+        return (c["dataset"], c["partition"], self.spread, c["num-server-rounds"], c["local-epochs"])
+
+    def acc(self, which: str) -> float | None:
+        pick = self.summary.get(which) or {}
+        value = pick.get("global_acc_mean")
+        return None if value is None else 100.0 * value
+
+    def final_row(self) -> dict[str, Any]:
+        return self.rows[-1] if self.rows else {}
+
+
+def load_runs(results_dir: Path) -> tuple[list[Run], list[str]]:
+    """Finished runs, and the names of unfinished ones."""
+    runs, unfinished = [], []
+    for run_dir in sorted(p for p in results_dir.iterdir() if p.is_dir()) if results_dir.exists() else []:
+        if not (run_dir / "config.json").exists():
+            continue
+        if not (run_dir / "summary.json").exists():
+            unfinished.append(run_dir.name)
+            continue
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        part = run_dir / "partition.json"
+        runs.append(
+            Run(
+                name=run_dir.name,
+                config=json.loads((run_dir / "config.json").read_text()),
+                summary=json.loads((run_dir / "summary.json").read_text()),
+                rows=rows,
+                partition=json.loads(part.read_text()) if part.exists() else {},
+            )
+        )
+    return runs, unfinished
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean, sample standard deviation (None for fewer than 2 values) and count, ignoring None/NaN."""
+    xs = [v for v in values if v is not None and math.isfinite(v)]
+    if not xs:
+        return None, None, 0
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None), len(xs)
+
+
+def fmt(mean: float | None, std: float | None, digits: int = 2) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+
+
+def paired_difference(a: dict[int, float | None], b: dict[int, float | None]) -> tuple[float | None, float | None, int]:
+    """Mean and std of a - b over the seeds both have (the FusedSpaceFed - FedAvg difference)."""
+    seeds = sorted(s for s in set(a) & set(b) if a[s] is not None and b[s] is not None)
+    return mean_std([a[s] - b[s] for s in seeds])
+
+
+def signed(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "—"
+    text = f"{mean:+.2f}"
+    return f"{text} ± {std:.2f}" if std is not None else text
+
+
+def by_seed(runs: list[Run], which: str) -> dict[int, float | None]:
+    return {int(r.config["seed"]): r.acc(which) for r in runs}
+
+
+def published(dataset: str, partition: str, spread: str, method: str) -> float | None:
+    if partition.startswith("dirichlet") and spread == "alpha=0.05":
+        return PUBLISHED_DIRICHLET.get(dataset, {}).get(method)
+    if partition == "pathological" and spread == "k=2":
+        return PUBLISHED_PATHOLOGICAL.get(dataset, {}).get(method)
+    return None
+
+
+def pub(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+# -- tables -------------------------------------------------------------------------------
+
+
+def cells(runs: list[Run]) -> dict[tuple, dict[str, list[Run]]]:
+    table: dict[tuple, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        table[run.group][run.label].append(run)
+    return table
+
+
+def group_title(group: tuple) -> str:
+    dataset, partition, spread, rounds, epochs = group
+    return f"{dataset}, {partition} ({spread}), {rounds} rounds x {epochs} local epochs"
+
+
+def headline_table(groups: dict[tuple, dict[str, list[Run]]]) -> list[str]:
+    lines = [
+        "| dataset | partition | seeds | rounds | FusedSpaceFed final | FedAvg final | **difference final** "
+        "| FusedSpaceFed best-val | FedAvg best-val | **difference best-val** | decoupled − FedAvg final "
+        "| published FusedSpaceFed | published FedAvg | published difference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for group in sorted(groups):
+        methods = groups[group]
+        if FSF not in methods or FEDAVG not in methods:
+            continue
+        dataset, partition, spread, rounds, _ = group
+        fsf, avg = methods[FSF], methods[FEDAVG]
+        row = [dataset, f"{partition} {spread}", f"{len(fsf)} / {len(avg)}", str(rounds)]
+        for which in ("final", "best_by_val"):
+            a, b = by_seed(fsf, which), by_seed(avg, which)
+            row += [fmt(*mean_std(list(a.values()))[:2]), fmt(*mean_std(list(b.values()))[:2])]
+            row.append(f"**{signed(*paired_difference(a, b)[:2])}**")
+        dec = methods.get(FSF_DEC)
+        row.append(signed(*paired_difference(by_seed(dec, "final"), by_seed(avg, "final"))[:2]) if dec else "—")
+        p_fsf, p_avg = (published(dataset, partition, spread, m) for m in (FSF, FEDAVG))
+        row += [pub(p_fsf), pub(p_avg), f"{p_fsf - p_avg:+.2f}" if p_fsf is not None and p_avg is not None else "—"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def rounds_list(runs: list[Run], which: str) -> str:
+    rounds = [str((r.summary.get(which) or {}).get("round", "?")) for r in sorted(runs, key=lambda r: r.config["seed"])]
+    return ",".join(rounds)
+
+
+def cell_table(group: tuple, methods: dict[str, list[Run]]) -> list[str]:
+    dataset, partition, spread, _, _ = group
+    lines = [
+        "| method | seeds | final acc | best-val acc (round per seed) | best-test acc (optimistic) | worst site (final) "
+        "| local acc (final) | macro-F1 (final) | balanced acc (final) | Gamma (final round) | published |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label in ORDER:
+        runs = methods.get(label)
+        if not runs:
+            continue
+
+        def final(key: str, scale: float = 100.0, runs=runs) -> str:
+            values = [(r.summary.get("final") or {}).get(key) for r in runs]
+            return fmt(*mean_std([None if v is None else scale * v for v in values])[:2])
+
+        gamma = mean_std([r.final_row().get("gamma") for r in runs])
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    LABELS[label],
+                    f"{len(runs)} ({','.join(str(r.config['seed']) for r in sorted(runs, key=lambda r: r.config['seed']))})",
+                    fmt(*mean_std([r.acc("final") for r in runs])[:2]),
+                    f"{fmt(*mean_std([r.acc('best_by_val') for r in runs])[:2])} (r {rounds_list(runs, 'best_by_val')})",
+                    fmt(*mean_std([r.acc("best_by_test") for r in runs])[:2]),
+                    final("global_acc_worst"),
+                    final("local_acc_mean"),
+                    final("macro_f1"),
+                    final("balanced_acc"),
+                    fmt(*gamma[:2], digits=3),
+                    pub(published(dataset, partition, spread, label)),
+                ]
+            )
+            + " |"
+        )
+    return lines
+
+
+def gamma_table(groups: dict[tuple, dict[str, list[Run]]]) -> list[str]:
+    """FusedSpaceFed's decomposition Gamma_fused = Gamma_orig + R + Phi at the final round."""
+    lines = [
+        "| cell | variant | seeds | Gamma_fused | Gamma_orig | R | Phi | Phi < −R (fusion lowers Gamma) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for group in sorted(groups):
+        for label in (FSF, FSF_DEC):
+            runs = groups[group].get(label)
+            if not runs:
+                continue
+            stats = {
+                k: mean_std([r.final_row().get(k) for r in runs])
+                for k in ("gamma", "gamma_orig", "gamma_R", "gamma_Phi")
+            }
+            phi, big_r = stats["gamma_Phi"][0], stats["gamma_R"][0]
+            lines.append(
+                f"| {group_title(group)} | {LABELS[label]} | {len(runs)} | "
+                + " | ".join(fmt(*stats[k][:2], digits=3) for k in ("gamma", "gamma_orig", "gamma_R", "gamma_Phi"))
+                + f" | {'yes' if phi is not None and big_r is not None and phi < -big_r else 'no'} |"
+            )
+    return lines
+
+
+# -- protocol -----------------------------------------------------------------------------
+
+PROTOCOL_KEYS = (
+    "num-server-rounds",
+    "local-epochs",
+    "warmup-epochs",
+    "batch-size",
+    "lr",
+    "lr-ae",
+    "momentum",
+    "weight-decay",
+    "lambda-rec",
+    "ae-arch",
+    "dz",
+    "proximal-mu",
+    "weighted",
+    "fraction-train",
+    "eval-every",
+    "gamma-batch-size",
+    "image-size",
+    "device",
+    "num-threads",
+)
+
+
+def protocol(runs: list[Run]) -> list[str]:
+    values: dict[str, set] = defaultdict(set)
+    for run in runs:
+        for key in PROTOCOL_KEYS:
+            values[key].add(json.dumps(run.config.get(key)))
+    sites = {int(r.rows[0].get("num_replies", 0)) for r in runs if r.rows}
+    per_dataset_rounds: dict[str, set] = defaultdict(set)
+    for run in runs:
+        per_dataset_rounds[run.config["dataset"]].add(run.config["num-server-rounds"])
+    lines = [
+        f"- Sites: {', '.join(map(str, sorted(sites)))} simulated sites (Flower {flwr_version()} Ray simulation, one "
+        "process per run), all sampled every round.",
+        "- Rounds per dataset (the same for every method of a dataset): "
+        + "; ".join(f"{d} {', '.join(map(str, sorted(r)))}" for d, r in sorted(per_dataset_rounds.items()))
+        + ". **The published protocol uses 50 rounds; two shared CPU cores forced far fewer here.**",
+    ]
+    for key in PROTOCOL_KEYS[1:]:
+        shown = ", ".join(sorted(values[key]))
+        lines.append(f"- `{key}`: {shown}")
+    assigned = {
+        (r.config["dataset"], r.config["partition"], r.spread, r.config["seed"]): r.partition
+        for r in runs
+        if r.partition
+    }
+    if assigned:
+        parts = []
+        for (dataset, partition, spread, seed), p in sorted(assigned.items()):
+            parts.append(
+                f"{dataset} {partition} {spread} seed {seed}: {p.get('assigned_samples')} of "
+                f"{p.get('total_train_samples')}"
+            )
+        lines.append("- Training samples assigned by the partition (ours assigns all): " + "; ".join(parts) + ".")
+    return lines
+
+
+def flwr_version() -> str:
+    try:
+        import flwr
+
+        return flwr.__version__
+    except Exception:  # pragma: no cover - report without flwr installed
+        return "?"
+
+
+# -- figures ------------------------------------------------------------------------------
+
+
+def _curve(runs: list[Run], key: str) -> tuple[list[int], list[float], list[float]]:
+    per_round: dict[int, list[float]] = defaultdict(list)
+    for run in runs:
+        for row in run.rows:
+            value = row.get(key)
+            if value is not None and math.isfinite(value):
+                per_round[int(row["round"])].append(value)
+    xs = sorted(per_round)
+    means = [statistics.fmean(per_round[x]) for x in xs]
+    stds = [statistics.stdev(per_round[x]) if len(per_round[x]) > 1 else 0.0 for x in xs]
+    return xs, means, stds
+
+
+def slug(group: tuple) -> str:
+    dataset, partition, spread, rounds, epochs = group
+    return f"{dataset}-{partition}-{spread.replace('=', '')}-r{rounds}-e{epochs}"
+
+
+def figures(groups: dict[tuple, dict[str, list[Run]]], out_dir: Path) -> list[tuple[str, Path]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made: list[tuple[str, Path]] = []
+    for group in sorted(groups):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for label in ORDER:
+            runs = groups[group].get(label)
+            if not runs:
+                continue
+            for ax, key, scale in ((axes[0], "global_acc_mean", 100.0), (axes[1], "gamma", 1.0)):
+                xs, means, stds = _curve(runs, key)
+                if not xs:
+                    continue
+                m = [scale * v for v in means]
+                s = [scale * v for v in stds]
+                ax.plot(xs, m, marker="o", ms=3, label=f"{LABELS[label]} (n={len(runs)})")
+                ax.fill_between(xs, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.15)
+        axes[0].set(xlabel="round", ylabel="global test accuracy (%)", title=group_title(group)[:70])
+        axes[1].set(xlabel="round", ylabel="Gamma (gradient dissimilarity)", yscale="log", title="Gamma per round")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"accuracy-per-round-{slug(group)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append((f"Accuracy and Gamma per round: {group_title(group)}", path))
+
+    # accuracy and Gamma vs alpha, one figure per dataset (Dirichlet partitions), like the published PathMNIST plots
+    by_dataset: dict[tuple, dict[str, dict[float, list[Run]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for (dataset, partition, spread, rounds, epochs), methods in groups.items():
+        if not partition.startswith("dirichlet"):
+            continue
+        alpha = float(spread.split("=")[1])
+        for label, runs in methods.items():
+            by_dataset[(dataset, partition, rounds, epochs)][label][alpha] += runs
+    for (dataset, partition, rounds, epochs), methods in sorted(by_dataset.items()):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for label in ORDER:
+            if label not in methods:
+                continue
+            alphas = sorted(methods[label])
+            acc = [mean_std([r.acc("final") for r in methods[label][a]]) for a in alphas]
+            gam = [mean_std([r.final_row().get("gamma") for r in methods[label][a]]) for a in alphas]
+            for ax, stats in ((axes[0], acc), (axes[1], gam)):
+                ax.errorbar(
+                    alphas,
+                    [s[0] for s in stats],
+                    yerr=[s[1] or 0.0 for s in stats],
+                    marker="o",
+                    capsize=3,
+                    label=LABELS[label],
+                )
+        title = f"{dataset}, {partition}, {rounds} rounds x {epochs} epochs"
+        axes[0].set(xlabel="Dirichlet alpha", ylabel="final global test accuracy (%)", xscale="log", title=title)
+        axes[1].set(
+            xlabel="Dirichlet alpha", ylabel="Gamma (final round)", xscale="log", yscale="log", title="Gamma vs alpha"
+        )
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"vs-alpha-{dataset}-{partition}-r{rounds}-e{epochs}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append((f"Accuracy and Gamma vs alpha: {title}", path))
+    return made
+
+
+# -- the file -----------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except Exception:
+        return "?"
+
+
+def render(runs: list[Run], unfinished: list[str], figure_list: list[tuple[str, Path]], out: Path, notes: str) -> str:
+    groups = cells(runs)
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated by `.venv/bin/python -m benchmarks.report` from the runs of `benchmarks/sweep.py` "
+        f"(grid: `benchmarks/grid.toml`; code at commit {git_commit()}). "
+        f"{len(runs)} finished runs" + (f", {len(unfinished)} unfinished (not in the tables)." if unfinished else "."),
+        "",
+        "Accuracy: global accuracy (%) on the official **test** split, mean over sites (FusedSpaceFed: through each "
+        "site's own encoder with the global decoder and classifier; baselines: the global model; FedBN: each site's "
+        "own BatchNorm). Cells: mean ± sample standard deviation over seeds. **final** = the last round; "
+        "**best-val** = the evaluated round with the highest validation-split accuracy (the round is given per seed); "
+        "best-test (selected on the test split itself) is optimistic and shown for comparison only. "
+        "The difference is FusedSpaceFed (task-aware) − FedAvg, paired by seed, whatever its sign.",
+        "",
+    ]
+    if notes:
+        lines += [notes.strip(), ""]
+    lines += ["## Protocol", "", *protocol(runs), ""] if runs else []
+    lines += ["## Headline: FusedSpaceFed − FedAvg", "", *headline_table(groups), ""]
+    lines += ["## All methods per cell", ""]
+    for group in sorted(groups):
+        lines += [f"### {group_title(group)}", "", *cell_table(group, groups[group]), ""]
+    lines += [
+        "## Gamma decomposition (FusedSpaceFed, final round)",
+        "",
+        "Gamma_fused = Gamma_orig + R + Phi (method.md section 3), measured on the global model before local "
+        "training, on a fixed 256-sample batch per site.",
+        "",
+        *gamma_table(groups),
+        "",
+    ]
+    if figure_list:
+        lines += ["## Figures", ""]
+        for caption, path in figure_list:
+            rel = path.relative_to(out.parent) if path.is_relative_to(out.parent) else path
+            lines += [f"**{caption}**", "", f"![{caption}]({rel.as_posix()})", ""]
+    if unfinished:
+        lines += ["## Unfinished runs", "", *[f"- {n}" for n in unfinished], ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results-dir", default=str(DEFAULT_RESULTS))
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--figures", default=str(DEFAULT_FIGURES))
+    p.add_argument("--notes", default="", help="a Markdown file whose text goes below the introduction")
+    p.add_argument("--no-figures", action="store_true")
+    args = p.parse_args(argv)
+    runs, unfinished = load_runs(Path(args.results_dir))
+    out = Path(args.out).resolve()
+    figure_list = [] if args.no_figures or not runs else figures(cells(runs), Path(args.figures).resolve())
+    notes = Path(args.notes).read_text() if args.notes else ""
+    out.write_text(render(runs, unfinished, figure_list, out, notes))
+    print(f"{out}: {len(runs)} runs, {len(unfinished)} unfinished, {len(figure_list)} figures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The benchmark sweep's grid and resumability, and the report's table maths (no simulation)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report, sweep
+
+
+def test_grid_names_are_deterministic_and_variants_only_split_fusedspacefed():
+    plan = {
+        "methods": "fusedspacefed,fedavg",
+        "variants": "task-aware,decoupled",
+        "datasets": "retinamnist",
+        "partitions": "dirichlet-equal,pathological",
+        "alphas": "0.05,0.5",
+        "seeds": "0,1",
+        "rounds": "retinamnist=4,default=9",
+    }
+    runs = sweep.expand(plan)
+    names = [r.name for r in runs]
+    assert names == [r.name for r in sweep.expand(plan)]
+    assert len(names) == len(set(names))
+    # dirichlet: 2 alphas x 2 seeds x 3 method-variants; pathological: 1 (no alpha) x 2 seeds x 3
+    assert len(runs) == 2 * 2 * 3 + 2 * 3
+    assert "fusedspacefed-decoupled-retinamnist-dirichlet-equal-a0.05-n10-r4-e3-s1" in names
+    assert "fedavg-retinamnist-pathological-k2-n10-r4-e3-s0" in names
+    assert not any(n.startswith("fedavg-decoupled") for n in names)
+    decoupled = next(r for r in runs if r.variant == "decoupled")
+    assert decoupled.run_config(Path("/r"))["task-aware"] is False
+    # seeds outside the methods: every method of a cell gets seed 0 before any gets seed 1
+    first_cell = [r for r in runs if r.partition == "dirichlet-equal" and r.alpha == 0.05]
+    assert [r.seed for r in first_cell] == [0, 0, 0, 1, 1, 1]
+
+
+def test_rounds_per_dataset():
+    assert sweep.rounds_for(7, "x") == 7
+    assert sweep.rounds_for("7", "x") == 7
+    assert sweep.rounds_for({"a": 3, "default": 5}, "b") == 5
+    assert sweep.rounds_for("a=3,b=4", "b") == 4
+    with pytest.raises(SystemExit):
+        sweep.rounds_for("a=3", "b")
+
+
+class _Done:
+    returncode = 0
+
+    def poll(self):
+        return 0
+
+
+class _Log:
+    def close(self):
+        pass
+
+
+def test_sweep_skips_finished_runs_and_redoes_interrupted_ones(tmp_path, monkeypatch):
+    runs = sweep.expand({"methods": "fedavg", "datasets": "breastmnist", "seeds": "0,1,2", "rounds": 2})
+    done, partial, new = runs
+    (tmp_path / done.name).mkdir(parents=True)
+    (tmp_path / done.name / "summary.json").write_text("{}")
+    (tmp_path / partial.name / "checkpoints").mkdir(parents=True)
+    (tmp_path / partial.name / "stale.txt").write_text("from the interrupted run")
+    assert [sweep.run_state(tmp_path, r) for r in runs] == ["done", "partial", "new"]
+
+    started = []
+
+    def fake_start(results_dir, spec):
+        sweep.clear_partial(results_dir, spec)
+        started.append(spec.name)
+        run_dir = results_dir / spec.name
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2}\n')
+        (run_dir / "summary.json").write_text("{}")
+        return _Done(), _Log()
+
+    monkeypatch.setattr(sweep, "start_run", fake_start)
+    counts = sweep.sweep(runs, tmp_path)
+    assert started == [partial.name, new.name]
+    assert counts == {"done": 2, "failed": 0, "skipped": 1}
+    assert not (tmp_path / partial.name / "stale.txt").exists()
+    assert len((tmp_path / "sweep.jsonl").read_text().splitlines()) == 2
+    started.clear()
+    assert sweep.sweep(runs, tmp_path)["skipped"] == 3 and started == []
+
+
+def test_mean_std_and_paired_difference():
+    mean, std, n = report.mean_std([80.0, 82.0, None, float("nan"), 84.0])
+    assert (mean, n) == (82.0, 3) and math.isclose(std, 2.0)
+    assert report.mean_std([1.5]) == (1.5, None, 1)
+    assert report.mean_std([]) == (None, None, 0)
+    diff = report.paired_difference({0: 60.0, 1: 50.0, 2: 70.0}, {0: 55.0, 1: 52.0})
+    assert diff[0] == pytest.approx(1.5) and diff[2] == 2  # seeds 0 and 1 only: +5 and -2
+    assert diff[1] == pytest.approx(math.sqrt(24.5))
+    assert report.signed(-2.0, None) == "-2.00"
+    assert report.fmt(81.234, 1.0) == "81.23 ± 1.00"
+
+
+def _write_run(root: Path, method: str, seed: int, accs: list[float], task_aware: bool = True) -> None:
+    name = f"{method}{'' if task_aware else '-dec'}-s{seed}"
+    run = root / name
+    run.mkdir(parents=True)
+    config = {
+        "method": method,
+        "task-aware": task_aware,
+        "dataset": "breastmnist",
+        "partition": "dirichlet-equal",
+        "alpha": 0.05,
+        "classes-per-client": 2,
+        "num-server-rounds": len(accs),
+        "local-epochs": 3,
+        "seed": seed,
+    }
+    rows = [
+        {"round": i + 1, "global_acc_mean": a, "val_acc_mean": a if i == 0 else a / 2, "gamma": 1.0, "num_replies": 10}
+        for i, a in enumerate(accs)
+    ]
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from server_app.results import summarise
+
+    (run / "summary.json").write_text(json.dumps(summarise(rows)))
+
+
+def test_report_tables_from_runs(tmp_path):
+    for seed, (f, a) in enumerate([(0.80, 0.78), (0.84, 0.78)]):
+        _write_run(tmp_path, "fusedspacefed", seed, [0.7, f])
+        _write_run(tmp_path, "fedavg", seed, [0.75, a])
+    _write_run(tmp_path, "fusedspacefed", 0, [0.6, 0.76], task_aware=False)
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.json").write_text("{}")
+    runs, unfinished = report.load_runs(tmp_path)
+    assert len(runs) == 5 and unfinished == ["unfinished"]
+    out = tmp_path / "RESULTS.md"
+    text = report.render(runs, unfinished, [], out, "")
+    headline = next(line for line in text.splitlines() if line.startswith("| breastmnist"))
+    cells = [c.strip() for c in headline.strip("|").split("|")]
+    assert cells[4] == "82.00 ± 2.83"  # FusedSpaceFed final over seeds 0, 1
+    assert cells[5] == "78.00 ± 0.00"
+    assert cells[6] == "**+4.00 ± 2.83**"  # paired by seed: +2 and +6
+    assert cells[7] == "70.00 ± 0.00" and cells[9] == "**-5.00 ± 0.00**"  # best-val picks round 1
+    assert cells[10] == "-2.00"  # decoupled (seed 0 only) - FedAvg
+    assert cells[11:] == ["81.61", "80.25", "+1.36"]
+    assert "FusedSpaceFed (decoupled)" in text
