@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Start the pilot's SuperLink: TLS, SuperNode authentication, a persistent database.
+#
+#   pilot/start-superlink.sh [--certs DIR] [--db FILE] [--host ADDR] [--port PORT] [--log FILE] [-- EXTRA...]
+#
+#   --certs DIR  ca.crt, superlink.crt, superlink.key from make-certs.sh (default pilot/certs)
+#   --db FILE    SQLite database: registered SuperNodes and runs survive a restart
+#                (default pilot/state/superlink.db)
+#   --host ADDR  address to listen on (default 127.0.0.1; 0.0.0.0 to accept the sites)
+#   --port PORT  the one port for SuperNodes (Fleet API), the flwr CLI (Control API) and
+#                the ServerApp (default 8000, as flower-superlink)
+#   --log FILE   also write the log to FILE (rotated daily)
+# The ServerApp runs with this process's working directory: relative results-dir paths
+# land there. Telemetry and the update check are off unless the environment turns them
+# on; app dependencies are never installed at run time (install them beforehand).
+# PYTHON: the Python that has Flower installed (default python3).
+set -euo pipefail
+
+certs="pilot/certs"
+db="pilot/state/superlink.db"
+host="127.0.0.1"
+port=8000
+log=""
+extra=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --certs) certs="$2"; shift 2 ;;
+    --db) db="$2"; shift 2 ;;
+    --host) host="$2"; shift 2 ;;
+    --port) port="$2"; shift 2 ;;
+    --log) log="$2"; shift 2 ;;
+    --) shift; extra=("$@"); break ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+for f in ca.crt superlink.crt superlink.key; do
+  [[ -f "$certs/$f" ]] || { echo "error: $certs/$f is missing; create it with pilot/make-certs.sh" >&2; exit 2; }
+done
+mkdir -p "$(dirname "$db")"
+export FLWR_TELEMETRY_ENABLED="${FLWR_TELEMETRY_ENABLED:-0}"
+export FLWR_DISABLE_UPDATE_CHECK="${FLWR_DISABLE_UPDATE_CHECK:-1}"
+args=(
+  --ssl-ca-certfile "$certs/ca.crt"
+  --ssl-certfile "$certs/superlink.crt"
+  --ssl-keyfile "$certs/superlink.key"
+  --enable-supernode-auth
+  --database "$db"
+  --host "$host"
+  --port "$port"
+  --disable-runtime-dependency-installation
+)
+[[ -n "$log" ]] && args+=(--log-file "$log")
+# flower-superlink itself, with a longer SQLite busy timeout (see pilot/superlink.py)
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python3}" -m pilot.superlink "${args[@]}" "${extra[@]}"
