@@ -26,6 +26,9 @@
 #   E2E_TORCH_SPEC [torch==2.13.0+cpu]  what pip installs for PyTorch (a CPU wheel that
 #               pip finds through PIP_FIND_LINKS or the index; torchvision is left out)
 #   E2E_FLWR_VERSION [1.41.0]   E2E_DEBIAN_MIRROR [http://deb.debian.org/debian]
+#   E2E_RUN_TIMEOUT [1500]      seconds the run may take before the script gives up
+#   E2E_CPU_WEIGHT [8]          on cgroup v1 hosts, the engine's cgroup gets the CPU weight
+#               of this many processes (see step 5; restored at the end)
 #   E2E_KEEP=1  leave the federation up (prints how to take it down) instead of step 7
 set -euo pipefail
 
@@ -74,6 +77,7 @@ teardown() {
     ids="$(docker image ls -aq --filter "label=fusedspacefed.build=$run_id")"
     [[ -n "$ids" ]] && docker rmi -f $ids >/dev/null 2>&1
   fi
+  if [[ -n "${shares_before:-}" && -w "${shares_file:-}" ]]; then echo "$shares_before" >"$shares_file"; fi
   if [[ -n "$started_dockerd" ]]; then
     kill "$started_dockerd" 2>/dev/null
     for _ in $(seq 1 30); do kill -0 "$started_dockerd" 2>/dev/null || break; sleep 1; done
@@ -127,17 +131,23 @@ if [[ ! -s "$rootfs_tar" ]]; then
   rm -rf "$work/rootfs"
 fi
 docker import -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' "$rootfs_tar" "$rootfs_image" >/dev/null
-py_version="$(docker run --rm --network none "$rootfs_image" python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
-echo "root file system: Debian bookworm, Python $py_version"
+read -r py_version glibc < <(docker run --rm --network none "$rootfs_image" python3 -c \
+  'import platform, sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}", platform.libc_ver()[1])')
+[[ -n "${glibc:-}" ]] || die "cannot read Python and glibc versions from the root file system"
+echo "root file system: Debian bookworm, Python $py_version, glibc $glibc"
 
 # -- 3. wheelhouse ---------------------------------------------------------------------
 log "3/7 wheelhouse"
 python3 "$here/runtime_requirements.py" "$root/pyproject.toml" >"$work/requirements.txt"
 python3 "$here/runtime_requirements.py" --no-deps "$root/pyproject.toml" >"$work/nodeps.txt"
-key="$( (echo "$flwr_version $torch_spec $py_version"; cat "$work/requirements.txt" "$work/nodeps.txt") | sha256sum | cut -c1-12)"
+key="$( (echo "$flwr_version $torch_spec $py_version $glibc"; cat "$work/requirements.txt" "$work/nodeps.txt") | sha256sum | cut -c1-12)"
 wheels="$cache/wheels-$key"
+# wheels for the image's Python and glibc, whatever the host's (older pip does not
+# widen one manylinux tag to the older ones, so every tag is named)
 pip_dl=(python3 -m pip download -q --disable-pip-version-check --only-binary=:all:
-        --python-version "$py_version" --platform manylinux_2_36_x86_64 --implementation cp)
+        --python-version "$py_version" --implementation cp)
+for ((v = ${glibc#2.}; v >= 17; v--)); do pip_dl+=(--platform "manylinux_2_${v}_x86_64"); done
+pip_dl+=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64)
 if [[ ! -f "$wheels/.complete" ]]; then
   rm -rf "$wheels" && mkdir -p "$wheels/all" "$wheels/flwr"
   "${pip_dl[@]}" -d "$wheels/all" "flwr==$flwr_version" "$torch_spec" -r "$work/requirements.txt"
@@ -145,6 +155,7 @@ if [[ ! -f "$wheels/.complete" ]]; then
   "${pip_dl[@]}" -d "$wheels/flwr" --no-index --find-links "$wheels/all" "flwr==$flwr_version"
   touch "$wheels/.complete"
 fi
+find "$cache" -maxdepth 1 -name 'wheels-*' ! -name "wheels-$key" -exec rm -rf {} +  # stale or partial
 echo "wheelhouse $wheels: $(ls "$wheels/all" | wc -l) wheels, $(du -sh "$wheels/all" | cut -f1)"
 
 # -- 4. images ---------------------------------------------------------------------------
@@ -180,6 +191,15 @@ mkdir -p "$CERTS_DIR"
 compose+=(-f "$here/compose.yml")
 "${compose[@]}" config --quiet
 "${compose[@]}" up -d --no-build --quiet-pull 2>&1 | tail -n 20 || die "compose up failed"
+# On a cgroup v1 host every container sits in the engine's cgroup (cpu:/docker), which
+# competes with each host process as ONE task: on a busy machine the whole federation
+# then gets the CPU of a single process, and its ClientApps miss Flower's 60 s task
+# heartbeat. Give that cgroup the weight of as many processes as there are containers.
+shares_file=/sys/fs/cgroup/cpu/docker/cpu.shares
+if [[ -w "$shares_file" ]]; then
+  shares_before="$(cat "$shares_file")"
+  echo $((1024 * ${E2E_CPU_WEIGHT:-8})) >"$shares_file" && echo "cpu.shares of cpu:/docker: $shares_before -> $(cat "$shares_file")"
+fi
 "${compose[@]}" ps --format 'table {{.Service}}\t{{.Status}}'
 
 # the flwr CLI: the project's venv, else PATH, else the app image on the host network
@@ -213,11 +233,27 @@ echo "$n SuperNodes online"
 
 # -- 6. run and checks ------------------------------------------------------------------
 log "6/7 flwr run: $rounds rounds of FusedSpaceFed on $dataset"
-run_config="method=\"fusedspacefed\" dataset=\"$dataset\" num-server-rounds=$rounds local-epochs=1 warmup-epochs=1 measure-gamma=false batch-size=128 num-threads=1 run-name=\"$run_id\" results-dir=\"results\""
+run_config="method=\"fusedspacefed\" dataset=\"$dataset\" num-server-rounds=$rounds local-epochs=1 warmup-epochs=1 measure-gamma=false batch-size=128 num-threads=1 min-replies=$num_sites round-timeout=900.0 run-name=\"$run_id\" results-dir=\"results\""
 t_run=$(date +%s)
-"${flwr[@]}" run "$root" fusedspacefed-docker --run-config "$run_config" --stream 2>&1 | tee "$work/run.log" | grep -vE '^\s*$' | tail -n 40
-echo "run: $(($(date +%s) - t_run)) s"
-"${flwr[@]}" list fusedspacefed-docker 2>&1 | tail -n 8
+"${flwr[@]}" run "$root" fusedspacefed-docker --run-config "$run_config" --format json >"$work/submit.json" 2>"$work/submit.err" ||
+  { cat "$work/submit.json" "$work/submit.err"; die "flwr run failed"; }
+run="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["run-id"] or "")' "$work/submit.json")"
+[[ -n "$run" ]] || { cat "$work/submit.json"; die "flwr run returned no run id"; }
+echo "run $run submitted; waiting up to ${E2E_RUN_TIMEOUT:-1500} s"
+status=""
+while (($(date +%s) - t_run < ${E2E_RUN_TIMEOUT:-1500})); do
+  sleep 10
+  status="$("${flwr[@]}" list fusedspacefed-docker --run-id "$run" --format json 2>/dev/null |
+            python3 -c 'import json,sys; r=json.load(sys.stdin)["runs"][0]; print(r["status"], r.get("status-details") or "")' 2>/dev/null || true)"
+  [[ "$status" == finished* ]] && break
+done
+"${flwr[@]}" log "$run" fusedspacefed-docker --show >"$work/run.log" 2>&1 || true
+grep -vE '^\s*$' "$work/run.log" | grep -vE 'INFO.*(Sampled|logstream)' | tail -n 25
+echo "run $run: ${status:-unknown} after $(($(date +%s) - t_run)) s"
+if [[ "$status" != finished:completed* ]]; then
+  "${flwr[@]}" stop "$run" fusedspacefed-docker >/dev/null 2>&1 || true
+  die "the run did not complete (status: ${status:-unknown})"
+fi
 
 "${compose[@]}" cp "serverapp:/app/results/$run_id" "$work/results" >/dev/null
 ls -l "$work/results"
