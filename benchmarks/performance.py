@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -69,13 +70,18 @@ def machine() -> dict[str, Any]:
 
 
 def run_child(payload: dict[str, Any], sample_memory: bool = False) -> dict[str, Any]:
-    """One simulation in a child process (the sweep's child mode); wall time and, optionally,
-    the peak of the summed RSS of its whole process tree."""
+    """One simulation in a child process (the sweep's child mode). Samples the child's whole
+    process tree every 0.25 s: summed RSS (its peak) and summed CPU time, which, read at the
+    moments metrics.jsonl gains a row, gives the CPU seconds each round cost (the machine is
+    shared, so CPU time is a steadier measure of work than wall time)."""
     import psutil
 
     from benchmarks.sweep import RunSpec, child_env
 
-    env = child_env(RunSpec("fedavg", "x", "iid", 1.0, 0, 1, cpus_per_site=payload["cpus_per_site"]))
+    env = child_env(RunSpec("fedavg", "x", "iid", 1.0, 0, 1))
+    threads = str(payload["run_config"].get("num-threads") or 1)
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    metrics = Path(payload["run_config"]["results-dir"]) / payload["run_config"]["run-name"] / "metrics.jsonl"
     started = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.sweep", "--child", json.dumps(payload)],
@@ -86,6 +92,7 @@ def run_child(payload: dict[str, Any], sample_memory: bool = False) -> dict[str,
         start_new_session=True,
     )
     peak = {"rss": 0, "procs": 0, "at": 0.0}
+    cpu_at_round: dict[int, float] = {}
     stop = threading.Event()
 
     def sample() -> None:
@@ -95,28 +102,41 @@ def run_child(payload: dict[str, Any], sample_memory: bool = False) -> dict[str,
                 tree = [parent, *parent.children(recursive=True)]
             except psutil.Error:
                 break
-            total = 0
+            rss, cpu = 0, 0.0
             for p in tree:
                 try:
-                    total += p.memory_info().rss
+                    rss += p.memory_info().rss
+                    t = p.cpu_times()
+                    cpu += t.user + t.system + t.children_user + t.children_system
                 except psutil.Error:
                     pass
-            if total > peak["rss"]:
-                peak.update(rss=total, procs=len(tree), at=time.time() - started)
+            if rss > peak["rss"]:
+                peak.update(rss=rss, procs=len(tree), at=time.time() - started)
+            try:
+                done = sum(1 for line in metrics.read_text().splitlines() if line.strip())
+            except OSError:
+                done = 0
+            cpu_at_round.setdefault(done, cpu)  # first sample that sees `done` rounds finished
             time.sleep(0.25)
 
     sampler = threading.Thread(target=sample, daemon=True)
-    if sample_memory:
-        sampler.start()
+    sampler.start()
     output, _ = proc.communicate()
     stop.set()
-    if sample_memory:
-        sampler.join()
+    sampler.join()
     wall = time.time() - started
     if proc.returncode != 0:
         tail = output.decode(errors="replace")[-3000:]
         raise RuntimeError(f"simulation failed (exit {proc.returncode}):\n{tail}")
-    return {"wall_s": wall, "peak_rss_bytes": peak["rss"], "peak_procs": peak["procs"], "peak_at_s": peak["at"]}
+    rounds = sorted(cpu_at_round)
+    round_cpu = [cpu_at_round[b] - cpu_at_round[a] for a, b in zip(rounds, rounds[1:]) if b == a + 1 and a >= 1]
+    return {
+        "wall_s": wall,
+        "peak_rss_bytes": peak["rss"],
+        "peak_procs": peak["procs"],
+        "peak_at_s": peak["at"],
+        "round_cpu_seconds_from_round_2": round_cpu,  # CPU s of rounds 2, 3, ... (the tree, all processes)
+    }
 
 
 def flower_rounds(cfg: dict[str, Any], sites: int, cpus: float) -> dict[str, Any]:
@@ -163,9 +183,9 @@ def plain_rounds(cfg: dict[str, Any], sites: int, threads: int) -> dict[str, Any
     keys = trainer.shared_keys(template)
     global_state = {k: v.clone() for k, v in template.state_dict().items() if k in keys}
     private: dict[int, dict[str, torch.Tensor]] = {}
-    seconds = []
+    seconds, cpu_seconds = [], []
     for server_round in range(1, rc.num_server_rounds + 1):
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         replies = []
         for site_id in range(sites):
             model = fresh(site_id)
@@ -193,7 +213,8 @@ def plain_rounds(cfg: dict[str, Any], sites: int, threads: int) -> dict[str, Any
             for k in keys
         }
         seconds.append(time.time() - t0)
-    return {"round_seconds": seconds, "data_load_s": load_s, "threads": threads}
+        cpu_seconds.append(time.process_time() - c0)
+    return {"round_seconds": seconds, "round_cpu_seconds": cpu_seconds, "data_load_s": load_s, "threads": threads}
 
 
 def steady(seconds: list[float]) -> list[float]:
@@ -201,9 +222,9 @@ def steady(seconds: list[float]) -> list[float]:
     return seconds[1:-1] if len(seconds) > 2 else seconds
 
 
-def overhead(args: argparse.Namespace) -> dict[str, Any]:
+def overhead_config(args: argparse.Namespace) -> dict[str, Any]:
     rounds = args.rounds
-    cfg = {
+    return {
         "method": args.method,
         "dataset": args.dataset,
         "data-root": str(args.data_root),
@@ -221,27 +242,145 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
         "num-threads": 1,
         "keep-checkpoints": 1,
     }
+
+
+def overhead(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = overhead_config(args)
     cores = os.cpu_count() or 1
     load_before = os.getloadavg()
-    flower = flower_rounds(cfg, args.sites, cpus=1.0)
-    plain = plain_rounds(cfg, args.sites, threads=cores)
-    plain1 = plain_rounds(cfg, args.sites, threads=1) if args.single_thread_too else None
+    # like for like: one site at a time on one thread in both (a Ray actor that asks for every
+    # core runs alone), then Flower's default parallel layout (1 CPU per site) for its speed-up
+    flower = flower_rounds(cfg, args.sites, cpus=float(cores))
+    plain = plain_rounds(cfg, args.sites, threads=1)
+    parallel = flower_rounds(cfg, args.sites, cpus=1.0) if args.parallel_too else None
     f, p = statistics.median(steady(flower["round_seconds"])), statistics.median(steady(plain["round_seconds"]))
+    # CPU seconds of the same steady rounds: Flower's list starts at round 2 and its last entry
+    # is the round with the final evaluation; the plain loop's starts at round 1
+    f_cpu = statistics.median(flower["round_cpu_seconds_from_round_2"][:-1] or [math.nan])
+    p_cpu = statistics.median(steady(plain["round_cpu_seconds"]))
     result = {
         "config": cfg,
         "sites": args.sites,
+        "cores": cores,
         "flower": flower,
         "plain": plain,
-        "plain_1_thread": plain1,
+        "flower_parallel": parallel,
         "flower_s_per_round": f,
         "plain_s_per_round": p,
         "ratio": f / p,
+        "flower_cpu_s_per_round": f_cpu,
+        "plain_cpu_s_per_round": p_cpu,
+        "cpu_ratio": f_cpu / p_cpu,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
     }
-    if plain1:
-        result["plain_1_thread_s_per_round"] = statistics.median(steady(plain1["round_seconds"]))
+    if parallel:
+        result["flower_parallel_s_per_round"] = statistics.median(steady(parallel["round_seconds"]))
     return result
+
+
+# -- where a Flower round's time goes -------------------------------------------------------
+
+
+def profiling_client_app(log_path: str):
+    """The project's ClientApp behind a mod that times each message's handler and its parts
+    (site set-up, local training, private-state save), appended as JSON lines to `log_path`."""
+    from flwr.clientapp import ClientApp
+
+    import client_app.app as client
+    from client_app import state as state_module
+
+    parts: dict[str, float] = {}
+
+    def timed(owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+        if getattr(original, "_timed", False):
+            return
+
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                parts[label] = parts.get(label, 0.0) + time.perf_counter() - t0
+
+        wrapper._timed = True
+        setattr(owner, name, wrapper)
+
+    def timer(msg, ctx, call_next):
+        timed(client.Site, "__init__", "site_setup")
+        timed(state_module.PrivateState, "save", "state_save")
+        for trainer_cls in {type(client.trainer_for(m)) for m in ("fedavg", "fusedspacefed")}:
+            timed(trainer_cls, "train", "local_training")
+        parts.clear()
+        t0 = time.perf_counter()
+        reply = call_next(msg, ctx)
+        row = {
+            "kind": msg.metadata.message_type,
+            "round": int(msg.content["config"]["server-round"]),
+            "site": int(ctx.node_config["partition-id"]),
+            "pid": os.getpid(),
+            "handler_s": time.perf_counter() - t0,
+            "end": time.time(),
+            **parts,
+        }
+        with open(log_path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        return reply
+
+    app = ClientApp(mods=[timer])
+    app.train()(client.train)
+    app.evaluate()(client.evaluate)
+    return app
+
+
+def profile_child(payload_json: str) -> int:
+    from flwr.simulation import run_simulation
+
+    from server_app.app import create_server_app
+
+    payload = json.loads(payload_json)
+    run_simulation(
+        server_app=create_server_app(payload["run_config"]),
+        client_app=profiling_client_app(payload["profile_log"]),
+        num_supernodes=int(payload["sites"]),
+        backend_config={"client_resources": {"num_cpus": payload["cpus_per_site"], "num_gpus": 0}},
+    )
+    return 0
+
+
+def profile(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
+    """One Flower run (1 actor) with the timing mod: per round, the sum of handler times
+    against the round's wall time, and the handler split into its parts."""
+    with tempfile.TemporaryDirectory(prefix="perf-prof-") as tmp:
+        log = Path(tmp) / "handlers.jsonl"
+        run_config = {**cfg, "results-dir": tmp, "run-name": "profile"}
+        payload = {
+            "run_config": run_config,
+            "sites": args.sites,
+            "cpus_per_site": float(os.cpu_count() or 1),
+            "profile_log": str(log),
+        }
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        started = time.time()
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.performance", "--child", json.dumps(payload)],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        wall = time.time() - started
+        handlers = [json.loads(line) for line in log.read_text().splitlines()]
+        rows = [json.loads(line) for line in (Path(tmp) / "profile" / "metrics.jsonl").read_text().splitlines()]
+    per_round = []
+    for row in rows:
+        mine = [h for h in handlers if h["round"] == row["round"] and h["kind"] == "train"]
+        sums = {
+            k: sum(h.get(k, 0.0) for h in mine) for k in ("handler_s", "site_setup", "local_training", "state_save")
+        }
+        per_round.append({"round": row["round"], "round_s": row["round_seconds"], **sums})
+    return {"wall_s": wall, "per_round": per_round}
 
 
 # -- (b) memory ----------------------------------------------------------------------------
@@ -304,35 +443,58 @@ def render(data: dict[str, Any]) -> str:
             f"{c['num-server-rounds']} rounds, {c['local-epochs']} local epochs, {c['warmup-epochs']} warm-up epochs, "
             f"batch {c['batch-size']}, seed {c['seed']}, CPU. Evaluation and Gamma off in both for the measured rounds.",
             "",
-            "- Flower: `flwr.simulation.run_simulation`, Ray backend, client resources 1 CPU per site "
-            f"(so {m['logical_cores']} sites train in parallel), `num-threads = 1` and OMP_NUM_THREADS=1 per actor.",
-            "- Plain loop: one process, the sites one after another, the project's trainer "
-            f"(`client_app.trainers`) and data (`client_app.site_data`), torch threads = {o['plain']['threads']} "
-            "(all cores); a fresh model per site per round loaded with the global and private arrays, example-"
-            "weighted averaging of the shared arrays, as the server does.",
+            "- Flower (like for like): `flwr.simulation.run_simulation`, Ray backend, client resources "
+            f"{o.get('cores', m['logical_cores'])} CPUs per site, so one Ray actor trains the sites one after "
+            "another, as the plain loop does; `num-threads = 1` and OMP_NUM_THREADS=1.",
+            "- Plain loop: one process, the sites one after another, 1 torch thread, the project's trainer "
+            "(`client_app.trainers`) and data (`client_app.site_data`); a fresh model per site per round loaded "
+            "with the global and private arrays, example-weighted averaging of the shared arrays, as the server does.",
             "- Seconds per round are the median of the steady-state rounds (2 .. R-1): round 1 includes data "
             "loading and actor start-up, and Flower always evaluates after the last round.",
             "",
-            "| | seconds per round (steady state) | all rounds (s) |",
-            "|---|---|---|",
-            f"| Flower simulation | {o['flower_s_per_round']:.2f} | {', '.join(f'{s:.1f}' for s in o['flower']['round_seconds'])} |",
-            f"| plain loop, {o['plain']['threads']} threads | {o['plain_s_per_round']:.2f} | "
+            "- CPU seconds: for Flower the summed user+system time of the run's whole process tree (driver, "
+            "Ray GCS and raylet, the actor) between the moments a round's row reaches metrics.jsonl (psutil, every "
+            "0.25 s); for the plain loop `time.process_time()` of the round. On a shared machine CPU time is the "
+            "steadier measure of work; wall time also counts waiting for the CPU.",
+            "",
+            "| | wall s per round (steady) | CPU s per round (steady) | all rounds, wall (s) |",
+            "|---|---|---|---|",
+            f"| Flower simulation, 1 actor | {o['flower_s_per_round']:.2f} | {o.get('flower_cpu_s_per_round', math.nan):.2f} | "
+            f"{', '.join(f'{s:.1f}' for s in o['flower']['round_seconds'])} |",
+            f"| plain loop, 1 thread | {o['plain_s_per_round']:.2f} | {o.get('plain_cpu_s_per_round', math.nan):.2f} | "
             f"{', '.join(f'{s:.1f}' for s in o['plain']['round_seconds'])} |",
         ]
-        if o.get("plain_1_thread"):
+        if o.get("flower_parallel"):
             lines.append(
-                f"| plain loop, 1 thread | {o['plain_1_thread_s_per_round']:.2f} | "
-                f"{', '.join(f'{s:.1f}' for s in o['plain_1_thread']['round_seconds'])} |"
+                f"| Flower simulation, 1 CPU per site ({o.get('cores')} actors in parallel, the sweep's layout) | "
+                f"{o['flower_parallel_s_per_round']:.2f} | — | "
+                f"{', '.join(f'{s:.1f}' for s in o['flower_parallel']['round_seconds'])} |"
             )
         lines += [
             "",
-            f"**Ratio Flower / plain = {o['ratio']:.2f}** (target <= 1.15). Flower's whole run took "
+            f"**Ratio Flower / plain: {o['ratio']:.2f} in wall time, {o.get('cpu_ratio', math.nan):.2f} in CPU time** "
+            "(target <= 1.15). Flower's whole run took "
             f"{o['flower']['wall_s']:.0f} s for {c['num-server-rounds']} rounds, including Ray start-up and the final "
             "evaluation. Load average before / after: "
             f"{', '.join(f'{x:.1f}' for x in o['load_average_before'])} / "
             f"{', '.join(f'{x:.1f}' for x in o['load_average_after'])}.",
             "",
         ]
+    prof = data.get("profile")
+    if prof:
+        lines += [
+            "### Where a Flower round's time goes (1 actor, same config, timing mod around the handlers)",
+            "",
+            "| round | round wall (s) | sum of train handlers (s) | site set-up | local training | state save "
+            "| outside the handlers (Ray, serialisation, server) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in prof["per_round"]:
+            lines.append(
+                f"| {r['round']} | {r['round_s']:.2f} | {r['handler_s']:.2f} | {r['site_setup']:.2f} | "
+                f"{r['local_training']:.2f} | {r['state_save']:.2f} | {r['round_s'] - r['handler_s']:.2f} |"
+            )
+        lines.append("")
     mem = data.get("memory")
     if mem:
         c = mem["config"]
@@ -365,26 +527,32 @@ def render(data: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("overhead", "memory"))
+    p.add_argument("--only", choices=("overhead", "memory", "profile"))
     p.add_argument("--dataset", default="retinamnist")
     p.add_argument("--method", default="fedavg")
     p.add_argument("--sites", type=int, default=10)
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--single-thread-too", action="store_true", help="also time the plain loop with 1 thread")
+    p.add_argument("--parallel-too", action="store_true", help="also time Flower with 1 CPU per site (parallel sites)")
     p.add_argument("--memory-dataset", default="breastmnist")
     p.add_argument("--memory-sites", type=int, default=100)
     p.add_argument("--memory-rounds", type=int, default=1)
     p.add_argument("--data-root", default=str(DATA))
     p.add_argument("--notes", help="a Markdown file appended as Notes")
     p.add_argument("--render-only", action="store_true", help="rewrite PERFORMANCE.md from performance.json")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    if args.child:
+        return profile_child(args.child)
     data = json.loads(RAW.read_text()) if RAW.exists() else {}
     if not args.render_only:
         data["machine"] = machine()
         if args.only in (None, "overhead"):
             data["overhead"] = overhead(args)
             print(f"overhead ratio {data['overhead']['ratio']:.2f}")
+        if args.only == "profile":
+            data["profile"] = profile(args, overhead_config(args))
+            print(json.dumps(data["profile"], indent=1))
         if args.only in (None, "memory"):
             data["memory"] = memory(args)
             print(f"peak RSS {data['memory']['peak_rss_bytes'] / 2**30:.2f} GiB")
