@@ -1,0 +1,242 @@
+"""A real pilot on 127.0.0.1 for tests: the pilot/ scripts start a SuperLink (TLS,
+SuperNode authentication, SQLite database) and SuperNodes, each with its own
+FLWR_HOME, site file and state folder; the flwr CLI registers keys and submits runs.
+
+Every process is started in its own session and stopped by its process-group id
+(SIGTERM, then SIGKILL), so a SuperNode's ClientApp children go with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(flwr_home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHON=sys.executable,
+        COLUMNS="200",
+        NO_COLOR="1",
+    )
+    return env
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    started: float = field(default_factory=time.time)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
+        """Signal the whole process group, then make sure every member is gone."""
+        for s in (sig, signal.SIGKILL):
+            try:
+                os.killpg(self.pid, s)
+            except ProcessLookupError:
+                break
+            try:
+                self.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                continue
+            if s == signal.SIGKILL:
+                break
+            # the leader is gone; children (ClientApps, SuperExec) may linger a moment
+            deadline = time.time() + grace
+            while time.time() < deadline and _group_alive(self.pid):
+                time.sleep(0.2)
+            if not _group_alive(self.pid):
+                break
+        self.popen.wait(timeout=5) if self.popen.poll() is None else None
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@dataclass
+class Pilot:
+    """A pilot federation under `root`; `stop_all()` ends everything it started."""
+
+    root: Path
+    port: int = field(default_factory=free_port)
+    processes: list[Process] = field(default_factory=list)
+    node_ids: dict[str, int] = field(default_factory=dict)  # site name -> node id
+    site_files: list[Path] = field(default_factory=list)
+    supernodes: dict[str, Process] = field(default_factory=dict)  # site name -> its SuperNode
+
+    def __post_init__(self) -> None:
+        self.certs = self.root / "certs"
+        self.keys = self.root / "keys"
+        self.cli_home = self.root / "cli-home"
+        self.results = self.root / "results"
+        self.address = f"127.0.0.1:{self.port}"
+
+    # -- processes -------------------------------------------------------------
+    def start(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path) -> Process:
+        cwd.mkdir(parents=True, exist_ok=True)
+        log = self.root / "logs" / f"{name}-{len([p for p in self.processes if p.name == name])}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "wb") as out:
+            popen = subprocess.Popen(
+                cmd,
+                cwd=cwd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        proc = Process(name, popen, log)
+        self.processes.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.processes):  # SuperNodes before the SuperLink
+            proc.stop()
+
+    def run(self, cmd: list[str], timeout: float = 120, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        """A short command (scripts, flwr CLI) with the CLI's environment."""
+        kwargs.setdefault("env", base_env(self.cli_home))
+        kwargs.setdefault("cwd", REPO)
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def flwr(self, *args: str, timeout: float = 120) -> dict:
+        out = self.run([str(BIN / "flwr"), *args, "--format", "json"], timeout=timeout).stdout
+        return json.loads(out[out.index("{") :])
+
+    # -- set-up ----------------------------------------------------------------
+    def make_material(self, sites: list[str]) -> None:
+        self.run(["bash", str(REPO / "pilot" / "make-certs.sh"), "-o", str(self.certs)])
+        self.run(["bash", str(REPO / "pilot" / "make-site-keys.sh"), "-o", str(self.keys), *sites])
+        self.run(
+            [sys.executable, "-m", "pilot.connection", "pilot", self.address]
+            + ["--root-certificates", str(self.certs / "ca.crt"), "--default"]
+        )
+
+    def start_superlink(self) -> Process:
+        cmd = ["bash", str(REPO / "pilot" / "start-superlink.sh"), "--certs", str(self.certs)]
+        cmd += ["--db", str(self.root / "superlink" / "state.db"), "--port", str(self.port)]
+        proc = self.start("superlink", cmd, base_env(self.root / "superlink-home"), self.root / "superlink")
+        wait_for(lambda: "Uvicorn running" in proc.text(), 90, f"SuperLink start ({proc.log})", proc)
+        return proc
+
+    def register(self, site: str) -> int:
+        reply = self.flwr("supernode", "register", str(self.keys / f"{site}.key.pub"), "pilot", "--name", site)
+        self.node_ids[site] = int(reply["node-id"])
+        return self.node_ids[site]
+
+    def supernode_cmd(self, site: str, data_path: Path, ca: Path | None = None, retry: int = 0) -> list[str]:
+        """pilot/start-supernode.sh for `site` (retry: restarts 2 s apart while refused)."""
+        return [
+            "bash",
+            str(REPO / "pilot" / "start-supernode.sh"),
+            "--superlink",
+            self.address,
+            "--ca",
+            str(ca or self.certs / "ca.crt"),
+            "--key",
+            str(self.keys / f"{site}.key"),
+            "--data-path",
+            str(data_path),
+            "--site-name",
+            site,
+            "--state-dir",
+            str(self.state_dir(site)),
+            "--port",
+            str(free_port()),
+            "--retry",
+            str(retry),
+            "--retry-wait",
+            "2",
+        ]
+
+    def state_dir(self, site: str) -> Path:
+        return self.root / "sites" / site / "state"
+
+    def start_supernode(self, site: str, data_path: Path, retry: int = 0, ca: Path | None = None) -> Process:
+        cmd = self.supernode_cmd(site, data_path, ca=ca, retry=retry)
+        home = self.root / "sites" / site / "flwr-home"
+        return self.start(f"supernode-{site}", cmd, base_env(home), self.root / "sites" / site)
+
+    def exits(self, proc: Process, timeout: float = 120) -> int:
+        """Wait for a process that should end by itself; its exit status."""
+        wait_for(lambda: not proc.alive(), timeout, f"{proc.name} to exit ({proc.log})")
+        return proc.popen.returncode
+
+    def online(self) -> set[int]:
+        nodes = self.flwr("supernode", "list", "pilot").get("nodes", [])
+        return {int(n["node-id"]) for n in nodes if n.get("status") == "online"}
+
+    # -- runs ------------------------------------------------------------------
+    def submit(self, run_config: dict[str, object]) -> int:
+        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        reply = self.flwr("run", str(REPO), "pilot", "--run-config", overrides, timeout=180)
+        return int(reply["run-id"])
+
+    def status(self, run_id: int) -> str:
+        runs = self.flwr("list", "pilot", "--run-id", str(run_id)).get("runs", [])
+        return str(runs[0].get("status", "")) if runs else ""
+
+    def wait_for_run(self, run_id: int, timeout: float) -> str:
+        """Poll until the run finishes; returns its status (e.g. finished:completed)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = self.status(run_id)
+            if status.startswith("finished"):
+                return status
+            time.sleep(10)  # each flwr CLI call costs a second or two of CPU
+        raise AssertionError(f"run {run_id} not finished within {timeout:.0f} s (status {self.status(run_id)})")
+
+    def logs(self, run_id: int) -> str:
+        return self.run([str(BIN / "flwr"), "log", str(run_id), "pilot", "--show"], timeout=60).stdout
+
+
+def wait_for(condition, timeout: float, what: str, proc: Process | None = None, every: float = 0.5) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        if proc is not None and not proc.alive():
+            raise AssertionError(f"{what}: process exited with {proc.popen.returncode}:\n{proc.text()[-3000:]}")
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s" + (f"\n{proc.text()[-3000:]}" if proc else ""))
