@@ -70,9 +70,7 @@ def flags(service: dict) -> dict[str, str]:
 
 
 def sites(services: dict) -> list[str]:
-    return sorted(
-        (m.group(1) for name in services if (m := re.fullmatch(r"supernode-(\d+)", name))), key=int
-    )
+    return sorted((m.group(1) for name in services if (m := re.fullmatch(r"supernode-(\d+)", name))), key=int)
 
 
 def volume_sources(service: dict) -> dict[str, str]:
@@ -102,9 +100,12 @@ def _services():
     assert len(ids) >= 3, f"only {len(ids)} sites"
     for i in ids:
         assert f"clientapp-{i}" in services, f"supernode-{i} has no clientapp-{i}"
-    extra = set(services) - {"init", "superlink", "serverapp"} - {f"supernode-{i}" for i in ids} - {
-        f"clientapp-{i}" for i in ids
-    }
+    extra = (
+        set(services)
+        - {"init", "superlink", "serverapp"}
+        - {f"supernode-{i}" for i in ids}
+        - {f"clientapp-{i}" for i in ids}
+    )
     assert not extra, f"unexpected services {sorted(extra)}"
 
 
@@ -160,7 +161,12 @@ def _pairs():
         assert port not in ports, f"supernode-{i}: port {port} used twice"
         ports.add(port)
         node = sn.get("--node-config", "")
-        for key in (f"partition-id={i}", f'site-name="site-{i}"', f'data-path="/app/data/site-{i}.npz"', 'state-dir="/app/state"'):
+        for key in (
+            f"partition-id={i}",
+            f'site-name="site-{i}"',
+            f'data-path="/app/data/site-{i}.npz"',
+            'state-dir="/app/state"',
+        ):
             assert key in node, f"supernode-{i}: node config lacks {key}"
 
 
