@@ -46,7 +46,7 @@ num_sites=3
 if [[ -n "${E2E_DATA_SOURCE:-}" ]]; then data_source="$E2E_DATA_SOURCE"
 elif [[ -f "$root/../shared/data/medmnist/$dataset.npz" ]]; then data_source="$root/../shared/data/medmnist"
 else data_source="$root/data/medmnist"; fi
-data_source="$(cd "$data_source" && pwd)"
+data_source="$(cd "$data_source" 2>/dev/null && pwd || echo "$data_source")"
 
 work="$(mktemp -d /tmp/fusedspacefed-e2e.XXXXXX)"
 base_image="fusedspacefed-e2e/flwr:$flwr_version-$run_id"
@@ -75,7 +75,7 @@ teardown() {
   fi
   if docker info >/dev/null 2>&1; then
     docker rmi -f "$app_image" "$base_image" "$rootfs_image" >/dev/null 2>&1
-    # the untagged build stages of the multi-stage builds carry the run's label
+    # anything else a build of this run left (e.g. the image of a failed step) carries its label
     ids="$(docker image ls -aq --filter "label=fusedspacefed.build=$run_id")"
     [[ -n "$ids" ]] && docker rmi -f $ids >/dev/null 2>&1
   fi
