@@ -69,7 +69,25 @@ def machine() -> dict[str, Any]:
 # -- (a) overhead --------------------------------------------------------------------------
 
 
-def run_child(payload: dict[str, Any], sample_memory: bool = False) -> dict[str, Any]:
+def _category(p, root_pid: int) -> str:
+    """Which part of a simulation a process of its tree is (for the CPU split)."""
+    if p.pid == root_pid:
+        return "driver (ServerApp + Flower's simulation engine)"
+    try:
+        text = " ".join(p.cmdline()[:3]) or p.name()
+    except Exception:
+        return "other"
+    for key, label in (
+        ("ClientApp", "Ray actors (ClientApp: the sites)"),  # the name is cut to 15 chars: ray::ClientApp
+        ("raylet", "raylet"),
+        ("gcs_server", "Ray GCS"),
+    ):
+        if key in text:
+            return label
+    return "other Ray processes (log monitor, dashboard, idle workers)"
+
+
+def run_child(payload: dict[str, Any], sample_memory: bool = False, module: str = "benchmarks.sweep") -> dict[str, Any]:
     """One simulation in a child process (the sweep's child mode). Samples the child's whole
     process tree every 0.25 s: summed RSS (its peak) and summed CPU time, which, read at the
     moments metrics.jsonl gains a row, gives the CPU seconds each round cost (the machine is
@@ -84,7 +102,7 @@ def run_child(payload: dict[str, Any], sample_memory: bool = False) -> dict[str,
     metrics = Path(payload["run_config"]["results-dir"]) / payload["run_config"]["run-name"] / "metrics.jsonl"
     started = time.time()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.sweep", "--child", json.dumps(payload)],
+        [sys.executable, "-m", module, "--child", json.dumps(payload)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -93,6 +111,7 @@ def run_child(payload: dict[str, Any], sample_memory: bool = False) -> dict[str,
     )
     peak = {"rss": 0, "procs": 0, "at": 0.0}
     cpu_at_round: dict[int, float] = {}
+    cpu_by_pid: dict[int, tuple[str, float]] = {}
     stop = threading.Event()
 
     def sample() -> None:
@@ -108,6 +127,7 @@ def run_child(payload: dict[str, Any], sample_memory: bool = False) -> dict[str,
                     rss += p.memory_info().rss
                     t = p.cpu_times()
                     cpu += t.user + t.system + t.children_user + t.children_system
+                    cpu_by_pid[p.pid] = (_category(p, proc.pid), t.user + t.system)  # workers rename themselves
                 except psutil.Error:
                     pass
             if rss > peak["rss"]:
@@ -128,6 +148,9 @@ def run_child(payload: dict[str, Any], sample_memory: bool = False) -> dict[str,
     if proc.returncode != 0:
         tail = output.decode(errors="replace")[-3000:]
         raise RuntimeError(f"simulation failed (exit {proc.returncode}):\n{tail}")
+    split: dict[str, float] = {}
+    for label, seconds in cpu_by_pid.values():
+        split[label] = split.get(label, 0.0) + seconds
     rounds = sorted(cpu_at_round)
     round_cpu = [cpu_at_round[b] - cpu_at_round[a] for a, b in zip(rounds, rounds[1:]) if b == a + 1 and a >= 1]
     return {
@@ -136,6 +159,7 @@ def run_child(payload: dict[str, Any], sample_memory: bool = False) -> dict[str,
         "peak_procs": peak["procs"],
         "peak_at_s": peak["at"],
         "round_cpu_seconds_from_round_2": round_cpu,  # CPU s of rounds 2, 3, ... (the tree, all processes)
+        "cpu_seconds_by_process": split,  # the whole run, start-up included
     }
 
 
@@ -290,7 +314,9 @@ def profiling_client_app(log_path: str):
     import client_app.app as client
     from client_app import state as state_module
 
-    parts: dict[str, float] = {}
+    def store() -> dict[str, float]:
+        # one dict per actor process: the app (and these closures) may be unpickled per message
+        return sys.modules["client_app.app"].__dict__.setdefault("_perf_parts", {})
 
     def timed(owner, name: str, label: str) -> None:
         original = getattr(owner, name)
@@ -298,11 +324,12 @@ def profiling_client_app(log_path: str):
             return
 
         def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             try:
                 return original(*args, **kwargs)
             finally:
-                parts[label] = parts.get(label, 0.0) + time.perf_counter() - t0
+                parts = store()
+                parts[label] = parts.get(label, 0.0) + time.process_time() - t0
 
         wrapper._timed = True
         setattr(owner, name, wrapper)
@@ -312,9 +339,11 @@ def profiling_client_app(log_path: str):
         timed(state_module.PrivateState, "save", "state_save")
         for trainer_cls in {type(client.trainer_for(m)) for m in ("fedavg", "fusedspacefed")}:
             timed(trainer_cls, "train", "local_training")
+        parts = store()
         parts.clear()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         reply = call_next(msg, ctx)
+        parts["handler_cpu_s"] = time.process_time() - c0
         row = {
             "kind": msg.metadata.message_type,
             "round": int(msg.content["config"]["server-round"]),
@@ -361,26 +390,24 @@ def profile(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
             "cpus_per_site": float(os.cpu_count() or 1),
             "profile_log": str(log),
         }
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        started = time.time()
-        subprocess.run(
-            [sys.executable, "-m", "benchmarks.performance", "--child", json.dumps(payload)],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-        wall = time.time() - started
+        info = run_child(payload, module="benchmarks.performance")
+        wall = info["wall_s"]
         handlers = [json.loads(line) for line in log.read_text().splitlines()]
         rows = [json.loads(line) for line in (Path(tmp) / "profile" / "metrics.jsonl").read_text().splitlines()]
     per_round = []
     for row in rows:
         mine = [h for h in handlers if h["round"] == row["round"] and h["kind"] == "train"]
         sums = {
-            k: sum(h.get(k, 0.0) for h in mine) for k in ("handler_s", "site_setup", "local_training", "state_save")
+            k: sum(h.get(k, 0.0) for h in mine)
+            for k in ("handler_s", "handler_cpu_s", "site_setup", "local_training", "state_save")
         }
         per_round.append({"round": row["round"], "round_s": row["round_seconds"], **sums})
-    return {"wall_s": wall, "per_round": per_round}
+    return {
+        "wall_s": wall,
+        "per_round": per_round,
+        "cpu_seconds_by_process": info["cpu_seconds_by_process"],
+        "round_cpu_seconds_from_round_2": info["round_cpu_seconds_from_round_2"],
+    }
 
 
 # -- (b) memory ----------------------------------------------------------------------------
@@ -485,16 +512,32 @@ def render(data: dict[str, Any]) -> str:
         lines += [
             "### Where a Flower round's time goes (1 actor, same config, timing mod around the handlers)",
             "",
-            "| round | round wall (s) | sum of train handlers (s) | site set-up | local training | state save "
-            "| outside the handlers (Ray, serialisation, server) |",
-            "|---|---|---|---|---|---|---|",
+            "Per round, summed over the 10 train messages. CPU seconds of the actor process inside the handler "
+            "(`time.process_time()`), split into its parts; the tree's CPU per round as in the table above.",
+            "",
+            "| round | round wall (s) | handlers wall (s) | handlers CPU (s) | site set-up CPU | local training CPU "
+            "| private-state save CPU | whole tree CPU (s) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for r in prof["per_round"]:
+        tree = [None, *prof.get("round_cpu_seconds_from_round_2", [])]
+        for i, r in enumerate(prof["per_round"]):
+            t = tree[i] if i < len(tree) else None
             lines.append(
-                f"| {r['round']} | {r['round_s']:.2f} | {r['handler_s']:.2f} | {r['site_setup']:.2f} | "
-                f"{r['local_training']:.2f} | {r['state_save']:.2f} | {r['round_s'] - r['handler_s']:.2f} |"
+                f"| {r['round']} | {r['round_s']:.2f} | {r['handler_s']:.2f} | {r.get('handler_cpu_s', math.nan):.2f} | "
+                f"{r['site_setup']:.2f} | {r['local_training']:.2f} | {r['state_save']:.2f} | "
+                f"{'—' if t is None else f'{t:.2f}'} |"
             )
-        lines.append("")
+        split = prof.get("cpu_seconds_by_process") or {}
+        total = sum(split.values()) or 1.0
+        lines += [
+            "",
+            "CPU seconds of the whole profiled run (start-up included) by process: "
+            + "; ".join(
+                f"{k} {v:.1f} s ({100 * v / total:.0f} %)" for k, v in sorted(split.items(), key=lambda kv: -kv[1])
+            )
+            + ".",
+            "",
+        ]
     mem = data.get("memory")
     if mem:
         c = mem["config"]

@@ -384,7 +384,7 @@ def figures(groups: dict[tuple, dict[str, list[Run]]], out_dir: Path) -> list[tu
                 ax.plot(xs, m, marker="o", ms=3, label=f"{LABELS[label]} (n={len(runs)})")
                 ax.fill_between(xs, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.15)
         axes[0].set(xlabel="round", ylabel="global test accuracy (%)", title=group_title(group)[:70])
-        axes[1].set(xlabel="round", ylabel="Gamma (gradient dissimilarity)", yscale="log", title="Gamma per round")
+        axes[1].set(xlabel="round", ylabel="Gamma (gradient dissimilarity)", title="Gamma per round")
         axes[0].legend(fontsize=7)
         fig.tight_layout()
         path = out_dir / f"accuracy-per-round-{slug(group)}.png"
