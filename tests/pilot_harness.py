@@ -166,7 +166,7 @@ class Pilot:
         return self.node_ids[site]
 
     def supernode_cmd(self, site: str, data_path: Path, ca: Path | None = None, retry: int = 0) -> list[str]:
-        """pilot/start-supernode.sh for `site` (retry: restarts 5 s apart while refused)."""
+        """pilot/start-supernode.sh for `site` (retry: restarts 2 s apart while refused)."""
         return [
             "bash",
             str(REPO / "pilot" / "start-supernode.sh"),
@@ -187,7 +187,7 @@ class Pilot:
             "--retry",
             str(retry),
             "--retry-wait",
-            "5",
+            "2",
         ]
 
     def state_dir(self, site: str) -> Path:

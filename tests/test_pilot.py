@@ -97,7 +97,7 @@ def test_a_missing_data_path_is_a_clear_error(pilot, tmp_path):
 
 @pytest.fixture(scope="module")
 def main_run(pilot):
-    run_id, seconds = run_and_wait(pilot, 900, **{"run-name": "pilot-main", "eval-every": 2})
+    run_id, seconds = run_and_wait(pilot, 1500, **{"run-name": "pilot-main", "eval-every": 2})
     out = pilot.results / "pilot-main"
     return {
         "run_id": run_id,
@@ -125,7 +125,7 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(pilot, main_run):
 
 def test_a_run_resumes_from_its_round_1_checkpoint(pilot, main_run):
     checkpoint = pilot.results / "pilot-main" / "checkpoints" / "round-0001.pt"
-    run_id, _ = run_and_wait(pilot, 600, **{"eval-every": 2, "resume-from": str(checkpoint)})
+    run_id, _ = run_and_wait(pilot, 1200, **{"eval-every": 2, "resume-from": str(checkpoint)})
     assert "resumingpilot-mainafterround1" in re.sub(r"\s+", "", pilot.logs(run_id))
     rows = metrics(pilot, "pilot-main")
     assert [r["round"] for r in rows] == [1, 2] and rows[0] == main_run["rows"][0]
@@ -146,7 +146,7 @@ def test_a_killed_supernode_restarts_with_its_encoder_from_disk(pilot):
     def in_round_2_training() -> bool:
         return state_file.exists() and node.text()[offset:].count("Receiving: train message") >= 2
 
-    wait_for(in_round_2_training, 600, "the site's round-2 training", every=0.5)
+    wait_for(in_round_2_training, 1200, "the site's round-2 training", every=0.5)
     node.stop(signal.SIGKILL)  # a crash: no goodbye to the SuperLink, nothing flushed
     arrays, saved_round = read_state_file(state_file)
     assert saved_round == 1
@@ -154,7 +154,7 @@ def test_a_killed_supernode_restarts_with_its_encoder_from_disk(pilot):
     # a minute), and refuses it until then: the restarted SuperNode retries meanwhile.
     restarted = pilot.start_supernode(site, pilot.site_files[index], retry=60)
     pilot.supernodes[site] = restarted
-    status = pilot.wait_for_run(run_id, 900)
+    status = pilot.wait_for_run(run_id, 1500)
     assert status == "finished:completed", pilot.logs(run_id)[-4000:]
 
     rows = metrics(pilot, "pilot-kill")
@@ -163,8 +163,12 @@ def test_a_killed_supernode_restarts_with_its_encoder_from_disk(pilot):
     assert rows[1]["failed_sites"] and rows[1]["failed_sites"][0].startswith(
         f"node {pilot.node_ids[site]} (site {index}): "
     )
-    assert rows[2]["failed_sites"] == [] and rows[2]["num_evaluated"] == 3
+    # Round 3 trains with the sites online when it starts: the restarted one if it was let
+    # in by then (the SuperLink reports the dead node and admits the new one at about the
+    # same moment), else it joins for round 3's evaluation.
+    assert rows[2]["failed_sites"] == [] and rows[2]["num_replies"] in (2, 3)
+    assert rows[2]["num_evaluated"] == 3
     # the restarted site went on from exactly the encoder it had saved after round 1
     restored = re.findall(r"private state of round (\d+) restored from (\S+) \(sha256 ([0-9a-f]+)\)", restarted.text())
     assert restored and restored[0] == ("1", str(state_file), state_digest(arrays))
-    assert read_state_file(state_file)[1] == 3
+    assert read_state_file(state_file)[1] == (3 if rows[2]["num_replies"] == 3 else 1)
