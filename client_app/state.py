@@ -15,15 +15,17 @@ round from the state it had before it, exactly as the first time.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from core.files import atomic_write_bytes
 
 RECORD_KEY = "private-state"
 ROUND_KEY = "private-state-round"  # config record in context.state: the round RECORD_KEY is from
@@ -128,16 +130,9 @@ class PrivateState:
         self._remember(arrays, server_round)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._archive_current(server_round)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save({"arrays": arrays, "round": server_round}, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buffer = io.BytesIO()
+        torch.save({"arrays": arrays, "round": server_round}, buffer)
+        atomic_write_bytes(self.path, buffer.getvalue())
 
     def _remember(self, arrays: dict[str, torch.Tensor], server_round: int) -> None:
         self.node_state.array_records[RECORD_KEY] = ArrayRecord(arrays)

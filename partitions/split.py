@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from core.files import atomic_write_bytes
 from partitions.medmnist_data import DataError, MedMNISTData, load_medmnist, partition_labels
 from partitions.partitioners import SCHEMES, PartitionError, local_test_indices, partition_indices
 from partitions.summary import write_summary
@@ -90,17 +89,7 @@ def write_site_file(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> No
     """Write an npz atomically (temporary file, then rename)."""
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays, **{META_KEY: np.array(json.dumps(meta))})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def split_dataset(

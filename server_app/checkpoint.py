@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from core.config import ConfigError, RunConfig
-from server_app.results import atomic_write_bytes
+from core.files import atomic_write_bytes
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
