@@ -212,8 +212,8 @@ def cell_table(group: tuple, methods: dict[str, list[Run]]) -> list[str]:
     dataset, partition, spread, _, _ = group
     lines = [
         "| method | seeds | final acc | best-val acc (round per seed) | best-test acc (optimistic) | worst site (final) "
-        "| local acc (final) | macro-F1 (final) | balanced acc (final) | Gamma (final round) | published |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| local acc (final) | macro-F1 (final) | balanced acc (final) | AUC (final) | Gamma (final round) | published |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label in ORDER:
         runs = methods.get(label)
@@ -238,6 +238,7 @@ def cell_table(group: tuple, methods: dict[str, list[Run]]) -> list[str]:
                     final("local_acc_mean"),
                     final("macro_f1"),
                     final("balanced_acc"),
+                    final("auc"),
                     fmt(*gamma[:2], digits=3),
                     pub(published(dataset, partition, spread, label)),
                 ]
