@@ -100,6 +100,7 @@ class Pilot:
     node_ids: dict[str, int] = field(default_factory=dict)  # site name -> node id
     site_files: list[Path] = field(default_factory=list)
     supernodes: dict[str, Process] = field(default_factory=dict)  # site name -> its SuperNode
+    superlink: Process | None = None
 
     def __post_init__(self) -> None:
         self.certs = self.root / "certs"
@@ -158,6 +159,7 @@ class Pilot:
         cmd += ["--db", str(self.root / "superlink" / "state.db"), "--port", str(self.port)]
         proc = self.start("superlink", cmd, base_env(self.root / "superlink-home"), self.root / "superlink")
         wait_for(lambda: "Uvicorn running" in proc.text(), 90, f"SuperLink start ({proc.log})", proc)
+        self.superlink = proc
         return proc
 
     def register(self, site: str) -> int:
@@ -218,13 +220,21 @@ class Pilot:
         return str(runs[0].get("status", "")) if runs else ""
 
     def wait_for_run(self, run_id: int, timeout: float) -> str:
-        """Poll until the run finishes; returns its status (e.g. finished:completed)."""
+        """Wait until the run finishes; returns its status (e.g. finished:completed).
+
+        Watches the SuperLink's log for the end of the run's task (cheap) and asks the
+        flwr CLI (a second or two of CPU per call) only then, or once a minute."""
         deadline = time.time() + timeout
+        marker = f"of run {run_id}"
+        asked = time.time()
         while time.time() < deadline:
-            status = self.status(run_id)
-            if status.startswith("finished"):
-                return status
-            time.sleep(10)  # each flwr CLI call costs a second or two of CPU
+            ended = any("Finished task" in line and marker in line for line in self.superlink.text().splitlines())
+            if ended or time.time() - asked > 60:
+                status = self.status(run_id)
+                asked = time.time()
+                if status.startswith("finished"):
+                    return status
+            time.sleep(2)
         raise AssertionError(f"run {run_id} not finished within {timeout:.0f} s (status {self.status(run_id)})")
 
     def logs(self, run_id: int) -> str:

@@ -78,8 +78,7 @@ def test_an_unregistered_supernode_is_refused(pilot):
     proc = pilot.start_supernode("unregistered", pilot.site_files[0])
     assert pilot.exits(proc) != 0
     assert "Failed to activate SuperNode" in proc.text()
-    superlink = next(p for p in pilot.processes if p.name == "superlink")
-    assert "No SuperNode found with the given public key" in superlink.text()
+    assert "No SuperNode found with the given public key" in pilot.superlink.text()
 
 
 def test_a_wrong_ca_is_a_clear_error(pilot, tmp_path):
