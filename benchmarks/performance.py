@@ -181,7 +181,7 @@ def plain_rounds(cfg: dict[str, Any], sites: int, threads: int) -> dict[str, Any
     from client_app.site_data import simulation_site_data
     from client_app.trainers import LocalRound, trainer_for
     from core.config import RunConfig
-    from models import build_model
+    from models import build_run_model
 
     torch.set_num_threads(threads)
     rc = RunConfig.from_mapping({k: v for k, v in cfg.items() if k not in ("results-dir", "run-name")})
@@ -191,16 +191,7 @@ def plain_rounds(cfg: dict[str, Any], sites: int, threads: int) -> dict[str, Any
     trainer = trainer_for(rc.method)
 
     def fresh(site_id: int):
-        torch.manual_seed(rc.seed * 7919 + site_id)
-        spec = data[site_id].spec
-        return build_model(
-            fused=rc.fused,
-            in_channels=spec.channels,
-            num_classes=spec.num_classes,
-            image_size=spec.image_size,
-            ae_arch=rc.ae_arch,
-            dz=rc.dz,
-        )
+        return build_run_model(rc, data[site_id].spec, seed=rc.seed * 7919 + site_id)
 
     torch.manual_seed(rc.seed)
     template = fresh(0)

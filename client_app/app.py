@@ -21,7 +21,7 @@ from client_app.trainers import LocalRound, Trainer, trainer_for
 from client_app.training import classification_loss, classifier_gradient
 from core.config import RunConfig
 from core.device import resolve_device, set_threads
-from models import SiteModel, build_model
+from models import SiteModel, build_run_model
 
 EXTRA_PREFIX = "extra:"  # private non-model arrays (e.g. SCAFFOLD's c_i) in the state file
 
@@ -49,16 +49,8 @@ class Site:
         self.model = self._build_model(content["arrays"])
 
     def _build_model(self, global_arrays: ArrayRecord) -> SiteModel:
-        spec = self.data.spec
-        torch.manual_seed(self.cfg.seed * 7919 + self.site_id)  # private parts differ between sites
-        model = build_model(
-            fused=self.cfg.fused,
-            in_channels=spec.channels,
-            num_classes=spec.num_classes,
-            image_size=spec.image_size,
-            ae_arch=self.cfg.ae_arch,
-            dz=self.cfg.dz,
-        )
+        # seeded per site, so that private parts (a fresh encoder) differ between sites
+        model = build_run_model(self.cfg, self.data.spec, seed=self.cfg.seed * 7919 + self.site_id)
         shared = set(self.trainer.shared_keys(model))
         incoming = global_arrays.to_torch_state_dict()
         if set(incoming) != shared:

@@ -58,6 +58,20 @@ def build_model(
     return SiteModel(classifier, encoder, decoder)
 
 
+def build_run_model(cfg, spec, seed: int) -> SiteModel:
+    """The model a run configuration (`core.config.RunConfig`) asks for on a dataset
+    (`partitions.medmnist_data.DatasetSpec`), initialised from `seed`."""
+    torch.manual_seed(seed)
+    return build_model(
+        fused=cfg.fused,
+        in_channels=spec.channels,
+        num_classes=spec.num_classes,
+        image_size=spec.image_size,
+        ae_arch=cfg.ae_arch,
+        dz=cfg.dz,
+    )
+
+
 def part_of(key: str) -> str:
     """Which part ('encoder', 'decoder', 'classifier') a state_dict key belongs to."""
     part = key.split(".", 1)[0]

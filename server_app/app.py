@@ -11,14 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from client_app.trainers import trainer_for
 from core.config import RunConfig
 from core.console import console
-from models import build_model
+from models import build_run_model
 from partitions.medmnist_data import dataset_spec
 from server_app.checkpoint import (
     CheckpointError,
@@ -35,15 +34,7 @@ from strategies import SharedModelStrategy, strategy_class
 def initial_model_arrays(cfg: RunConfig) -> tuple[ArrayRecord, list[str]]:
     """The shared part of a freshly initialised model (seeded), and its keys."""
     spec = dataset_spec(cfg.dataset, cfg.image_size)
-    torch.manual_seed(cfg.seed)
-    model = build_model(
-        fused=cfg.fused,
-        in_channels=spec.channels,
-        num_classes=spec.num_classes,
-        image_size=cfg.image_size,
-        ae_arch=cfg.ae_arch,
-        dz=cfg.dz,
-    )
+    model = build_run_model(cfg, spec, seed=cfg.seed)
     keys = trainer_for(cfg.method).shared_keys(model)
     state = model.state_dict()
     return ArrayRecord({k: state[k] for k in keys}), keys
