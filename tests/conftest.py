@@ -56,3 +56,26 @@ def write_fake_medmnist(
 def fake_root(tmp_path: Path) -> Path:
     write_fake_medmnist(tmp_path / "data")
     return tmp_path / "data"
+
+
+def simulate_with_recorder(overrides: dict, recorder, log_path: Path, num_supernodes: int = 3) -> list[dict]:
+    """Run the real ServerApp and ClientApp handlers in Flower's Ray simulation, with
+    `recorder` as a Flower mod around the handlers; return the JSON rows it logged."""
+    from flwr.clientapp import ClientApp
+    from flwr.simulation import run_simulation
+
+    import client_app.app as client
+    from server_app.app import create_server_app
+
+    app = ClientApp(mods=[recorder])
+    app.train()(client.train)
+    app.evaluate()(client.evaluate)
+    run_simulation(
+        server_app=create_server_app(overrides),
+        client_app=app,
+        num_supernodes=num_supernodes,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
+    )
+    import json
+
+    return [json.loads(line) for line in log_path.read_text().splitlines()]

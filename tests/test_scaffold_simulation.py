@@ -12,18 +12,15 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
-from flwr.simulation import run_simulation
 
-import client_app.app as client
 from client_app.state import RECORD_KEY
 from client_app.trainers.scaffold import CONTROL_RECORD, CONTROL_UPDATE_RECORD
-from server_app.app import create_server_app
 from server_app.checkpoint import checkpoint_path
+from tests.conftest import simulate_with_recorder
 from tests.fl_harness import write_fake_medmnist
 
 
-def recording_client_app(log_path: str) -> ClientApp:
+def recording_mod(log_path: str):
     """The real handlers behind a mod that logs what comes in, what goes out and what stays."""
 
     def recorder(msg: Message, ctx: Context, call_next) -> Message:
@@ -54,10 +51,7 @@ def recording_client_app(log_path: str) -> ClientApp:
             handle.write(json.dumps(row) + "\n")
         return reply
 
-    app = ClientApp(mods=[recorder])
-    app.train()(client.train)
-    app.evaluate()(client.evaluate)
-    return app
+    return recorder
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +73,7 @@ def simulation(tmp_path_factory):
         "device": "cpu",
         "num-threads": 1,
     }
-    run_simulation(
-        server_app=create_server_app(overrides),
-        client_app=recording_client_app(str(log_path)),
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
-    )
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    rows = simulate_with_recorder(overrides, recording_mod(str(log_path)), log_path)
     return tmp / "results", rows
 
 

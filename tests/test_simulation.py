@@ -13,13 +13,9 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
-from flwr.simulation import run_simulation
 
-import client_app.app as client
 from client_app.state import FILE_NAME, RECORD_KEY
-from server_app.app import create_server_app
-from tests.conftest import write_fake_medmnist
+from tests.conftest import simulate_with_recorder, write_fake_medmnist
 
 REQUIRED_ROUND_KEYS = {
     "round",
@@ -43,8 +39,8 @@ def _digest(arrays: dict[str, torch.Tensor] | None) -> str | None:
     return h.hexdigest()
 
 
-def recording_client_app(log_path: str) -> ClientApp:
-    """The real ClientApp handlers behind a mod that records (and, once, wipes) state."""
+def recording_mod(log_path: str):
+    """A Flower mod that records every reply and the site state (and, once, wipes the state)."""
 
     def recorder(msg: Message, ctx: Context, call_next) -> Message:
         site = int(ctx.node_config["partition-id"])
@@ -89,10 +85,7 @@ def recording_client_app(log_path: str) -> ClientApp:
         cfg = msg.content["config"]
         return Path(cfg["results-dir"]).rglob(FILE_NAME)
 
-    app = ClientApp(mods=[recorder])
-    app.train()(client.train)
-    app.evaluate()(client.evaluate)
-    return app
+    return recorder
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +107,7 @@ def simulation(tmp_path_factory):
         "device": "cpu",
         "num-threads": 1,
     }
-    run_simulation(
-        server_app=create_server_app(overrides),
-        client_app=recording_client_app(str(log_path)),
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
-    )
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    rows = simulate_with_recorder(overrides, recording_mod(str(log_path)), log_path)
     return tmp / "results" / "sim", rows
 
 
