@@ -229,7 +229,13 @@ def plain_rounds(cfg: dict[str, Any], sites: int, threads: int) -> dict[str, Any
         }
         seconds.append(time.time() - t0)
         cpu_seconds.append(time.process_time() - c0)
-    return {"round_seconds": seconds, "round_cpu_seconds": cpu_seconds, "data_load_s": load_s, "threads": threads}
+    return {
+        "round_seconds": seconds,
+        "round_cpu_seconds": cpu_seconds,
+        "data_load_s": load_s,
+        "threads": threads,
+        "train_samples": sum(len(d.train) for d in data),
+    }
 
 
 def steady(seconds: list[float]) -> list[float]:
@@ -286,6 +292,7 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
         "flower_cpu_s_per_round": f_cpu,
         "plain_cpu_s_per_round": p_cpu,
         "cpu_ratio": f_cpu / p_cpu,
+        "train_samples": plain["train_samples"],
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
     }
@@ -433,6 +440,14 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
 # -- the file ------------------------------------------------------------------------------
 
 
+def overheads(data: dict[str, Any]) -> dict[str, Any]:
+    """The overhead measurements by dataset (older reports held a single `overhead`)."""
+    runs = dict(data.get("overheads", {}))
+    if "overhead" in data:
+        runs.setdefault(data["overhead"]["config"]["dataset"], data["overhead"])
+    return runs
+
+
 def render(data: dict[str, Any]) -> str:
     m = data["machine"]
     lines = [
@@ -451,11 +466,28 @@ def render(data: dict[str, Any]) -> str:
         "seconds are noisy; the ratio compares two measurements taken back to back under the same conditions).",
         "",
     ]
-    o = data.get("overhead")
-    if o:
-        c = o["config"]
+    runs = overheads(data)
+    if runs:
         lines += [
             "## (a) Flower simulation vs a plain PyTorch loop",
+            "",
+            "The same comparison on datasets of different size: Flower's cost per round is a fixed amount (message "
+            "routing, aggregation, checkpoint, Ray daemons), so its share falls as the local work per round grows.",
+            "",
+            "| dataset | training samples | Flower CPU s / round | plain CPU s / round | CPU ratio | wall ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, o in runs.items():
+            lines.append(
+                f"| {name} | {o.get('train_samples', '?')} | {o.get('flower_cpu_s_per_round', math.nan):.2f} | "
+                f"{o.get('plain_cpu_s_per_round', math.nan):.2f} | **{o.get('cpu_ratio', math.nan):.2f}** | "
+                f"{o['ratio']:.2f} |"
+            )
+        lines.append("")
+    for name, o in runs.items():
+        c = o["config"]
+        lines += [
+            f"### {name}",
             "",
             f"Config: {c['method']} on {c['dataset']}, {o['sites']} sites, {c['partition']} alpha {c['alpha']}, "
             f"{c['num-server-rounds']} rounds, {c['local-epochs']} local epochs, {c['warmup-epochs']} warm-up epochs, "
@@ -501,7 +533,7 @@ def render(data: dict[str, Any]) -> str:
     prof = data.get("profile")
     if prof:
         lines += [
-            "### Where a Flower round's time goes (1 actor, same config, timing mod around the handlers)",
+            f"### Where a Flower round's time goes ({prof.get('dataset', 'retinamnist')}, 1 actor, timing mod around the handlers)",
             "",
             "Per round, summed over the 10 train messages. CPU seconds of the actor process inside the handler "
             "(`time.process_time()`), split into its parts; the tree's CPU per round as in the table above.",
@@ -582,8 +614,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.render_only:
         data["machine"] = machine()
         if args.only in (None, "overhead"):
-            data["overhead"] = overhead(args)
-            print(f"overhead ratio {data['overhead']['ratio']:.2f}")
+            result = overhead(args)
+            data["overheads"] = {**overheads(data), args.dataset: result}
+            data.pop("overhead", None)
+            print(f"overhead on {args.dataset}: CPU ratio {result['cpu_ratio']:.2f}, wall ratio {result['ratio']:.2f}")
         if args.only == "profile":
             data["profile"] = profile(args, overhead_config(args))
             print(json.dumps(data["profile"], indent=1))

@@ -146,3 +146,54 @@ def test_report_tables_from_runs(tmp_path):
     assert cells[10] == "-2.00"  # decoupled (seed 0 only) - FedAvg
     assert cells[11:] == ["81.61", "80.25", "+1.36"]
     assert "FusedSpaceFed (decoupled)" in text
+
+
+def test_performance_report_keeps_one_overhead_measurement_per_dataset():
+    from benchmarks import performance
+
+    def measurement(dataset: str, flower: float, plain: float) -> dict:
+        config = {**performance.overhead_config(_PerfArgs(dataset)), "alpha": 0.05}
+        timings = {"round_seconds": [9.0, 8.0, 8.0], "wall_s": 30.0}
+        return {
+            "config": config,
+            "sites": 10,
+            "cores": 2,
+            "flower": timings,
+            "plain": timings,
+            "flower_s_per_round": flower,
+            "plain_s_per_round": plain,
+            "ratio": flower / plain,
+            "flower_cpu_s_per_round": flower,
+            "plain_cpu_s_per_round": plain,
+            "cpu_ratio": flower / plain,
+            "train_samples": 100,
+            "load_average_before": (1.0, 1.0, 1.0),
+            "load_average_after": (1.0, 1.0, 1.0),
+        }
+
+    machine = {
+        "cpu": "x",
+        "logical_cores": 2,
+        "ram_gib": 1,
+        "python": "3",
+        "torch": "t",
+        "flwr": "f",
+        "ray": "r",
+        "cuda": False,
+        "gpu": None,
+        "load_average": (1.0, 1.0, 1.0),
+    }
+    old = {"machine": machine, "overhead": measurement("retinamnist", 15.6, 13.3)}
+    new = {
+        **old,
+        "overheads": {**performance.overheads(old), "pneumoniamnist": measurement("pneumoniamnist", 42.0, 40.0)},
+    }
+    text = performance.render(new)
+    assert "| retinamnist | 100 | 15.60 | 13.30 | **1.17** |" in text
+    assert "| pneumoniamnist | 100 | 42.00 | 40.00 | **1.05** |" in text
+    assert text.count("### retinamnist") == 1 and text.count("### pneumoniamnist") == 1
+
+
+class _PerfArgs:
+    def __init__(self, dataset: str) -> None:
+        self.dataset, self.method, self.rounds, self.data_root = dataset, "fedavg", 4, "/data"
