@@ -452,7 +452,39 @@ def git_commit() -> str:
         return "?"
 
 
-def render(runs: list[Run], unfinished: list[str], figure_list: list[tuple[str, Path]], out: Path, notes: str) -> str:
+def centralised_table(centralised: dict[str, Any]) -> list[str]:
+    """The pooled-data reference of `benchmarks/centralised.py`: can the model learn at all, and how fast."""
+    lines = [
+        "## Centralised reference (pooled training data, same model and optimiser)",
+        "",
+        "`.venv/bin/python -m benchmarks.centralised`: the pre-activation ResNet-20 trained on all training images "
+        "of a dataset at once, SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 256, no autoencoder; test "
+        "accuracy (%) after the epochs shown. A check that the model, data and evaluation learn, and how many SGD "
+        "steps that takes; not a federated result.",
+        "",
+        "| dataset | training images | majority share | test accuracy by epoch (SGD steps) | best | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dataset, result in sorted(centralised.items()):
+        points = result["points"]
+        curve = ", ".join(f"{p['epoch']} ({p['steps']}): {100 * p['acc']:.1f}" for p in points)
+        best = max(points, key=lambda p: p["acc"])
+        share = result.get("majority_share")
+        lines.append(
+            f"| {dataset} | {result['train_samples']} | {'—' if share is None else f'{100 * share:.2f}'} | {curve} "
+            f"| {100 * best['acc']:.2f} (epoch {best['epoch']}) | {result['seconds']:.0f} |"
+        )
+    return lines
+
+
+def render(
+    runs: list[Run],
+    unfinished: list[str],
+    figure_list: list[tuple[str, Path]],
+    out: Path,
+    notes: str,
+    centralised: dict[str, Any] | None = None,
+) -> str:
     groups = cells(runs)
     lines = [
         "# Benchmark results",
@@ -485,6 +517,8 @@ def render(runs: list[Run], unfinished: list[str], figure_list: list[tuple[str, 
         *gamma_table(groups),
         "",
     ]
+    if centralised:
+        lines += [*centralised_table(centralised), ""]
     if figure_list:
         lines += ["## Figures", ""]
         for caption, path in figure_list:
@@ -502,12 +536,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figures", default=str(DEFAULT_FIGURES))
     p.add_argument("--notes", default="", help="a Markdown file whose text goes below the introduction")
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument(
+        "--centralised", default=str(DEFAULT_OUT.parent / "centralised.json"), help="benchmarks/centralised.py's output"
+    )
     args = p.parse_args(argv)
     runs, unfinished = load_runs(Path(args.results_dir))
     out = Path(args.out).resolve()
     figure_list = [] if args.no_figures or not runs else figures(cells(runs), Path(args.figures).resolve())
     notes = Path(args.notes).read_text() if args.notes else ""
-    out.write_text(render(runs, unfinished, figure_list, out, notes))
+    centralised_file = Path(args.centralised)
+    centralised = json.loads(centralised_file.read_text()) if centralised_file.exists() else None
+    out.write_text(render(runs, unfinished, figure_list, out, notes, centralised))
     print(f"{out}: {len(runs)} runs, {len(unfinished)} unfinished, {len(figure_list)} figures")
     return 0
 

@@ -146,6 +146,17 @@ def test_report_tables_from_runs(tmp_path):
     assert cells[10] == "-2.00"  # decoupled (seed 0 only) - FedAvg
     assert cells[11:] == ["81.61", "80.25", "+1.36"]
     assert "FusedSpaceFed (decoupled)" in text
+    assert "Centralised reference" not in text
+    pooled = {
+        "breastmnist": {
+            "train_samples": 546,
+            "majority_share": 0.7308,
+            "seconds": 12.0,
+            "points": [{"epoch": 10, "steps": 30, "acc": 0.75}, {"epoch": 20, "steps": 60, "acc": 0.8269}],
+        }
+    }
+    text = report.render(runs, unfinished, [], out, "", pooled)
+    assert "| breastmnist | 546 | 73.08 | 10 (30): 75.0, 20 (60): 82.7 | 82.69 (epoch 20) | 12 |" in text
 
 
 def test_performance_report_keeps_one_overhead_measurement_per_dataset():

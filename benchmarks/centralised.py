@@ -1,0 +1,104 @@
+"""A centralised reference: the same classifier and optimiser on the pooled training data.
+
+    .venv/bin/python -m benchmarks.centralised --datasets breastmnist,retinamnist --epochs 60
+
+Why: when every federated method stays at the majority-class accuracy after few rounds, this
+shows whether the model, data pipeline and evaluation can learn at all, and how many SGD steps
+that takes at the protocol's batch size and learning rate. Writes benchmarks/centralised.json,
+which `benchmarks.report` turns into a table in RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "medmnist"
+OUT = ROOT / "benchmarks" / "centralised.json"
+
+
+def train_pooled(dataset: str, data_root: str, epochs: int, every: int, seed: int, cfg: dict[str, Any]) -> dict:
+    """Train the pre-activation ResNet-20 on all training images; test accuracy every `every` epochs."""
+    import torch
+
+    from client_app.evaluation import evaluate_split
+    from client_app.site_data import to_tensors
+    from client_app.training import classification_loss
+    from models import build_model
+    from partitions.medmnist_data import dataset_spec, load_medmnist
+
+    torch.set_num_threads(1)
+    spec = dataset_spec(dataset)
+    data = load_medmnist(dataset, data_root, spec.image_size, download=False)
+    train, test = (to_tensors(data[s], spec.multi_label) for s in ("train", "test"))
+    torch.manual_seed(seed)
+    model = build_model(
+        fused=False, in_channels=spec.channels, num_classes=spec.num_classes, image_size=spec.image_size
+    )
+    optimiser = torch.optim.SGD(
+        model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"]
+    )
+    loss_fn = classification_loss(spec.multi_label)
+    generator = torch.Generator().manual_seed(seed)
+    points, steps, started = [], 0, time.time()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        for x, y in train.batches(cfg["batch_size"], generator):
+            optimiser.zero_grad()
+            loss = loss_fn(model(x), y if spec.multi_label else y.view(-1))
+            loss.backward()
+            optimiser.step()
+            steps += 1
+        if epoch % every == 0 or epoch == epochs:
+            scores = evaluate_split(model, test, spec.task, torch.device("cpu"))
+            points.append({"epoch": epoch, "steps": steps, **scores})
+            print(f"{dataset} epoch {epoch} ({steps} steps): test acc {100 * scores['acc']:.2f} %", flush=True)
+    majority = float(max(test.labels.view(-1).bincount()) / len(test)) if not spec.multi_label else None
+    return {
+        "train_samples": len(train),
+        "points": points,
+        "majority_share": majority,
+        "seconds": time.time() - started,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default="breastmnist,retinamnist")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--every", type=int, default=10, help="evaluate on the test split every N epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=str(DATA))
+    args = p.parse_args(argv)
+    if args.epochs < 1 or args.every < 1:
+        raise SystemExit("--epochs and --every must be at least 1")
+    sys.path.insert(0, str(ROOT))
+    # the protocol's optimiser (method.md section 2): the project defaults
+    from core.config import RunConfig
+    from core.files import atomic_write_bytes
+
+    defaults = RunConfig()
+    cfg = {
+        "lr": defaults.lr,
+        "momentum": defaults.momentum,
+        "weight_decay": defaults.weight_decay,
+        "batch_size": defaults.batch_size,
+    }
+    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    for dataset in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+        results[dataset] = {
+            "config": {**cfg, "epochs": args.epochs, "seed": args.seed},
+            **train_pooled(dataset, args.data_root, args.epochs, args.every, args.seed, cfg),
+        }
+        atomic_write_bytes(OUT, (json.dumps(results, indent=2) + "\n").encode())
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
