@@ -208,3 +208,15 @@ def test_performance_report_keeps_one_overhead_measurement_per_dataset():
 class _PerfArgs:
     def __init__(self, dataset: str) -> None:
         self.dataset, self.method, self.rounds, self.data_root = dataset, "fedavg", 4, "/data"
+
+
+def test_the_committed_grid_covers_the_tables_results_md_promises():
+    args = sweep.build_parser().parse_args(["--grid", str(Path(sweep.ROOT) / "benchmarks" / "grid.toml")])
+    runs = sweep.all_runs(sweep.load_plans(args))
+    cells = {(r.dataset, r.partition, r.name.split("-" + r.dataset)[0]) for r in runs}
+    methods = {"fusedspacefed", "fusedspacefed-decoupled", "fedavg", "fedprox", "scaffold", "fedbn"}
+    for dataset in ("bloodmnist", "pneumoniamnist", "retinamnist", "breastmnist"):
+        assert {m for d, p, m in cells if d == dataset and p == "dirichlet-equal"} == methods, dataset
+    for dataset in ("bloodmnist", "retinamnist"):
+        assert {m for d, p, m in cells if d == dataset and p == "pathological"} == methods, dataset
+    assert all(r.alpha > 0 and r.rounds >= 1 for r in runs)
