@@ -462,8 +462,8 @@ def render(data: dict[str, Any]) -> str:
         else f"- CPU: {m['cpu']}, {m['logical_cores']} cores; RAM {m['ram_gib']} GiB; GPU {m['gpu']}",
         f"- Python {m['python']}, torch {m['torch']}, flwr {m['flwr']}, ray {m['ray']}",
         f"- Load average when the measurement started: {', '.join(f'{x:.1f}' for x in m['load_average'])} "
-        "(the machine is shared with other engineers' jobs and this session's own benchmark sweep, so absolute "
-        "seconds are noisy; the ratio compares two measurements taken back to back under the same conditions).",
+        "(the machine is shared with other jobs at times, so absolute seconds are noisy; each measurement below "
+        "gives its own load average, and a ratio compares two runs taken back to back).",
         "",
     ]
     runs = overheads(data)
