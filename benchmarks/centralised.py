@@ -28,7 +28,7 @@ def train_pooled(dataset: str, data_root: str, epochs: int, every: int, seed: in
 
     from client_app.evaluation import evaluate_split
     from client_app.site_data import to_tensors
-    from client_app.training import classification_loss
+    from client_app.training import classification_loss, run_epochs
     from models import build_model
     from partitions.medmnist_data import dataset_spec, load_medmnist
 
@@ -45,17 +45,21 @@ def train_pooled(dataset: str, data_root: str, epochs: int, every: int, seed: in
     )
     loss_fn = classification_loss(spec.multi_label)
     generator = torch.Generator().manual_seed(seed)
+    cpu = torch.device("cpu")
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        optimiser.zero_grad()
+        loss = loss_fn(model(x), y if spec.multi_label else y.view(-1))
+        loss.backward()
+        optimiser.step()
+        return float(loss)
+
     points, steps, started = [], 0, time.time()
     for epoch in range(1, epochs + 1):
         model.train()
-        for x, y in train.batches(cfg["batch_size"], generator):
-            optimiser.zero_grad()
-            loss = loss_fn(model(x), y if spec.multi_label else y.view(-1))
-            loss.backward()
-            optimiser.step()
-            steps += 1
+        steps += run_epochs(train, 1, cfg["batch_size"], cpu, generator, step)[1]
         if epoch % every == 0 or epoch == epochs:
-            scores = evaluate_split(model, test, spec.task, torch.device("cpu"))
+            scores = evaluate_split(model, test, spec.task, cpu)
             points.append({"epoch": epoch, "steps": steps, **scores})
             print(f"{dataset} epoch {epoch} ({steps} steps): test acc {100 * scores['acc']:.2f} %", flush=True)
     majority = float(max(test.labels.view(-1).bincount()) / len(test)) if not spec.multi_label else None
