@@ -440,14 +440,6 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
 # -- the file ------------------------------------------------------------------------------
 
 
-def overheads(data: dict[str, Any]) -> dict[str, Any]:
-    """The overhead measurements by dataset (older reports held a single `overhead`)."""
-    runs = dict(data.get("overheads", {}))
-    if "overhead" in data:
-        runs.setdefault(data["overhead"]["config"]["dataset"], data["overhead"])
-    return runs
-
-
 def render(data: dict[str, Any]) -> str:
     m = data["machine"]
     lines = [
@@ -466,7 +458,7 @@ def render(data: dict[str, Any]) -> str:
         "gives its own load average, and a ratio compares two runs taken back to back).",
         "",
     ]
-    runs = overheads(data)
+    runs = data.get("overheads", {})
     if runs:
         lines += [
             "## (a) Flower simulation vs a plain PyTorch loop",
@@ -615,8 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         data["machine"] = machine()
         if args.only in (None, "overhead"):
             result = overhead(args)
-            data["overheads"] = {**overheads(data), args.dataset: result}
-            data.pop("overhead", None)
+            data.setdefault("overheads", {})[args.dataset] = result
             print(f"overhead on {args.dataset}: CPU ratio {result['cpu_ratio']:.2f}, wall ratio {result['ratio']:.2f}")
         if args.only == "profile":
             data["profile"] = profile(args, overhead_config(args))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -76,6 +77,4 @@ def simulate_with_recorder(overrides: dict, recorder, log_path: Path, num_supern
         num_supernodes=num_supernodes,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
     )
-    import json
-
     return [json.loads(line) for line in log_path.read_text().splitlines()]
