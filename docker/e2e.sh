@@ -25,7 +25,11 @@
 #   E2E_DATASET [breastmnist]   E2E_ROUNDS [2]
 #   E2E_TORCH_SPEC [torch==2.13.0+cpu]  what pip installs for PyTorch (a CPU wheel that
 #               pip finds through PIP_FIND_LINKS or the index; torchvision is left out)
-#   E2E_FLWR_VERSION [1.41.0]   E2E_DEBIAN_MIRROR [http://deb.debian.org/debian]
+#   E2E_FLWR_VERSION [the flwr==X.Y.Z pin in pyproject.toml, read at run time]
+#   E2E_DEBIAN_MIRROR [the host's apt configuration: the URI of the first `deb` entry for
+#               suite bookworm (or, on a Debian host, the host's own suite) in
+#               /etc/apt/sources.list, /etc/apt/sources.list.d/*.list or the URIs: of
+#               /etc/apt/sources.list.d/*.sources; only read when debootstrap runs]
 #   E2E_RUN_TIMEOUT [1500]      seconds the run may take before the script gives up
 #   E2E_CPU_WEIGHT [8]          on cgroup v1 hosts, the engine's cgroup gets the CPU weight
 #               of this many processes (see step 5; restored at the end)
@@ -37,11 +41,29 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 run_id="fsf-e2e-$$"
 cache="${E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fusedspacefed-docker-e2e}"
-flwr_version="${E2E_FLWR_VERSION:-1.41.0}"
+# the one exact Flower version: pyproject.toml's flwr==X.Y.Z (tests/test_versions.py keeps
+# the Dockerfiles, compose files and docs equal to it)
+pinned_flwr() {
+  python3 - "$root/pyproject.toml" <<'PY'
+import re, sys
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+with open(sys.argv[1], "rb") as f:
+    deps = tomllib.load(f)["project"]["dependencies"]
+pin = re.compile(r"\s*flwr\s*(?:\[[^\]]*\])?\s*==\s*(\d+\.\d+\.\d+)\s*(?:;.*)?")
+pins = [m.group(1) for d in deps if (m := pin.fullmatch(d))]
+if len(pins) != 1:
+    sys.exit(f"[e2e] FAILED: {sys.argv[1]} must pin flwr exactly once (flwr[...]==X.Y.Z); dependencies: {deps}")
+print(pins[0])
+PY
+}
+flwr_version="${E2E_FLWR_VERSION:-$(pinned_flwr)}"
 torch_spec="${E2E_TORCH_SPEC:-torch==2.13.0+cpu}"
 dataset="${E2E_DATASET:-breastmnist}"
 rounds="${E2E_ROUNDS:-2}"
-mirror="${E2E_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+suite=bookworm  # the root file system's Debian release
 num_sites=3
 if [[ -n "${E2E_DATA_SOURCE:-}" ]]; then data_source="$E2E_DATA_SOURCE"
 elif [[ -f "$root/../shared/data/medmnist/$dataset.npz" ]]; then data_source="$root/../shared/data/medmnist"
@@ -122,12 +144,86 @@ fi
 "${compose[@]}" version
 
 # -- 2. base root file system (debootstrap) -------------------------------------------
+# The Debian mirror debootstrap downloads from: the host's own, from its apt configuration
+# (one-line *.list entries and deb822 *.sources stanzas, in the order apt reads them).
+# The first `deb` entry whose suite is $suite, or on a Debian host the host's suite (its
+# mirror serves every Debian release), wins; -updates/-security suites do not count.
+host_debian_mirror() {
+  python3 - "$suite" <<'PY'
+import glob, os, re, sys
+
+target = sys.argv[1]
+osr = {}
+if os.path.isfile("/etc/os-release"):
+    for line in open("/etc/os-release"):
+        k, sep, v = line.strip().partition("=")
+        if sep:
+            osr[k] = v.strip('"')
+suites = {target}
+if osr.get("ID") == "debian" and osr.get("VERSION_CODENAME"):
+    suites.add(osr["VERSION_CODENAME"])
+lists = ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list"))
+sources = sorted(glob.glob("/etc/apt/sources.list.d/*.sources"))
+usable = re.compile(r"(https?|ftp|file):/")
+
+
+def one_line(text):
+    for line in text.splitlines():
+        tokens = line.split("#", 1)[0].split()
+        if not tokens or tokens[0] != "deb":
+            continue
+        tokens = tokens[1:]
+        if tokens and tokens[0].startswith("["):  # [ option=value ... ]
+            while tokens and not tokens[0].endswith("]"):
+                tokens.pop(0)
+            tokens = tokens[1:]
+        if len(tokens) >= 2:
+            yield tokens[0], [tokens[1]]
+
+
+def deb822(text):
+    for stanza in re.split(r"\n[ \t]*\n", text):
+        fields, key = {}, None
+        for line in stanza.splitlines():
+            if line.startswith("#"):
+                continue
+            if line[:1] in (" ", "\t") and key:
+                fields[key] += " " + line.strip()
+                continue
+            k, sep, v = line.partition(":")
+            if sep:
+                key = k.strip().lower()
+                fields[key] = v.strip()
+        if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes").lower() != "no":
+            for uri in fields.get("uris", "").split():
+                yield uri, fields.get("suites", "").split()
+
+
+entries = []
+for path, parse in [(p, one_line) for p in lists] + [(p, deb822) for p in sources]:
+    if os.path.isfile(path):
+        entries += [(path, uri, s) for uri, s in parse(open(path, errors="replace").read())]
+for path, uri, entry_suites in entries:
+    if usable.match(uri) and suites & set(entry_suites):
+        print(uri.rstrip("/"))
+        print(f"Debian mirror from {path}: {uri}", file=sys.stderr)
+        sys.exit(0)
+sys.exit(
+    f"[e2e] FAILED: no Debian mirror in the host's apt configuration: looked for a `deb` entry "
+    f"(http, https, ftp or file URI) for suite {' or '.join(sorted(suites))} in /etc/apt/sources.list, "
+    f"/etc/apt/sources.list.d/*.list (deb lines) and /etc/apt/sources.list.d/*.sources (Types: deb, "
+    f"URIs:, Suites:); found {len(entries)} deb entries, none for that suite. Set E2E_DEBIAN_MIRROR."
+)
+PY
+}
 log "2/7 Debian root file system"
 rootfs_tar="$cache/debian-bookworm-python3.tar"
 if [[ ! -s "$rootfs_tar" ]]; then
+  mirror="${E2E_DEBIAN_MIRROR:-}"
+  [[ -n "$mirror" ]] || mirror="$(host_debian_mirror)" || die "no Debian mirror for debootstrap (see above)"
   command -v debootstrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-    bookworm "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log"; die "debootstrap failed"; }
+    "$suite" "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log"; die "debootstrap failed"; }
   rm -rf "$work/rootfs/var/cache/apt/archives/"*.deb "$work/rootfs/var/lib/apt/lists/"*
   tar -C "$work/rootfs" -cf "$rootfs_tar.tmp" . && mv "$rootfs_tar.tmp" "$rootfs_tar"
   rm -rf "$work/rootfs"

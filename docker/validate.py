@@ -199,18 +199,8 @@ def _order():
         assert services[name]["depends_on"]["superlink"]["condition"] == "service_healthy", name
 
 
-@check("compose.yml: images default to Flower's official ones for the pinned version")
-def _images():
-    assert services["superlink"]["image"] == "${SUPERLINK_IMAGE:-flwr/superlink:${FLWR_VERSION:-1.41.0}}"
-    assert services["supernode-0"]["image"] == "${SUPERNODE_IMAGE:-flwr/supernode:${FLWR_VERSION:-1.41.0}}"
-    args = services["serverapp"]["build"]["args"]
-    assert args["BASE_IMAGE"] == "${SUPEREXEC_BASE_IMAGE:-flwr/superexec:${FLWR_VERSION:-1.41.0}}"
-    text = (HERE / "Dockerfile").read_text()
-    assert re.search(r"^ARG BASE_IMAGE=flwr/superexec:1\.41\.0$", text, re.M), "Dockerfile: default BASE_IMAGE"
-
-
-@check("Dockerfile's Flower version is admitted by pyproject.toml's flwr requirement")
-def _flwr_pin():
+def pinned_flwr() -> str:
+    """The one exact Flower version: pyproject.toml's `flwr[...]==X.Y.Z`."""
     try:
         import tomllib
     except ModuleNotFoundError:
@@ -219,8 +209,29 @@ def _flwr_pin():
 
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     flwr = next(Requirement(d) for d in deps if Requirement(d).name == "flwr")
-    version = re.search(r"^ARG BASE_IMAGE=flwr/superexec:(\S+)$", (HERE / "Dockerfile").read_text(), re.M).group(1)
-    assert flwr.specifier.contains(version), f"flwr {version} not in {flwr.specifier}"
+    (spec,) = flwr.specifier
+    assert spec.operator == "==", f"pyproject.toml must pin flwr exactly (flwr==X.Y.Z), not {flwr.specifier}"
+    return spec.version
+
+
+@check("compose.yml: images default to Flower's official ones for the pinned version")
+def _images():
+    v = pinned_flwr()
+    assert services["superlink"]["image"] == f"${{SUPERLINK_IMAGE:-flwr/superlink:${{FLWR_VERSION:-{v}}}}}"
+    assert services["supernode-0"]["image"] == f"${{SUPERNODE_IMAGE:-flwr/supernode:${{FLWR_VERSION:-{v}}}}}"
+    args = services["serverapp"]["build"]["args"]
+    assert args["BASE_IMAGE"] == f"${{SUPEREXEC_BASE_IMAGE:-flwr/superexec:${{FLWR_VERSION:-{v}}}}}"
+
+
+@check("Dockerfile's Flower version is pyproject.toml's exact flwr pin")
+def _flwr_pin():
+    version = pinned_flwr()
+    text = (HERE / "Dockerfile").read_text()
+    found = re.search(r"^ARG BASE_IMAGE=flwr/superexec:(\S+)$", text, re.M)
+    assert found, "Dockerfile: no default BASE_IMAGE"
+    assert found.group(1) == version, (
+        f"Dockerfile's BASE_IMAGE has flwr {found.group(1)}, pyproject.toml pins {version}"
+    )
 
 
 @check("compose.gpu.yml: overrides only existing services; NVIDIA devices on every SuperExec")
