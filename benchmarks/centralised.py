@@ -26,11 +26,11 @@ def train_pooled(dataset: str, data_root: str, epochs: int, every: int, seed: in
     """Train the pre-activation ResNet-20 on all training images; test accuracy every `every` epochs."""
     import torch
 
-    from client_app.evaluation import evaluate_split
-    from client_app.site_data import to_tensors
     from client_app.training import classification_loss, run_epochs
     from models import build_model
+    from models.evaluation import evaluate_split
     from partitions.medmnist_data import dataset_spec, load_medmnist
+    from partitions.sites import to_tensors
 
     torch.set_num_threads(1)
     spec = dataset_spec(dataset)

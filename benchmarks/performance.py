@@ -6,7 +6,7 @@
 (a) Overhead: seconds per round of the Flower simulation (Ray backend, one process, as
     `benchmarks/sweep.py` runs it) against the same local training in a plain single-process
     PyTorch loop that calls the project's own trainer and data code (client_app.trainers,
-    client_app.site_data) with no Flower: same sites, epochs, batch size, model, method,
+    partitions.sites) with no Flower: same sites, epochs, batch size, model, method,
     seed. Evaluation is off in both for the measured rounds (eval-every beyond them) and Gamma
     is off in both. Steady-state rounds only: the first round (data loading, Ray actors
     starting) and the last (Flower always evaluates after the last round) are excluded.
@@ -178,10 +178,12 @@ def plain_rounds(cfg: dict[str, Any], sites: int, threads: int) -> dict[str, Any
     import torch
     from flwr.app import RecordDict
 
-    from client_app.site_data import simulation_site_data
     from client_app.trainers import LocalRound, trainer_for
     from core.config import RunConfig
+    from core.methods import contract_for
+    from core.seeds import round_seed, site_init_seed
     from models import build_run_model
+    from partitions.sites import simulation_site_data
 
     torch.set_num_threads(threads)
     rc = RunConfig.from_mapping({k: v for k, v in cfg.items() if k not in ("results-dir", "run-name")})
@@ -191,11 +193,11 @@ def plain_rounds(cfg: dict[str, Any], sites: int, threads: int) -> dict[str, Any
     trainer = trainer_for(rc.method)
 
     def fresh(site_id: int):
-        return build_run_model(rc, data[site_id].spec, seed=rc.seed * 7919 + site_id)
+        return build_run_model(rc, data[site_id].spec, seed=site_init_seed(rc.seed, site_id))
 
     torch.manual_seed(rc.seed)
     template = fresh(0)
-    keys = trainer.shared_keys(template)
+    keys = contract_for(rc.method).shared_keys(template)
     global_state = {k: v.clone() for k, v in template.state_dict().items() if k in keys}
     private: dict[int, dict[str, torch.Tensor]] = {}
     seconds, cpu_seconds = [], []
@@ -205,7 +207,7 @@ def plain_rounds(cfg: dict[str, Any], sites: int, threads: int) -> dict[str, Any
         for site_id in range(sites):
             model = fresh(site_id)
             model.load_state_dict({**model.state_dict(), **private.get(site_id, {}), **global_state})
-            gen = torch.Generator().manual_seed(rc.seed * 1_000_003 + server_round * 1009 + site_id * 17)
+            gen = torch.Generator().manual_seed(round_seed(rc.seed, server_round, site_id))
             job = LocalRound(
                 cfg=rc,
                 data=data[site_id],
@@ -311,6 +313,7 @@ def profiling_client_app(log_path: str):
 
     import client_app.app as client
     from client_app import state as state_module
+    from client_app.trainers import trainer_for
 
     def store() -> dict[str, float]:
         # one dict per actor process: the app (and these closures) may be unpickled per message
@@ -335,7 +338,7 @@ def profiling_client_app(log_path: str):
     def timer(msg, ctx, call_next):
         timed(client.Site, "__init__", "site_setup")
         timed(state_module.PrivateState, "save", "state_save")
-        for trainer_cls in {type(client.trainer_for(m)) for m in ("fedavg", "fusedspacefed")}:
+        for trainer_cls in {type(trainer_for(m)) for m in ("fedavg", "fusedspacefed")}:
             timed(trainer_cls, "train", "local_training")
         parts = store()
         parts.clear()
@@ -489,7 +492,7 @@ def render(data: dict[str, Any]) -> str:
             f"{o.get('cores', m['logical_cores'])} CPUs per site, so one Ray actor trains the sites one after "
             "another, as the plain loop does; `num-threads = 1` and OMP_NUM_THREADS=1.",
             "- Plain loop: one process, the sites one after another, 1 torch thread, the project's trainer "
-            "(`client_app.trainers`) and data (`client_app.site_data`); a fresh model per site per round loaded "
+            "(`client_app.trainers`) and data (`partitions.sites`); a fresh model per site per round loaded "
             "with the global and private arrays, example-weighted averaging of the shared arrays, as the server does.",
             "- Seconds per round are the median of the steady-state rounds (2 .. R-1): round 1 includes data "
             "loading and actor start-up, and Flower always evaluates after the last round.",

@@ -1,12 +1,20 @@
-"""The ClientApp: one site's round (train) and its evaluation.
+"""The ClientApp: one site's round, in one message where the method allows.
 
-Only the shared parts of the model (and, where a method defines them, the updates it
-sends) go into a reply; everything else is private state that stays on the site.
+A train message carries the global model of the previous round. The site first
+evaluates that model (with its own private parts) when the server asks, then trains
+on it, saves its private state and replies with the shared arrays only (the method
+contract says which), its training metrics and that evaluation. An evaluate message
+(after the last round, or for a site not sampled to train) only evaluates.
+
+What leaves a site: the shared arrays, metrics, the records its method's contract
+names (SCAFFOLD's dc_i) and, only when `measure-gamma` is on and the site allows it
+(simulated sites always; a deployed site with `allow-gradients = true` in its own
+node config), classifier gradients on one batch for Gamma.
 """
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -14,18 +22,39 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from client_app.evaluation import evaluate_split
-from client_app.site_data import site_data_for
-from client_app.state import PrivateState, state_digest
-from client_app.trainers import LocalRound, Trainer, trainer_for
+from client_app.state import PrivateArrays, PrivateState
+from client_app.trainers import LocalRound, Trainer
 from client_app.training import classification_loss, classifier_gradient
 from core.config import RunConfig
 from core.device import resolve_device, set_threads
+from core.methods import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    EVALUATE_KEY,
+    EVALUATION_RECORD,
+    GRADIENTS_RECORD,
+    MESSAGE_KEYS,
+    METRICS_RECORD,
+    RESTORED_KEY,
+    ROUND_KEY,
+    SITE_ID_KEY,
+    SPLITS_KEY,
+    WEIGHT_KEY,
+    MethodContract,
+    contract_for,
+)
+from core.seeds import BATCH_ORDER, GAMMA_BATCH, round_seed, site_init_seed
 from models import SiteModel, build_run_model
+from models.evaluation import evaluate_split
+from partitions.sites import SiteData, site_data_for
 
-EXTRA_PREFIX = "extra:"  # private non-model arrays (e.g. SCAFFOLD's c_i) in the state file
+ALLOW_GRADIENTS = "allow-gradients"  # node config of a deployed site: opt in to sending gradients
 
 app = ClientApp()
+
+
+def _flag(value: object) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes")
 
 
 class Site:
@@ -33,10 +62,16 @@ class Site:
 
     def __init__(self, content: RecordDict, context: Context, phase: str = "train") -> None:
         self.phase = phase  # "train" starts from the state of an earlier round, "evaluate" from this round's
-        values = {k: v for k, v in content["config"].items() if k != "server-round"}
-        self.cfg = RunConfig.from_mapping(values)
-        self.server_round = int(content["config"].get("server-round", 0))
+        config = content[CONFIG_RECORD]
+        self.cfg = RunConfig.from_mapping({k: v for k, v in config.items() if k not in MESSAGE_KEYS})
+        self.server_round = int(config.get(ROUND_KEY, 0))
+        self.evaluate_received = _flag(config.get(EVALUATE_KEY, False))
+        self.evaluate_splits = str(config.get(SPLITS_KEY, "all"))
+        self.contract: MethodContract = contract_for(self.cfg.method)
         node = context.node_config
+        self.deployed = bool(str(node.get("data-path", "") or ""))
+        self.allows_gradients = not self.deployed or _flag(node.get(ALLOW_GRADIENTS, False))
+        self.data: SiteData
         self.data, meta = site_data_for(self.cfg, node)
         self.site_id = int(node.get("partition-id", meta.get("site", 0)))
         self.num_sites = int(node.get("num-partitions", meta.get("num_sites", 1)))
@@ -45,21 +80,20 @@ class Site:
         self.state = PrivateState(context.state, state_dir, self.cfg.run_name, self.name, self.cfg.keep_checkpoints)
         set_threads(self.cfg.num_threads)
         self.device = resolve_device(self.cfg.device)
-        self.trainer: Trainer = trainer_for(self.cfg.method)
-        self.model = self._build_model(content["arrays"])
+        self.model = self._build_model(content[ARRAYS_RECORD])
 
     def _build_model(self, global_arrays: ArrayRecord) -> SiteModel:
-        # seeded per site, so that private parts (a fresh encoder) differ between sites
-        model = build_run_model(self.cfg, self.data.spec, seed=self.cfg.seed * 7919 + self.site_id)
-        shared = set(self.trainer.shared_keys(model))
+        model = build_run_model(self.cfg, self.data.spec, seed=site_init_seed(self.cfg.seed, self.site_id))
+        self.shared_keys = self.contract.shared_keys(model)
         incoming = global_arrays.to_torch_state_dict()
-        if set(incoming) != shared:
+        if set(incoming) != set(self.shared_keys):
             raise ValueError(
-                f"the server sent keys that differ from this method's shared set "
-                f"(missing {sorted(shared - set(incoming))[:5]}, unexpected {sorted(set(incoming) - shared)[:5]})"
+                f"the server sent keys that differ from this method's shared set (missing "
+                f"{sorted(set(self.shared_keys) - set(incoming))[:5]}, unexpected "
+                f"{sorted(set(incoming) - set(self.shared_keys))[:5]})"
             )
         before = (self.server_round + (self.phase == "evaluate")) if self.server_round else None
-        saved = self.state.load(before_round=before) or {}
+        saved = self.state.load(before_round=before) or PrivateArrays()
         if self.state.source not in ("", "memory"):
             log(
                 INFO,
@@ -67,31 +101,28 @@ class Site:
                 self.name,
                 self.state.loaded_round,
                 self.state.source,
-                state_digest(saved),
+                saved.digest(),
             )
-        self.extras = {k[len(EXTRA_PREFIX) :]: v for k, v in saved.items() if k.startswith(EXTRA_PREFIX)}
-        private_model = {k: v for k, v in saved.items() if not k.startswith(EXTRA_PREFIX)}
+        self.extras = saved.extras
         self.restored = bool(saved)
-        model.load_state_dict({**model.state_dict(), **private_model, **incoming})
+        model.load_state_dict({**model.state_dict(), **saved.model, **incoming})
         return model.to(self.device)
 
-    def private_arrays(self, extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        shared = set(self.trainer.shared_keys(self.model))
-        private = {k: v for k, v in self.model.state_dict().items() if k not in shared}
-        return {**private, **{EXTRA_PREFIX + k: v for k, v in extras.items()}}
+    def private_arrays(self, extras: dict[str, torch.Tensor]) -> PrivateArrays:
+        shared = set(self.shared_keys)
+        return PrivateArrays({k: v for k, v in self.model.state_dict().items() if k not in shared}, extras)
 
     def shared_arrays(self) -> ArrayRecord:
         state = self.model.state_dict()
-        return ArrayRecord({k: state[k].detach().cpu() for k in self.trainer.shared_keys(self.model)})
+        return ArrayRecord({k: state[k].detach().cpu() for k in self.shared_keys})
 
     def generator(self, purpose: int) -> torch.Generator:
-        seed = (self.cfg.seed * 1_000_003 + self.server_round * 1009 + self.site_id * 17 + purpose) % 2**63
-        return torch.Generator().manual_seed(seed)
+        return torch.Generator().manual_seed(round_seed(self.cfg.seed, self.server_round, self.site_id, purpose))
 
     def gradients(self) -> ArrayRecord:
         """Classifier gradients at the current global model on a deterministic batch
         (method.md section 3): on x, and for FusedSpaceFed also on x + D(E_i(x))."""
-        x, y = self.data.train.first(self.cfg.gamma_batch_size, self.generator(purpose=1))
+        x, y = self.data.train.first(self.cfg.gamma_batch_size, self.generator(GAMMA_BATCH))
         x, y = x.to(self.device), y.to(self.device)
         loss_fn = classification_loss(self.data.spec.multi_label)
         grads = {"orig": classifier_gradient(self.model, x, y, loss_fn, fused_input=False)}
@@ -99,31 +130,56 @@ class Site:
             grads["fused"] = classifier_gradient(self.model, x, y, loss_fn, fused_input=True)
         return ArrayRecord(grads)
 
+    def evaluate(self) -> MetricRecord:
+        """The model as it stands (global arrays + this site's private parts) on the site's
+        splits: `local_*` always, `test_*` and `val_*` unless the server evaluates them."""
+        task = self.data.spec.task
+        splits = {"local": self.data.local_test}
+        if self.evaluate_splits == "all":
+            splits.update({"test": self.data.test, "val": self.data.val})
+        metrics: dict[str, float] = {}
+        for prefix, split in splits.items():
+            scores = evaluate_split(self.model, split, task, self.device)
+            metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
+        metrics.update({WEIGHT_KEY: len(self.data.test), SITE_ID_KEY: self.site_id})
+        return MetricRecord(metrics)
+
 
 def train_round(incoming: RecordDict, context: Context) -> RecordDict:
     """One round at this site; returns the reply content (shared arrays and metrics)."""
     site = Site(incoming, context)
     content = RecordDict()
+    if site.evaluate_received:
+        content[EVALUATION_RECORD] = site.evaluate()
     if site.cfg.measure_gamma:
-        content["gradients"] = site.gradients()
+        if site.allows_gradients:
+            content[GRADIENTS_RECORD] = site.gradients()
+        else:
+            log(
+                WARNING,
+                "site %s: measure-gamma is on but this site does not send gradients (set allow-gradients=true in "
+                "its node config to opt in); Gamma is not measured this round",
+                site.name,
+            )
+    trainer: Trainer = site.contract.load_trainer()
     job = LocalRound(
         cfg=site.cfg,
         data=site.data,
         device=site.device,
-        generator=site.generator(purpose=0),
+        generator=site.generator(BATCH_ORDER),
         server_round=site.server_round,
         incoming=incoming,
         extras=site.extras,
     )
-    result = site.trainer.train(site.model, job)
+    result = trainer.train(site.model, job)
     site.state.save(site.private_arrays(result.extras), site.server_round)
-    content["arrays"] = site.shared_arrays()
-    content["metrics"] = MetricRecord(
+    content[ARRAYS_RECORD] = site.shared_arrays()
+    content[METRICS_RECORD] = MetricRecord(
         {
             **result.metrics,
-            "num-examples": len(site.data.train),
-            "site-id": site.site_id,
-            "restored": int(site.restored),
+            WEIGHT_KEY: len(site.data.train),
+            SITE_ID_KEY: site.site_id,
+            RESTORED_KEY: int(site.restored),
         }
     )
     for key, record in (result.outgoing or {}).items():
@@ -134,15 +190,7 @@ def train_round(incoming: RecordDict, context: Context) -> RecordDict:
 def evaluate_round(incoming: RecordDict, context: Context) -> RecordDict:
     """Evaluate the global model (with this site's private parts) on the site's data."""
     site = Site(incoming, context, phase="evaluate")
-    task = site.data.spec.task
-    test = evaluate_split(site.model, site.data.test, task, site.device)
-    val = evaluate_split(site.model, site.data.val, task, site.device)
-    local = evaluate_split(site.model, site.data.local_test, task, site.device)
-    metrics = {f"test_{k}": v for k, v in test.items()}
-    metrics.update({f"val_{k}": v for k, v in val.items()})
-    metrics.update({f"local_{k}": v for k, v in local.items()})
-    metrics.update({"num-examples": len(site.data.test), "site-id": site.site_id})
-    return RecordDict({"metrics": MetricRecord(metrics)})
+    return RecordDict({EVALUATION_RECORD: site.evaluate()})
 
 
 @app.train()

@@ -1,7 +1,9 @@
 """A site's private state: the arrays that never leave it (encoder, control variates).
 
-Kept in `context.state` (fast, lives as long as the run on this node) and on the
-site's disk (survives a SuperNode restart), under `<state-dir>/<run-name>/<site-name>/`.
+Two typed sections: `model` (the private state_dict entries: E_i, FedBN's BatchNorm) and
+`extras` (non-model arrays a trainer keeps, e.g. SCAFFOLD's c_i). Kept in `context.state`
+(fast, lives as long as the run on this node) and on the site's disk (survives a
+SuperNode restart), under `<state-dir>/<run-name>/<site-name>/`.
 Disk writes are atomic (write a temporary file, fsync, rename), so a crash mid-write
 leaves the previous state intact. A file that cannot be read is reported and left in
 place for inspection.
@@ -20,17 +22,61 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from core.files import atomic_write_bytes
+from core.files import atomic_write_bytes, prune_round_files, round_file, round_files
 
-RECORD_KEY = "private-state"
-ROUND_KEY = "private-state-round"  # config record in context.state: the round RECORD_KEY is from
+MODEL_RECORD = "private-model"  # array record in context.state: the private model section
+EXTRAS_RECORD = "private-extras"  # array record in context.state: the extras section
+ROUND_KEY = "private-state-round"  # config record in context.state: the round the sections are from
 FILE_NAME = "private_state.pt"
 HISTORY_DIR = "history"
+FORMAT = 2
+_V1_EXTRA_PREFIX = "extra:"  # format 1 kept extras in the model mapping behind this prefix
+
+
+@dataclass
+class PrivateArrays:
+    """What a site keeps to itself: private model entries and trainer extras."""
+
+    model: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.model or self.extras)
+
+    def cpu(self) -> PrivateArrays:
+        def clean(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.detach().cpu().contiguous() for k, v in d.items()}
+
+        return PrivateArrays(clean(self.model), clean(self.extras))
+
+    def flat(self) -> dict[str, torch.Tensor]:
+        """Both sections in one mapping, extras named `extras/<name>` (for digests and checks)."""
+        return {**self.model, **{f"extras/{k}": v for k, v in self.extras.items()}}
+
+    def digest(self) -> str:
+        return state_digest(self.flat())
+
+
+def node_private_state(node_state: RecordDict) -> PrivateArrays | None:
+    """The private arrays a node holds in memory (`context.state`); None before its first round."""
+    records = node_state.array_records
+    if MODEL_RECORD not in records:
+        return None
+    extras = records[EXTRAS_RECORD].to_torch_state_dict() if EXTRAS_RECORD in records else {}
+    return PrivateArrays(records[MODEL_RECORD].to_torch_state_dict(), extras)
+
+
+def forget_node_state(node_state: RecordDict) -> None:
+    """Drop the in-memory copy, as a SuperNode restart does (the disk copy stays)."""
+    for key in (MODEL_RECORD, EXTRAS_RECORD):
+        if key in node_state.array_records:
+            del node_state[key]
 
 
 class StateError(RuntimeError):
@@ -55,13 +101,25 @@ def state_digest(arrays: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def read_state_file(path: Path) -> tuple[dict[str, torch.Tensor], int]:
-    """(arrays, round) from a state file; StateError (file left in place) if unreadable."""
+def _tensors(value: object, name: str) -> dict[str, torch.Tensor]:
+    if not isinstance(value, dict) or not all(isinstance(v, torch.Tensor) for v in value.values()):
+        raise ValueError(f"{name!r} is not a mapping of tensors")
+    return value
+
+
+def read_state_file(path: Path) -> tuple[PrivateArrays, int]:
+    """(private arrays, round) from a state file; StateError (file left in place) if unreadable.
+    Files of format 1 (one mapping, extras behind a name prefix) are read too."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        arrays = saved["arrays"]
-        if not isinstance(arrays, dict) or not all(isinstance(v, torch.Tensor) for v in arrays.values()):
-            raise ValueError("'arrays' is not a mapping of tensors")
+        if saved.get("format") == FORMAT:
+            arrays = PrivateArrays(_tensors(saved["model"], "model"), _tensors(saved["extras"], "extras"))
+        else:
+            flat = _tensors(saved["arrays"], "arrays")
+            arrays = PrivateArrays(
+                {k: v for k, v in flat.items() if not k.startswith(_V1_EXTRA_PREFIX)},
+                {k[len(_V1_EXTRA_PREFIX) :]: v for k, v in flat.items() if k.startswith(_V1_EXTRA_PREFIX)},
+            )
         server_round = int(saved.get("round", 0))
     except Exception as exc:
         raise StateError(
@@ -82,7 +140,7 @@ class PrivateState:
         self.source = ""  # where the last load came from: "", "memory" or a file path
         self.loaded_round = 0
 
-    def load(self, before_round: int | None = None) -> dict[str, torch.Tensor] | None:
+    def load(self, before_round: int | None = None) -> PrivateArrays | None:
         """The newest saved private arrays from a round before `before_round` (any round
         when None): from memory, else from disk, else None (first participation)."""
         self.source, self.loaded_round = "", 0
@@ -90,11 +148,12 @@ class PrivateState:
         def fits(server_round: int) -> bool:
             return before_round is None or server_round < before_round
 
-        if RECORD_KEY in self.node_state.array_records:
+        in_memory = node_private_state(self.node_state)
+        if in_memory is not None:
             server_round = int(self.node_state.config_records.get(ROUND_KEY, {}).get("round", 0))
             if fits(server_round):
                 self.source, self.loaded_round = "memory", server_round
-                return self.node_state.array_records[RECORD_KEY].to_torch_state_dict()
+                return in_memory
         if not self.path.exists():
             return None
         arrays, server_round = read_state_file(self.path)
@@ -116,26 +175,21 @@ class PrivateState:
 
     def history(self) -> list[tuple[int, Path]]:
         """Kept earlier states as (round, path), oldest first."""
-        found = []
-        for path in (self.dir / HISTORY_DIR).glob("round-*.pt"):
-            try:
-                found.append((int(path.stem.split("-", 1)[1]), path))
-            except ValueError:
-                continue
-        return sorted(found)
+        return round_files(self.dir / HISTORY_DIR)
 
-    def save(self, arrays: dict[str, torch.Tensor], server_round: int) -> None:
+    def save(self, arrays: PrivateArrays, server_round: int) -> None:
         """Keep in memory and write atomically to disk (the previous file goes to history)."""
-        arrays = {k: v.detach().cpu().contiguous() for k, v in arrays.items()}
+        arrays = arrays.cpu()
         self._remember(arrays, server_round)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._archive_current(server_round)
         buffer = io.BytesIO()
-        torch.save({"arrays": arrays, "round": server_round}, buffer)
+        torch.save({"format": FORMAT, "round": server_round, "model": arrays.model, "extras": arrays.extras}, buffer)
         atomic_write_bytes(self.path, buffer.getvalue())
 
-    def _remember(self, arrays: dict[str, torch.Tensor], server_round: int) -> None:
-        self.node_state.array_records[RECORD_KEY] = ArrayRecord(arrays)
+    def _remember(self, arrays: PrivateArrays, server_round: int) -> None:
+        self.node_state.array_records[MODEL_RECORD] = ArrayRecord(arrays.model)
+        self.node_state.array_records[EXTRAS_RECORD] = ArrayRecord(arrays.extras)
         self.node_state.config_records[ROUND_KEY] = ConfigRecord({"round": server_round})
 
     def _archive_current(self, new_round: int) -> None:
@@ -151,7 +205,7 @@ class PrivateState:
         if old_round != new_round:
             history = self.dir / HISTORY_DIR
             history.mkdir(exist_ok=True)
-            target = history / f"round-{old_round:04d}.pt"
+            target = round_file(history, old_round)
             tmp = history / f".tmp-{os.getpid()}-{old_round}.pt"
             tmp.unlink(missing_ok=True)
             try:
@@ -160,10 +214,4 @@ class PrivateState:
                 shutil.copy2(self.path, tmp)
             os.replace(tmp, target)
         # history of rounds at or after the new one belongs to a timeline the server abandoned
-        for server_round, path in self.history():
-            if server_round >= new_round:
-                path.unlink(missing_ok=True)
-        kept = self.history()
-        if self.keep > 0:
-            for _, path in kept[: max(0, len(kept) - self.keep)]:
-                path.unlink(missing_ok=True)
+        prune_round_files(self.dir / HISTORY_DIR, self.keep, after=new_round - 1)

@@ -1,48 +1,14 @@
-"""What every method's local training shares: batches, losses, optimisers, epochs.
-
-Images stay uint8 tensors in memory and are scaled to [0, 1] per batch (no PIL, no
-per-sample Python work), which is what makes CPU simulation affordable.
-"""
+"""What every method's local training shares: losses, optimisers, epochs, gradients."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from core.config import RunConfig
-
-
-@dataclass
-class TensorSplit:
-    """A site's images (uint8, N x C x H x W) and labels (int64 N, or float N x L)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batches(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Shuffled mini-batches when a generator is given, in order otherwise."""
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            yield to_float(self.images[idx]), self.labels[idx]
-
-    def first(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """A deterministic random batch of up to `count` samples."""
-        idx = torch.randperm(len(self), generator=generator)[:count]
-        return to_float(self.images[idx]), self.labels[idx]
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div_(255.0)
+from partitions.tensors import TensorSplit
 
 
 def classification_loss(multi_label: bool) -> nn.Module:

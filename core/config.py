@@ -11,8 +11,11 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-METHODS = ("fusedspacefed", "fedavg", "fedprox", "scaffold", "fedbn")
+from core.methods import METHODS
+
 DEVICES = ("auto", "cpu", "cuda")
+PARTITION_SCHEMES = ("dirichlet-equal", "dirichlet", "pathological", "iid")
+AE_ARCHS = ("bottleneck", "unet")
 
 
 class ConfigError(ValueError):
@@ -44,7 +47,7 @@ class RunConfig:
     task_aware: bool = True
     weighted: bool = True
     proximal_mu: float = 0.01
-    measure_gamma: bool = True
+    measure_gamma: bool = False
     gamma_batch_size: int = 256
     eval_every: int = 1
     seed: int = 0
@@ -56,6 +59,8 @@ class RunConfig:
     round_timeout: float = 3600.0
     resume_from: str = ""
     keep_checkpoints: int = 3
+    track_tensorboard: bool = True
+    track_mlflow: bool = False
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> RunConfig:
@@ -80,11 +85,12 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> None:
-        from partitions.partitioners import SCHEMES
-
         checks = [
-            (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
-            (self.partition in SCHEMES, f"partition must be one of {SCHEMES}, got {self.partition!r}"),
+            (self.method in METHODS, f"method must be one of {tuple(METHODS)}, got {self.method!r}"),
+            (
+                self.partition in PARTITION_SCHEMES,
+                f"partition must be one of {PARTITION_SCHEMES}, got {self.partition!r}",
+            ),
             (self.alpha > 0, f"alpha must be > 0, got {self.alpha}"),
             (self.classes_per_client >= 1, f"classes-per-client must be >= 1, got {self.classes_per_client}"),
             (self.num_server_rounds >= 1, f"num-server-rounds must be >= 1, got {self.num_server_rounds}"),
@@ -97,7 +103,7 @@ class RunConfig:
             (self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay}"),
             (self.lambda_rec >= 0, f"lambda-rec must be >= 0, got {self.lambda_rec}"),
             (self.dz >= 1, f"dz must be >= 1, got {self.dz}"),
-            (self.ae_arch in ("bottleneck", "unet"), f"ae-arch must be 'bottleneck' or 'unet', got {self.ae_arch!r}"),
+            (self.ae_arch in AE_ARCHS, f"ae-arch must be one of {AE_ARCHS}, got {self.ae_arch!r}"),
             (self.proximal_mu >= 0, f"proximal-mu must be >= 0, got {self.proximal_mu}"),
             (self.gamma_batch_size >= 1, f"gamma-batch-size must be >= 1, got {self.gamma_batch_size}"),
             (self.eval_every >= 1, f"eval-every must be >= 1, got {self.eval_every}"),
@@ -113,13 +119,21 @@ class RunConfig:
 
     @property
     def fused(self) -> bool:
-        return self.method == "fusedspacefed"
+        """The model has a private encoder and a shared decoder (FusedSpaceFed)."""
+        return METHODS[self.method].uses_encoder
 
     def default_run_name(self) -> str:
-        spread = f"a{self.alpha:g}" if self.partition.startswith("dirichlet") else f"k{self.classes_per_client}"
-        if self.partition == "iid":
-            spread = "iid"
+        spread = partition_tag(self.partition, self.alpha, self.classes_per_client)
         return f"{self.method}-{self.dataset}-{self.partition}-{spread}-s{self.seed}"
+
+
+def partition_tag(partition: str, alpha: float, classes_per_client: int) -> str:
+    """How skewed a partition is, for run names: `a0.05`, `k2` or `iid`."""
+    if partition.startswith("dirichlet"):
+        return f"a{alpha:g}"
+    if partition == "pathological":
+        return f"k{classes_per_client}"
+    return "iid"
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

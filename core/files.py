@@ -23,3 +23,34 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# -- files numbered by round (server checkpoints, a site's state history) -------------
+
+
+def round_file(folder: Path, server_round: int) -> Path:
+    return Path(folder) / f"round-{server_round:04d}.pt"
+
+
+def round_files(folder: Path) -> list[tuple[int, Path]]:
+    """`round-<N>.pt` files in `folder` as (N, path), oldest first."""
+    found = []
+    for path in Path(folder).glob("round-*.pt"):
+        try:
+            found.append((int(path.stem.split("-", 1)[1]), path))
+        except ValueError:
+            continue
+    return sorted(found)
+
+
+def prune_round_files(folder: Path, keep: int, after: int | None = None) -> None:
+    """Delete the files of rounds after `after` (a timeline that was abandoned when a
+    round ran again), then all but the newest `keep` (0 keeps all)."""
+    if after is not None:
+        for server_round, path in round_files(folder):
+            if server_round > after:
+                path.unlink(missing_ok=True)
+    if keep > 0:
+        kept = round_files(folder)
+        for _, path in kept[: max(0, len(kept) - keep)]:
+            path.unlink(missing_ok=True)

@@ -12,11 +12,12 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from core.config import RunConfig
+from core.methods import CLASSIFIER, DECODER, ENCODER, PARTS
 from models.autoencoders import build_autoencoder
 from models.classifier import PreActResNet20
 
-ENCODER, DECODER, CLASSIFIER = "encoder", "decoder", "classifier"
-PARTS = (ENCODER, DECODER, CLASSIFIER)
+__all__ = ["CLASSIFIER", "DECODER", "ENCODER", "PARTS", "SiteModel", "build_model", "build_run_model", "part_of"]
 
 
 class SiteModel(nn.Module):
@@ -38,6 +39,11 @@ class SiteModel(nn.Module):
         """x_rec = D(E_i(x))."""
         return self.decoder(self.encoder(x))
 
+    def keys_of(self, parts: Iterable[str], *, batchnorm: bool = True) -> list[str]:
+        """State_dict keys of the given parts, with or without BatchNorm layers."""
+        wanted = set(parts)
+        return [k for k in self.state_dict() if part_of(k) in wanted and (batchnorm or not is_batchnorm_key(self, k))]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """logits = C(x + D(E_i(x))) for FusedSpaceFed, C(x) otherwise."""
         if self.fused:
@@ -58,7 +64,7 @@ def build_model(
     return SiteModel(classifier, encoder, decoder)
 
 
-def build_run_model(cfg, spec, seed: int) -> SiteModel:
+def build_run_model(cfg: RunConfig, spec, seed: int) -> SiteModel:
     """The model a run configuration (`core.config.RunConfig`) asks for on a dataset
     (`partitions.medmnist_data.DatasetSpec`), initialised from `seed`."""
     torch.manual_seed(seed)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.metrics import MULTI_LABEL
+
 SPLITS = ("train", "val", "test")
-MULTI_LABEL = "multi-label, binary-class"
 
 
 class DataError(ValueError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SCHEMES = ("dirichlet-equal", "dirichlet", "pathological", "iid")
+from core.config import PARTITION_SCHEMES as SCHEMES
 
 
 class PartitionError(ValueError):

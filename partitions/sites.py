@@ -1,4 +1,4 @@
-"""A site's data, loaded once per process and reused across rounds.
+"""A site's data, for simulated and deployed sites, loaded once per process.
 
 In simulation a site is a partition of a MedMNIST training set (by `partition-id`);
 its evaluation data are the official test and validation splits plus its personalised
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client_app.training import TensorSplit
 from core.config import RunConfig
+from core.seeds import local_shard_seed
 from partitions.medmnist_data import (
     MULTI_LABEL,
     DataError,
@@ -37,6 +37,7 @@ from partitions.medmnist_data import (
 )
 from partitions.partitioners import local_test_indices, partition_indices
 from partitions.split import META_KEY
+from partitions.tensors import TensorSplit
 
 
 @dataclass
@@ -62,7 +63,7 @@ def cached_dataset(name: str, root: str, size: int, download: bool) -> MedMNISTD
 
 
 @lru_cache(maxsize=4)
-def _evaluation_splits(name: str, root: str, size: int, download: bool) -> tuple[TensorSplit, TensorSplit]:
+def evaluation_splits(name: str, root: str, size: int, download: bool) -> tuple[TensorSplit, TensorSplit]:
     data = cached_dataset(name, root, size, download)
     return to_tensors(data["test"], data.spec.multi_label), to_tensors(data["val"], data.spec.multi_label)
 
@@ -91,12 +92,12 @@ def simulation_site_data(cfg: RunConfig, site_id: int, num_sites: int) -> SiteDa
     parts = cached_partition(*partition_key(cfg, num_sites))
     train_idx = parts[site_id]
     multi = data.spec.multi_label
-    test, val = _evaluation_splits(*dataset_key(cfg))
+    test, val = evaluation_splits(*dataset_key(cfg))
     shard = local_test_indices(
         partition_labels(data["test"].labels),
         partition_labels(data["train"].labels)[train_idx],
         num_sites,
-        seed=cfg.seed * 1000 + site_id,
+        seed=local_shard_seed(cfg.seed, site_id),
     )
     return SiteData(
         spec=data.spec,
@@ -185,32 +186,41 @@ def _class_index(folder: str, class_names: list[str], path: Path) -> int:
     )
 
 
-def _read_images(files: list[Path], channels: int, size: int) -> np.ndarray:
+def _read_image(file: str, channels: int, size: int) -> np.ndarray:
+    """One image as uint8 (C, H, W): converted to the dataset's channels, resized to `size`."""
     from PIL import Image
 
-    mode = "L" if channels == 1 else "RGB"
-    out = np.empty((len(files), channels, size, size), dtype=np.uint8)
-    for i, file in enumerate(files):
-        try:
-            with Image.open(file) as img:
-                img = img.convert(mode)
-                if img.size != (size, size):
-                    img = img.resize((size, size), Image.Resampling.BICUBIC)
-                array = np.asarray(img, dtype=np.uint8)
-        except Exception as exc:
-            raise DataError(f"image {file} cannot be read ({type(exc).__name__}: {exc})") from exc
-        out[i] = array[None] if channels == 1 else array.transpose(2, 0, 1)
-    return out
+    try:
+        with Image.open(file) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BICUBIC)
+            array = np.asarray(img, dtype=np.uint8)
+    except Exception as exc:
+        raise DataError(f"image {file} cannot be read ({type(exc).__name__}: {exc})") from exc
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
 def _folder_split(root: Path, class_names: list[str], channels: int, size: int) -> Split:
-    files, labels = [], []
-    for sub in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        label = _class_index(sub.name, class_names, root)
-        found = sorted(f for f in sub.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        files += found
-        labels += [label] * len(found)
-    return Split(images=_read_images(files, channels, size), labels=np.array(labels, dtype=np.int64))
+    """`root/<class>/**/<image>` through torchvision's ImageFolder; a class folder is
+    named by the class index or the class name."""
+    from torchvision.datasets import ImageFolder
+
+    class SiteImageFolder(ImageFolder):
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            subs = sorted(d.name for d in Path(directory).iterdir() if d.is_dir() and not d.name.startswith("."))
+            return subs, {sub: _class_index(sub, class_names, root) for sub in subs}
+
+    folder = SiteImageFolder(
+        str(root),
+        loader=lambda file: _read_image(file, channels, size),
+        is_valid_file=lambda file: file.lower().endswith(IMAGE_SUFFIXES),
+        allow_empty=True,
+    )
+    images = np.empty((len(folder), channels, size, size), dtype=np.uint8)
+    for i in range(len(folder)):
+        images[i] = folder[i][0]
+    return Split(images=images, labels=np.array(folder.targets, dtype=np.int64))
 
 
 def _load_image_folder(path: Path, dataset: str, info: dict, size: int, seed: int) -> SiteFile:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from core.files import atomic_write_bytes
+from core.seeds import VAL_SHARD_OFFSET, local_shard_seed
 from partitions.medmnist_data import DataError, MedMNISTData, load_medmnist, partition_labels
 from partitions.partitioners import SCHEMES, PartitionError, local_test_indices, partition_indices
 from partitions.summary import write_summary
@@ -68,15 +69,19 @@ def site_arrays(
         out[f"{split}_labels"] = np.ascontiguousarray(_labels_column(labels)).astype(np.uint8)
 
     put("train", "train", parts[site])
-    # the simulation's shard seed (client_app/site_data.py simulation_site_data)
-    shard = local_test_indices(partition_labels(data["test"].labels), train_labels, num_sites, seed=seed * 1000 + site)
+    shard = local_test_indices(
+        partition_labels(data["test"].labels), train_labels, num_sites, seed=local_shard_seed(seed, site)
+    )
     if holdout == "shared":
         put("val", "val", None)
         put("test", "test", None)
         put("local_test", "test", shard)
     elif holdout == "local":
         val_shard = local_test_indices(
-            partition_labels(data["val"].labels), train_labels, num_sites, seed=seed * 1000 + site + 500
+            partition_labels(data["val"].labels),
+            train_labels,
+            num_sites,
+            seed=local_shard_seed(seed, site, VAL_SHARD_OFFSET),
         )
         put("val", "val", val_shard)
         put("test", "test", shard)

@@ -3,7 +3,8 @@
 #
 #   pilot/start-supernode.sh --superlink HOST:PORT --ca ca.crt --key SITE.key \
 #       --data-path FILE_OR_FOLDER --site-name NAME --state-dir DIR \
-#       [--dataset FLAG] [--image-size N] [--port PORT] [--retry N] [--retry-wait S] [-- EXTRA...]
+#       [--dataset FLAG] [--image-size N] [--port PORT] [--retry N] [--retry-wait S]
+#       [--allow-gradients] [-- EXTRA...]
 #
 #   --superlink  the SuperLink's address, a name its certificate holds (make-certs.sh)
 #   --ca         the pilot's ca.crt (not the CA key)
@@ -13,6 +14,8 @@
 #   --state-dir  where the site's private encoder (and SCAFFOLD variate) is written each round
 #   --dataset    the run's dataset (default: read from a partitions.split file)
 #   --port       local port for the ClientApp runtime API (default 9094; one per SuperNode)
+#   --allow-gradients  opt this site in to sending classifier gradients when a run sets
+#                measure-gamma = true (off by default: gradients can be inverted to images)
 #   --retry N    restart the SuperNode up to N times when it exits with an error, S seconds
 #                apart (--retry-wait, default 10): after a crash the SuperLink refuses the
 #                node until it has missed its heartbeats (up to 60 s)
@@ -20,6 +23,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 superlink="" ca="" key="" data="" name="" state="" dataset="" size=28 port=9094 retry=0 retry_wait=10
+gradients=false
 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -34,6 +38,7 @@ while [[ $# -gt 0 ]]; do
     --port) port="$2"; shift 2 ;;
     --retry) retry="$2"; shift 2 ;;
     --retry-wait) retry_wait="$2"; shift 2 ;;
+    --allow-gradients) gradients=true; shift ;;
     --) shift; extra=("$@"); break ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -62,7 +67,7 @@ cmd=(
   --root-certificates "$ca"
   --auth-supernode-private-key "$key"
   --port "$port"
-  --node-config "data-path=\"$data\" site-name=\"$name\" state-dir=\"$state\""
+  --node-config "data-path=\"$data\" site-name=\"$name\" state-dir=\"$state\" allow-gradients=$gradients"
   "${extra[@]}"
 )
 if [[ "$retry" -eq 0 ]]; then

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from core.config import ConfigError, RunConfig
-from core.files import atomic_write_bytes
+from core.files import atomic_write_bytes, prune_round_files, round_file, round_files
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -46,6 +46,8 @@ MAY_CHANGE = frozenset(
         "download",
         "results-dir",
         "run-name",
+        "track-tensorboard",
+        "track-mlflow",
     }
 )
 
@@ -70,17 +72,11 @@ def checkpoint_dir(results_dir: str | Path, run_name: str) -> Path:
 
 
 def checkpoint_path(results_dir: str | Path, run_name: str, server_round: int) -> Path:
-    return checkpoint_dir(results_dir, run_name) / f"round-{server_round:04d}.pt"
+    return round_file(checkpoint_dir(results_dir, run_name), server_round)
 
 
 def list_checkpoints(results_dir: str | Path, run_name: str) -> list[tuple[int, Path]]:
-    found = []
-    for path in checkpoint_dir(results_dir, run_name).glob("round-*.pt"):
-        try:
-            found.append((int(path.stem.split("-", 1)[1]), path))
-        except ValueError:
-            continue
-    return sorted(found)
+    return round_files(checkpoint_dir(results_dir, run_name))
 
 
 def write_checkpoint(
@@ -106,13 +102,7 @@ def write_checkpoint(
     path = checkpoint_path(cfg.results_dir, cfg.run_name, server_round)
     atomic_write_bytes(path, buffer.getvalue())
     # a re-run from an earlier round abandons later checkpoints of the old timeline
-    for r, old in list_checkpoints(cfg.results_dir, cfg.run_name):
-        if r > server_round:
-            old.unlink(missing_ok=True)
-    if cfg.keep_checkpoints > 0:
-        kept = list_checkpoints(cfg.results_dir, cfg.run_name)
-        for _, old in kept[: max(0, len(kept) - cfg.keep_checkpoints)]:
-            old.unlink(missing_ok=True)
+    prune_round_files(checkpoint_dir(cfg.results_dir, cfg.run_name), cfg.keep_checkpoints, after=server_round)
     return path
 
 

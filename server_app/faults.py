@@ -1,13 +1,21 @@
-"""Rounds that survive failing sites: a timeout per exchange, a minimum number of
-replies, and a record of which sites failed and why."""
+"""Exchanges that survive failing sites: a timeout per exchange, prompt replies, and a
+record of which sites failed and why."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from core.methods import EVALUATION_RECORD, METRICS_RECORD, SITE_ID_KEY
+
+# Replies are pulled every POLL_START seconds at first, backing off to POLL_MAX: a fast
+# round is noticed within tens of milliseconds, a slow one costs a few requests a second
+# (Grid.send_and_receive of Flower's deployment grid sleeps 3 s between pulls).
+POLL_START, POLL_MAX, POLL_GROWTH = 0.02, 0.5, 1.5
 
 
 class TooFewReplies(RuntimeError):
@@ -16,11 +24,14 @@ class TooFewReplies(RuntimeError):
 
 @dataclass
 class Exchange:
-    """One send-and-receive: the replies that arrived and the sites that failed."""
+    """One push-and-pull: the replies that arrived and the sites that failed."""
 
     replies: list[Message] = field(default_factory=list)  # without errors
     failed: list[str] = field(default_factory=list)  # "node N (site i): reason"
     sent: int = 0
+
+    def of_type(self, message_type: str) -> list[Message]:
+        return [m for m in self.replies if m.metadata.message_type == message_type]
 
 
 @dataclass
@@ -31,8 +42,10 @@ class SiteBook:
 
     def learn(self, replies: Iterable[Message]) -> None:
         for msg in replies:
-            if "metrics" in msg.content.metric_records and "site-id" in msg.content["metrics"]:
-                self.sites[msg.metadata.src_node_id] = int(msg.content["metrics"]["site-id"])
+            for name in (METRICS_RECORD, EVALUATION_RECORD):
+                record = msg.content.metric_records.get(name)
+                if record is not None and SITE_ID_KEY in record:
+                    self.sites[msg.metadata.src_node_id] = int(record[SITE_ID_KEY])
 
     def label(self, node_id: int) -> str:
         site = self.sites.get(node_id)
@@ -40,24 +53,34 @@ class SiteBook:
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: SiteBook) -> Exchange:
-    """Send, wait at most `timeout` seconds, and sort the answers: replies, error replies
-    (the SuperLink reports an unreachable node as one) and sites that never answered."""
+    """Push, pull until every site answered or `timeout` seconds passed, and sort the
+    answers: replies, error replies (the SuperLink reports an unreachable node as one)
+    and sites that never answered. Uses the Grid's public push/pull."""
     messages = list(messages)
     result = Exchange(sent=len(messages))
     if not messages:
         return result
-    received = list(grid.send_and_receive(messages, timeout=timeout))
-    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
-    answered: set[int] = set()
-    for msg in received:
-        node = dst_of.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-        answered.add(node)
-        if msg.has_error():
-            result.failed.append(f"{book.label(node)}: {msg.error.reason}")
-        else:
-            result.replies.append(msg)
-    for msg in messages:
-        if msg.metadata.dst_node_id not in answered:
-            result.failed.append(f"{book.label(msg.metadata.dst_node_id)}: no reply within {timeout:g} s")
+    ids = list(grid.push_messages(messages))
+    waiting = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid}
+    for m, mid in zip(messages, ids):
+        if not mid:
+            result.failed.append(f"{book.label(m.metadata.dst_node_id)}: the message could not be pushed")
+    deadline, interval = time.monotonic() + timeout, POLL_START
+    while waiting:
+        for msg in grid.pull_messages(list(waiting)):
+            node = waiting.pop(msg.metadata.reply_to_message_id, None)
+            if node is None:  # a grid that does not echo message ids: match by sender
+                node = msg.metadata.src_node_id
+                waiting = {k: v for k, v in waiting.items() if v != node}
+            if msg.has_error():
+                result.failed.append(f"{book.label(node)}: {msg.error.reason}")
+            else:
+                result.replies.append(msg)
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        interval = min(POLL_MAX, interval * POLL_GROWTH)
+    for node in waiting.values():
+        result.failed.append(f"{book.label(node)}: no reply within {timeout:g} s")
     book.learn(result.replies)
     return result

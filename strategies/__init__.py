@@ -1,25 +1,25 @@
-"""One server-side strategy per method, all built on Flower's FedAvg."""
+"""The server side of each method: `base.SharedModelStrategy` (FedAvg over the shared
+arrays, with reply checks and Gamma) and, where a method's server does more, its own
+module (`scaffold.py`). `core.methods` names which one a method uses."""
 
-from strategies.base import PrivacyViolation, SharedModelStrategy
-from strategies.fedavg import FedAvgBaseline
-from strategies.fedbn import FedBNBaseline
-from strategies.fedprox import FedProxBaseline
-from strategies.fusedspacefed import FusedSpaceFed
-from strategies.scaffold import Scaffold
+from flwr.app import ArrayRecord
 
-STRATEGIES: dict[str, type[SharedModelStrategy]] = {
-    "fusedspacefed": FusedSpaceFed,
-    "fedavg": FedAvgBaseline,
-    "fedprox": FedProxBaseline,
-    "scaffold": Scaffold,
-    "fedbn": FedBNBaseline,
-}
+from core.config import RunConfig
+from core.methods import contract_for
+from strategies.base import BadReply, PrivacyViolation, SharedModelStrategy
 
 
-def strategy_class(method: str) -> type[SharedModelStrategy]:
-    if method not in STRATEGIES:
-        raise NotImplementedError(f"method {method!r} has no strategy yet; available: {sorted(STRATEGIES)}")
-    return STRATEGIES[method]
+def build_strategy(cfg: RunConfig, initial_arrays: ArrayRecord) -> SharedModelStrategy:
+    """The strategy the run's method contract names, for the run's settings."""
+    contract = contract_for(cfg.method)
+    return contract.load_strategy_class()(
+        contract,
+        initial_arrays,
+        weighted=cfg.weighted,
+        fraction_train=cfg.fraction_train,
+        min_train_nodes=cfg.min_replies,
+        min_available_nodes=cfg.min_replies,  # a round goes on without sites that are down
+    )
 
 
-__all__ = ["PrivacyViolation", "SharedModelStrategy", "STRATEGIES", "strategy_class"]
+__all__ = ["BadReply", "PrivacyViolation", "SharedModelStrategy", "build_strategy"]

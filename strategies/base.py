@@ -1,47 +1,66 @@
-"""What every method's server side shares, built on Flower's FedAvg.
+"""The server side every method shares, built on Flower's FedAvg.
 
-The strategy knows the shared key set (the keys of the initial global arrays) and
-refuses any reply whose arrays carry anything else: a private encoder or a control
-variate arriving at the server is a privacy bug, and the run stops on it.
+The strategy knows, from the method contract and the initial global arrays, exactly
+what a reply may carry: the shared keys with the global arrays' shapes and dtypes,
+finite values, a positive integer example count, and only the records the contract
+names. `check_reply` is the one place that decides; `screen` turns its verdicts into
+the round's failed sites, so a bad reply never touches the global model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
+from core.methods import (
+    ARRAYS_RECORD,
+    BOOKKEEPING,
+    EVALUATION_RECORD,
+    GRADIENTS_RECORD,
+    METRICS_RECORD,
+    SITE_ID_KEY,
+    WEIGHT_KEY,
+    MethodContract,
+)
 from strategies.aggregation import average_arrays, mean_metrics
 from strategies.gamma import gamma, gamma_decomposition
 
-WEIGHT_KEY = "num-examples"
-BOOKKEEPING = {WEIGHT_KEY, "site-id", "restored"}
+
+class BadReply(ValueError):
+    """A reply that must not be aggregated: wrong keys, shapes or dtypes, non-finite values."""
 
 
-class PrivacyViolation(RuntimeError):
+class PrivacyViolation(BadReply):
     """A site sent something that must never leave it."""
 
 
-class SharedModelStrategy(FedAvg):
-    """FedAvg over a fixed set of shared keys, with Gamma and per-site evaluation metrics."""
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: np.dtype
 
-    #: array records a reply may carry besides the shared arrays
-    allowed_records: frozenset[str] = frozenset({"arrays", "gradients"})
+
+def array_specs(arrays: ArrayRecord) -> dict[str, ArraySpec]:
+    return {k: ArraySpec(tuple(arrays[k].shape), np.dtype(arrays[k].numpy().dtype)) for k in arrays.keys()}
+
+
+class SharedModelStrategy(FedAvg):
+    """FedAvg over the contract's shared arrays, with reply checks, Gamma and evaluation metrics."""
 
     def __init__(
         self,
-        shared_keys: Iterable[str],
+        contract: MethodContract,
+        initial_arrays: ArrayRecord,
         *,
         weighted: bool = True,
         fraction_train: float = 1.0,
         min_train_nodes: int = 1,
         min_available_nodes: int = 1,
-        eval_every: int = 1,
-        num_rounds: int = 1,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -50,12 +69,12 @@ class SharedModelStrategy(FedAvg):
             min_evaluate_nodes=min_train_nodes,
             min_available_nodes=min_available_nodes,
             weighted_by_key=WEIGHT_KEY,
+            arrayrecord_key=ARRAYS_RECORD,
         )
-        self.shared_keys = frozenset(shared_keys)
+        self.contract = contract
+        self.specs = array_specs(initial_arrays)
+        self.shared_keys = frozenset(self.specs)
         self.weighted = weighted
-        self.eval_every = eval_every
-        self.num_rounds = num_rounds
-        self.failures: dict[int, list[str]] = {}
 
     # -- strategy state (server checkpoints) -------------------------------------
     def checkpoint_state(self) -> dict[str, np.ndarray]:
@@ -68,16 +87,17 @@ class SharedModelStrategy(FedAvg):
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, but was given {sorted(state)[:3]}")
 
-    # -- checks ---------------------------------------------------------------
+    # -- reply checks -------------------------------------------------------------
     def check_reply(self, msg: Message) -> None:
-        """Refuse replies that carry private arrays or records nobody asked for."""
+        """Raise BadReply (PrivacyViolation for private content) unless the reply is fit to aggregate."""
         node = msg.metadata.src_node_id
-        extra_records = set(msg.content.array_records) - self.allowed_records
-        if extra_records:
-            raise PrivacyViolation(f"site (node {node}) sent unexpected array records {sorted(extra_records)}")
-        if "arrays" not in msg.content.array_records:
-            raise PrivacyViolation(f"site (node {node}) sent no shared arrays")
-        keys = set(msg.content["arrays"].keys())
+        records = msg.content.array_records
+        extra = set(records) - self.contract.allowed_reply_records()
+        if extra:
+            raise PrivacyViolation(f"site (node {node}) sent unexpected array records {sorted(extra)}")
+        if ARRAYS_RECORD not in records:
+            raise BadReply(f"site (node {node}) sent no shared arrays")
+        keys = set(records[ARRAYS_RECORD].keys())
         outside = keys - self.shared_keys
         if outside:
             raise PrivacyViolation(
@@ -85,80 +105,112 @@ class SharedModelStrategy(FedAvg):
                 "private state (encoder, control variates) must never leave a site"
             )
         if keys != self.shared_keys:
-            raise ValueError(f"site (node {node}) is missing shared arrays {sorted(self.shared_keys - keys)[:3]}")
+            raise BadReply(f"site (node {node}) is missing shared arrays {sorted(self.shared_keys - keys)[:3]}")
+        self.check_arrays(node, ARRAYS_RECORD, records[ARRAYS_RECORD], self.specs)
+        if GRADIENTS_RECORD in records:
+            self.check_arrays(node, GRADIENTS_RECORD, records[GRADIENTS_RECORD], None)
+        metrics = msg.content.metric_records.get(METRICS_RECORD)
+        count = None if metrics is None else metrics.get(WEIGHT_KEY)
+        if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+            raise BadReply(f"site (node {node}) claims {count!r} training examples; expected a positive integer")
 
-    def _split(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        valid, failed = [], []
+    @staticmethod
+    def check_arrays(node: int, name: str, record: ArrayRecord, specs: Mapping[str, ArraySpec] | None) -> None:
+        """Shapes and dtypes as in `specs` (when given) and every value finite."""
+        for key in record.keys():
+            values = record[key].numpy()
+            if specs is not None:
+                spec = specs[key]
+                if tuple(values.shape) != spec.shape or values.dtype != spec.dtype:
+                    raise BadReply(
+                        f"site (node {node}) sent {name} {key!r} as {values.dtype}{list(values.shape)}, "
+                        f"expected {spec.dtype}{list(spec.shape)}"
+                    )
+            if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+                raise BadReply(f"site (node {node}) sent non-finite values (NaN or Inf) in {name} {key!r}")
+
+    def screen(self, replies: Iterable[Message]) -> tuple[list[Message], list[tuple[Message, str]]]:
+        """(replies fit to aggregate, in a fixed order; (reply, reason) for the others)."""
+        good, bad = [], []
         for msg in replies:
-            (failed if msg.has_error() else valid).append(msg)
-        self.failures[server_round] = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed]
+            try:
+                self.check_reply(msg)
+            except BadReply as exc:
+                bad.append((msg, str(exc)))
+            else:
+                good.append(msg)
         # A fixed order makes float sums, and so whole runs, repeatable whatever the arrival order.
-        return sorted(valid, key=_reply_order)
+        return sorted(good, key=_reply_order), bad
 
     def weights(self, replies: list[Message]) -> list[float]:
         if not self.weighted:
             return [1.0] * len(replies)
-        return [float(m.content["metrics"][WEIGHT_KEY]) for m in replies]
+        return [float(m.content[METRICS_RECORD][WEIGHT_KEY]) for m in replies]
 
     # -- training ---------------------------------------------------------------
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid = self._split(server_round, replies)
+        """Aggregate replies that passed `screen` (checked again: a bad one raises)."""
+        valid = sorted(replies, key=_reply_order)
         if not valid:
             return None, None
         for msg in valid:
             self.check_reply(msg)
         weights = self.weights(valid)
         arrays = self.aggregate_arrays(server_round, valid, weights)
-        metrics = mean_metrics([m.content["metrics"] for m in valid], weights, skip=BOOKKEEPING)
+        metrics = mean_metrics([m.content[METRICS_RECORD] for m in valid], weights, skip=BOOKKEEPING)
         metrics["num_replies"] = len(valid)
         metrics.update(self.gradient_dissimilarity(valid))
         return arrays, MetricRecord(metrics)
 
     def aggregate_arrays(self, server_round: int, replies: list[Message], weights: list[float]) -> ArrayRecord:
-        return average_arrays([m.content["arrays"] for m in replies], weights)
+        return average_arrays([m.content[ARRAYS_RECORD] for m in replies], weights)
 
     @staticmethod
     def gradient_dissimilarity(replies: list[Message]) -> dict[str, float]:
-        grads = [m.content["gradients"] for m in replies if "gradients" in m.content.array_records]
+        """Gamma from the sites' gradients, when every site sent them (opt-in at deployed sites)."""
+        grads = [m.content[GRADIENTS_RECORD] for m in replies if GRADIENTS_RECORD in m.content.array_records]
         if len(grads) != len(replies) or not grads:
             return {}
         original = [_tensor(g["orig"]) for g in grads]
+        if len({t.shape for t in original}) != 1:
+            return {}
         if all("fused" in g for g in grads):
             return gamma_decomposition(original, [_tensor(g["fused"]) for g in grads])
         return {"gamma": gamma(original)}
 
     # -- evaluation -------------------------------------------------------------
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        due = server_round % self.eval_every == 0 or server_round == self.num_rounds
-        return super().configure_evaluate(server_round, arrays, config, grid) if due else []
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        valid = [m for m in replies if not m.has_error()]
-        if not valid:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message], central: Mapping[str, float] | None = None
+    ) -> MetricRecord | None:
+        """The round's evaluation metrics from the sites' `evaluation` records; `central`:
+        the server's own `test_*`/`val_*` of a model that is the same at every site."""
+        records = [m.content[EVALUATION_RECORD] for m in replies if EVALUATION_RECORD in m.content.metric_records]
+        if not records and not central:
             return None
-        records = [m.content["metrics"] for m in valid]
-        metrics = mean_metrics(records, [1.0] * len(records), skip=BOOKKEEPING)
-        test_acc = [float(r["test_acc"]) for r in records]
-        metrics.update(
-            {
-                "global_acc_mean": float(np.mean(test_acc)),
-                "global_acc_worst": float(np.min(test_acc)),
-                "local_acc_mean": metrics.get("local_acc", float("nan")),
-                "macro_f1": metrics.get("test_macro_f1", float("nan")),
-                "balanced_acc": metrics.get("test_balanced_acc", float("nan")),
-                "auc": metrics.get("test_auc", float("nan")),
-                "val_acc_mean": metrics.get("val_acc", float("nan")),
-                "num_evaluated": len(valid),
-            }
-        )
-        return MetricRecord(metrics)
+        metrics = mean_metrics(records, [1.0] * len(records), skip=BOOKKEEPING) if records else {}
+        site_test = [float(r["test_acc"]) for r in records if "test_acc" in r]
+        if not site_test and central:
+            metrics.update(central)
+            site_test = [float(central["test_acc"])]
+        summary = {
+            "global_acc_mean": float(np.mean(site_test)) if site_test else float("nan"),
+            "global_acc_worst": float(np.min(site_test)) if site_test else float("nan"),
+            "local_acc_mean": metrics.pop("local_acc", float("nan")),
+            "macro_f1": metrics.pop("test_macro_f1", float("nan")),
+            "balanced_acc": metrics.pop("test_balanced_acc", float("nan")),
+            "auc": metrics.pop("test_auc", float("nan")),
+            "val_acc_mean": metrics.pop("val_acc", float("nan")),
+            "num_evaluated": len(records),
+        }
+        metrics.pop("test_acc", None)  # one name per metric: it is global_acc_mean
+        return MetricRecord({**summary, **metrics})
 
 
 def _reply_order(msg: Message) -> tuple[int, int]:
-    metrics = msg.content.metric_records.get("metrics", {})
-    return int(metrics.get("site-id", 0)), int(msg.metadata.src_node_id)
+    metrics = msg.content.metric_records.get(METRICS_RECORD) or msg.content.metric_records.get(EVALUATION_RECORD, {})
+    return int(metrics.get(SITE_ID_KEY, 0)), int(msg.metadata.src_node_id)
 
 
 def _tensor(array: Array) -> torch.Tensor:

@@ -24,15 +24,14 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from client_app.trainers.scaffold import CONTROL_RECORD, CONTROL_UPDATE_RECORD
-from strategies.base import PrivacyViolation, SharedModelStrategy
+from core.methods import SCAFFOLD_C_RECORD as CONTROL_RECORD
+from core.methods import SCAFFOLD_DC_RECORD as CONTROL_UPDATE_RECORD
+from strategies.base import BadReply, PrivacyViolation, SharedModelStrategy
 
 STATE_PREFIX = "control/"
 
 
 class Scaffold(SharedModelStrategy):
-    allowed_records = SharedModelStrategy.allowed_records | {CONTROL_UPDATE_RECORD}
-
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.control: dict[str, np.ndarray] = {}
@@ -72,7 +71,7 @@ class Scaffold(SharedModelStrategy):
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None:
             return arrays, metrics
-        updates = [self.control_update(m) for m in replies if not m.has_error()]
+        updates = [self.control_update(m) for m in replies]
         keys = set(updates[0])
         if any(set(u) != keys for u in updates):
             raise ValueError("sites sent control variate updates over different parameters")
@@ -87,10 +86,12 @@ class Scaffold(SharedModelStrategy):
         metrics["control_norm"] = norm
         return arrays, metrics
 
-    def control_update(self, msg: Message) -> dict[str, np.ndarray]:
+    def check_reply(self, msg: Message) -> None:
+        """The base checks, and a dc_i over shared parameters with their shapes, all finite."""
+        super().check_reply(msg)
         node = msg.metadata.src_node_id
         if CONTROL_UPDATE_RECORD not in msg.content.array_records:
-            raise ValueError(f"site (node {node}) sent no SCAFFOLD control variate update ({CONTROL_UPDATE_RECORD!r})")
+            raise BadReply(f"site (node {node}) sent no SCAFFOLD control variate update ({CONTROL_UPDATE_RECORD!r})")
         record = msg.content[CONTROL_UPDATE_RECORD]
         outside = set(record.keys()) - self.shared_keys
         if outside:
@@ -98,4 +99,9 @@ class Scaffold(SharedModelStrategy):
                 f"site (node {node}) sent control variate updates outside the shared parameters, "
                 f"e.g. {sorted(outside)[:3]}"
             )
+        self.check_arrays(node, CONTROL_UPDATE_RECORD, record, self.specs)
+
+    @staticmethod
+    def control_update(msg: Message) -> dict[str, np.ndarray]:
+        record = msg.content[CONTROL_UPDATE_RECORD]
         return {k: np.array(record[k].numpy()) for k in record.keys()}

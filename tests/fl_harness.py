@@ -25,8 +25,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import client_app.app as client
 from core.config import RunConfig
-from server_app.app import build_strategy, initial_model_arrays
-from strategies import SharedModelStrategy
+from server_app.rounds import initial_model_arrays
+from strategies import SharedModelStrategy, build_strategy
 
 
 def write_fake_medmnist(root: Path, n_train: int = 96, n_eval: int = 24, seed: int = 0) -> Path:
@@ -141,7 +141,7 @@ def federation(
     state_dir = state_dir or tmp_path / "site-state"
     grid = FakeGrid({i + 1: site_context(i, num_sites, state_dir, **node_extra) for i in range(num_sites)})
     arrays, keys = initial_model_arrays(cfg)
-    strategy = build_strategy(cfg, keys, num_sites)
+    strategy = build_strategy(cfg, arrays)
     return Federation(cfg, grid, strategy, keys, arrays)
 
 

@@ -9,14 +9,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from client_app.app import Site, evaluate_round, train_round
-from client_app.site_data import simulation_site_data
-from client_app.state import FILE_NAME, RECORD_KEY, StateError
+from client_app.state import FILE_NAME, MODEL_RECORD, StateError
 from client_app.trainers import LocalRound
 from client_app.trainers.fusedspacefed import FusedSpaceFedTrainer, decoupled_losses, task_aware_loss
 from client_app.training import classification_loss
 from core.config import RunConfig
 from models import build_model, part_of
-from server_app.app import initial_model_arrays
+from partitions.sites import simulation_site_data
+from server_app.rounds import initial_model_arrays
 
 
 def make_cfg(root, tmp_path, **changes) -> RunConfig:
@@ -101,7 +101,7 @@ def test_round_replies_with_shared_parts_only_and_persists_the_encoder(fake_root
     sent = {k for name in reply.array_records if name == "arrays" for k in reply["arrays"].keys()}
     assert sent == set(shared) and not any(k.startswith("encoder.") for k in sent)
     assert set(reply.array_records) <= {"arrays", "gradients"}
-    saved = ctx.state[RECORD_KEY].to_torch_state_dict()
+    saved = ctx.state[MODEL_RECORD].to_torch_state_dict()
     assert saved and all(k.startswith("encoder.") for k in saved)
     state_file = tmp_path / "results" / "test-run" / "site-state" / "test-run" / "site-0" / FILE_NAME
     assert state_file.exists()
@@ -113,7 +113,7 @@ def test_round_replies_with_shared_parts_only_and_persists_the_encoder(fake_root
     restored = {k: v for k, v in site.model.state_dict().items() if k.startswith("encoder.")}
     assert all(torch.equal(restored[k], saved[k]) for k in saved)
 
-    metrics = evaluate_round(message(cfg, arrays), fresh)["metrics"]
+    metrics = evaluate_round(message(cfg, arrays), fresh)["evaluation"]
     assert 0 <= metrics["test_acc"] <= 1 and 0 <= metrics["local_acc"] <= 1
 
 

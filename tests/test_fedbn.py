@@ -8,8 +8,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 import client_app.app as client
-from client_app.state import RECORD_KEY
-from client_app.trainers import trainer_for
+from client_app.state import node_private_state
+from core.methods import contract_for
 from models import build_model, is_batchnorm_key
 from strategies import PrivacyViolation
 from tests.fl_harness import all_outgoing_arrays, federation, server_identity, site_context, small_config, state_dict
@@ -22,7 +22,7 @@ def _bn_keys() -> list[str]:
 
 def test_shared_keys_leave_out_every_batchnorm_array() -> None:
     model = build_model(fused=False, in_channels=1, num_classes=2, image_size=28)
-    shared = set(trainer_for("fedbn").shared_keys(model))
+    shared = set(contract_for("fedbn").shared_keys(model))
     bn = set(_bn_keys())
     assert bn and {k.rsplit(".", 1)[1] for k in bn} == {
         "weight",
@@ -31,12 +31,12 @@ def test_shared_keys_leave_out_every_batchnorm_array() -> None:
         "running_var",
         "num_batches_tracked",
     }
-    assert shared == set(trainer_for("fedavg").shared_keys(model)) - bn
+    assert shared == set(contract_for("fedavg").shared_keys(model)) - bn
 
 
 def _site_bn(fed, node: int) -> dict[str, torch.Tensor]:
     """What the site keeps in context.state (for FedBN: its BatchNorm arrays)."""
-    return fed.grid.contexts[node].state.array_records[RECORD_KEY].to_torch_state_dict()
+    return node_private_state(fed.grid.contexts[node].state).model
 
 
 def test_batchnorm_stays_private_and_is_restored_per_site(tmp_path) -> None:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.config import RunConfig
 from strategies.gamma import gamma, gamma_decomposition
 from tests.fl_harness import run, small_config, write_fake_medmnist
 
@@ -84,7 +85,7 @@ def test_gamma_zero_when_every_site_holds_the_same_data(tmp_path, method: str) -
     # different orders: same loss, same gradient.
     same_file = write_fake_medmnist(tmp_path / "data") / "breastmnist.npz"
     cfg = small_config(tmp_path, method, measure_gamma=True, gamma_batch_size=256, warmup_epochs=0, batch_size=128)
-    fed = run(tmp_path, cfg, rounds=1, **{"data-path": str(same_file)})
+    fed = run(tmp_path, cfg, rounds=1, **{"data-path": str(same_file), "allow-gradients": True})
     metrics = fed.metrics[0]
     orig = _flat_gradients(fed, "orig")
     scale = float((orig**2).sum(1).mean())  # mean ||g_i||^2
@@ -111,3 +112,19 @@ def test_gamma_positive_and_decomposed_when_sites_differ(tmp_path) -> None:
     assert metrics["gamma_orig"] > 1e-4 * float((orig**2).sum(1).mean())
     total = metrics["gamma_orig"] + metrics["gamma_R"] + metrics["gamma_Phi"]
     assert metrics["gamma"] == pytest.approx(total, rel=1e-9)
+
+
+def test_a_deployed_site_sends_gradients_only_when_its_own_node_config_opts_in(tmp_path) -> None:
+    site_file = write_fake_medmnist(tmp_path / "data") / "breastmnist.npz"
+    cfg = small_config(tmp_path, "fusedspacefed", measure_gamma=True, warmup_epochs=0)
+    refused = run(tmp_path / "a", cfg, rounds=1, **{"data-path": str(site_file)})
+    assert all("gradients" not in m.content.array_records for m in refused.grid.replies)
+    assert "gamma" not in refused.metrics[0]
+    allowed = run(tmp_path / "b", cfg, rounds=1, **{"data-path": str(site_file), "allow-gradients": "true"})
+    assert all("gradients" in m.content.array_records for m in allowed.grid.replies)
+    assert "gamma" in allowed.metrics[0]
+    # simulated sites (no data-path) measure Gamma when the run asks for it; the default is off
+    assert "gamma" in run(tmp_path / "c", cfg, rounds=1).metrics[0]
+    default = run(tmp_path / "d", cfg.replace(measure_gamma=RunConfig().measure_gamma), rounds=1)
+    assert RunConfig().measure_gamma is False
+    assert all("gradients" not in m.content.array_records for m in default.grid.replies)

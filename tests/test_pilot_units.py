@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from client_app.site_data import deployment_site_data, load_site_file, simulation_site_data, site_data_for
 from core.config import RunConfig
 from partitions.medmnist_data import DataError
+from partitions.sites import deployment_site_data, load_site_file, simulation_site_data, site_data_for
 from partitions.split import main as split_main
 from partitions.split import split_dataset
 from pilot.connection import add_connection

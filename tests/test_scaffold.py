@@ -9,12 +9,12 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from client_app.site_data import simulation_site_data
-from client_app.state import FILE_NAME, RECORD_KEY
+from client_app.state import FILE_NAME, node_private_state, read_state_file
 from client_app.trainers import LocalRound, trainer_for
 from client_app.trainers.scaffold import CONTROL_RECORD, CONTROL_UPDATE_RECORD, control_keys
 from client_app.training import classification_loss, classifier_gradient
 from models import build_model
+from partitions.sites import simulation_site_data
 from strategies import PrivacyViolation
 from tests.fl_harness import (
     all_outgoing_arrays,
@@ -26,8 +26,6 @@ from tests.fl_harness import (
     state_dict,
     write_fake_medmnist,
 )
-
-EXTRA = "extra:"  # the ClientApp's prefix for private non-model arrays in the state
 
 
 def _assert_same_arrays(a: ArrayRecord, b: ArrayRecord, atol: float = 1e-6) -> None:
@@ -46,8 +44,8 @@ def _by_site(replies):
     return sorted(replies, key=lambda m: m.metadata.src_node_id)  # sampling order is random
 
 
-def _site_private(fed, node_id: int) -> dict[str, torch.Tensor]:
-    return fed.grid.contexts[node_id].state.array_records[RECORD_KEY].to_torch_state_dict()
+def _site_private(fed, node_id: int):
+    return node_private_state(fed.grid.contexts[node_id].state)
 
 
 def _site_file(fed, site_id: int):
@@ -229,12 +227,12 @@ def test_c_i_persists_at_the_site_and_never_leaves_it(tmp_path) -> None:
     for reply in replies_1:
         node = reply.metadata.src_node_id
         private = _site_private(fed, node)
-        assert private and all(k.startswith(EXTRA) for k in private)  # nothing of the model is private
-        c_i = {k[len(EXTRA) :]: v for k, v in private.items()}
-        on_disk = torch.load(_site_file(fed, node - 1), weights_only=True)["arrays"]
-        assert on_disk.keys() == private.keys()
-        for k in private:
-            torch.testing.assert_close(on_disk[k], private[k], atol=0, rtol=0)
+        assert private.extras and not private.model  # nothing of the model is private
+        c_i = private.extras
+        on_disk = read_state_file(_site_file(fed, node - 1))[0].extras
+        assert on_disk.keys() == c_i.keys()
+        for k in c_i:
+            torch.testing.assert_close(on_disk[k], c_i[k], atol=0, rtol=0)
         dc = reply.content[CONTROL_UPDATE_RECORD].to_torch_state_dict()
         for k in dc:  # c_i was 0, so c_i+ = dc_i
             torch.testing.assert_close(c_i[k], dc[k], atol=0, rtol=0)
@@ -243,7 +241,7 @@ def test_c_i_persists_at_the_site_and_never_leaves_it(tmp_path) -> None:
     replies_2 = fed.run_round(2)
     for reply in replies_2:
         node = reply.metadata.src_node_id
-        c_i_2 = {k[len(EXTRA) :]: v for k, v in _site_private(fed, node).items()}
+        c_i_2 = _site_private(fed, node).extras
         dc = reply.content[CONTROL_UPDATE_RECORD].to_torch_state_dict()
         for k in dc:  # the round started from the persisted c_i: c_i++ = c_i+ + dc_i
             torch.testing.assert_close(c_i_2[k], c_i_1[node][k] + dc[k], atol=1e-6, rtol=1e-5)

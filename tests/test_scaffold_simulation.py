@@ -13,7 +13,7 @@ import pytest
 import torch
 from flwr.app import Context, Message
 
-from client_app.state import RECORD_KEY
+from client_app.state import node_private_state
 from client_app.trainers.scaffold import CONTROL_RECORD, CONTROL_UPDATE_RECORD
 from server_app.checkpoint import checkpoint_path
 from tests.conftest import simulate_with_recorder
@@ -27,7 +27,7 @@ def recording_mod(log_path: str):
         reply = call_next(msg, ctx)
         if msg.metadata.message_type != "train":
             return reply
-        private = ctx.state[RECORD_KEY].to_torch_state_dict()
+        private = node_private_state(ctx.state).flat()
         sent = [
             (name, key, np.array(array.numpy()))
             for name, record in reply.content.array_records.items()
@@ -72,6 +72,7 @@ def simulation(tmp_path_factory):
         "run-name": "scaffold-sim",
         "device": "cpu",
         "num-threads": 1,
+        "measure-gamma": True,
     }
     rows = simulate_with_recorder(overrides, recording_mod(str(log_path)), log_path)
     return tmp / "results", rows
@@ -89,7 +90,7 @@ def test_c_goes_out_and_dc_comes_back_every_round(simulation):
 def test_c_i_stays_private_and_is_never_sent(simulation):
     _, rows = simulation
     for row in rows:
-        assert len(row["private_keys"]) == 61 and all(k.startswith("extra:classifier.") for k in row["private_keys"])
+        assert len(row["private_keys"]) == 61 and all(k.startswith("extras/classifier.") for k in row["private_keys"])
         if row["round"] > 1:  # in round 1, c_i = 0 so dc_i equals the new c_i by definition
             assert row["equal_to_private"] == 0
 

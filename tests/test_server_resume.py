@@ -14,22 +14,46 @@ from flwr.app import Context, Message, RecordDict
 
 import client_app.app as client
 from core.config import ConfigError, RunConfig
+from server_app import faults
 from server_app.app import run_federation
 from server_app.checkpoint import CheckpointError, list_checkpoints, read_checkpoint
 from server_app.faults import TooFewReplies
 from tests.fl_harness import server_identity, small_config, write_fake_medmnist
 
 
+class FakeClock:
+    """Stands in for the `time` module of server_app.faults: sleeping advances it, so a
+    site that never answers fails after exactly `round-timeout` without the wait."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(autouse=True)
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(faults, "time", fake)
+    return fake
+
+
 @dataclass
 class LocalGrid:
-    """Delivers train and evaluate messages to the real handlers; `down[node]` lists the
-    rounds in which that node does not answer (as if its SuperNode had died)."""
+    """Delivers train and evaluate messages to the real handlers through the Grid's
+    push/pull; `down[node]` lists the rounds in which that node does not answer (as if
+    its SuperNode had died)."""
 
     state_dir: Path
     num_sites: int = 3
     down: dict[int, set[int]] = field(default_factory=dict)
     contexts: dict[int, Context] = field(default_factory=dict)
-    timeouts: list[float | None] = field(default_factory=list)
+    outbox: dict[str, Message] = field(default_factory=dict)
+    pushed: int = 0
 
     def __post_init__(self) -> None:
         for i in range(self.num_sites):
@@ -41,10 +65,11 @@ class LocalGrid:
     def get_node_ids(self) -> list[int]:
         return sorted(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        self.timeouts.append(timeout)
-        replies = []
+    def push_messages(self, messages) -> list[str]:
+        ids = []
         for msg in messages:
+            self.pushed += 1
+            ids.append(f"message-{self.pushed}")
             node = msg.metadata.dst_node_id
             if int(msg.content["config"]["server-round"]) in self.down.get(node, set()):
                 self.contexts[node].state = RecordDict()  # the restarted node lost its memory
@@ -52,8 +77,11 @@ class LocalGrid:
             delivered = copy.copy(msg)
             delivered.content = copy.deepcopy(msg.content)
             handler = client.train if msg.metadata.message_type == "train" else client.evaluate
-            replies.append(handler(delivered, self.contexts[node]))
-        return replies
+            self.outbox[ids[-1]] = handler(delivered, self.contexts[node])
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
 
 
 def run(cfg: RunConfig, grid: LocalGrid) -> dict:
@@ -72,10 +100,10 @@ def cfg(tmp_path) -> RunConfig:
     return small_config(tmp_path, "fusedspacefed", run_name="resume", round_timeout=30.0)
 
 
-def test_checkpoints_every_round_and_an_exact_resume(cfg, tmp_path):
+def test_checkpoints_every_round_and_an_exact_resume(cfg, tmp_path, clock):
     grid = LocalGrid(tmp_path / "site-state")
     run(cfg, grid)
-    assert grid.timeouts and all(t == 30.0 for t in grid.timeouts)
+    assert clock.now < 1.0  # every site answered at once: nobody waited for round-timeout
     assert [r for r, _ in list_checkpoints(cfg.results_dir, cfg.run_name)] == [0, 1, 2]
     first = rows(cfg)
     final_model = torch.load(Path(cfg.results_dir) / cfg.run_name / "global_model.pt", weights_only=True)
@@ -95,14 +123,17 @@ def test_checkpoints_every_round_and_an_exact_resume(cfg, tmp_path):
     assert json.loads((Path(cfg.results_dir) / "resume" / "summary.json").read_text())["rounds"] == 2
 
 
-def test_a_failed_site_does_not_end_the_run(cfg, tmp_path):
+def test_a_failed_site_does_not_end_the_run(cfg, tmp_path, clock):
     cfg = cfg.replace(min_replies=2, num_server_rounds=3)
     grid = LocalGrid(tmp_path / "site-state", down={3: {2}})
     run(cfg, grid)
     history = rows(cfg)
     assert [r["num_replies"] for r in history] == [3, 2, 3]
     assert history[1]["failed_sites"] == ["node 3 (site 2): no reply within 30 s"]
-    assert history[1]["failed_eval_sites"] == history[1]["failed_sites"] and history[0]["failed_sites"] == []
+    assert 30.0 <= clock.now < 31.0  # the round waited round-timeout for the dead site, once
+    # round 1's model is evaluated by round 2's messages, which site 2 never answered
+    assert history[0]["failed_eval_sites"] == history[1]["failed_sites"] and history[0]["failed_sites"] == []
+    assert [r["num_evaluated"] for r in history] == [2, 3, 3]
     assert all(r["global_acc_mean"] is not None for r in history)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from flwr.app import Context, Message
 
-from client_app.state import FILE_NAME, RECORD_KEY
+from client_app.state import FILE_NAME, forget_node_state, node_private_state, read_state_file
 from tests.conftest import simulate_with_recorder, write_fake_medmnist
 
 REQUIRED_ROUND_KEYS = {
@@ -49,12 +49,14 @@ def recording_mod(log_path: str):
         wiped = kind == "train" and server_round == 2 and site == 0
         disk_digest = None
         if wiped:  # simulate a SuperNode restart: the in-memory state is gone
-            del ctx.state[RECORD_KEY]
+            forget_node_state(ctx.state)
             state_file = next(p for p in _state_files(msg) if p.parent.name == "site-0")
-            disk_digest = _digest(torch.load(state_file, weights_only=True)["arrays"])
-        before = ctx.state[RECORD_KEY].to_torch_state_dict() if RECORD_KEY in ctx.state.array_records else None
+            disk_digest = _digest(read_state_file(state_file)[0].flat())
+        held = node_private_state(ctx.state)
+        before = held.flat() if held is not None else None
         reply = call_next(msg, ctx)
-        private = ctx.state[RECORD_KEY].to_torch_state_dict() if RECORD_KEY in ctx.state.array_records else {}
+        held = node_private_state(ctx.state)
+        private = held.flat() if held is not None else {}
         private_values = [v.numpy() for v in private.values()]
         sent_keys, leaked_values = [], 0
         for name, record in reply.content.array_records.items():
@@ -106,6 +108,7 @@ def simulation(tmp_path_factory):
         "run-name": "sim",
         "device": "cpu",
         "num-threads": 1,
+        "measure-gamma": True,  # simulated sites may send gradients when the run asks
     }
     rows = simulate_with_recorder(overrides, recording_mod(str(log_path)), log_path)
     return tmp / "results" / "sim", rows

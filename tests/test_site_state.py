@@ -7,20 +7,30 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from client_app.state import FILE_NAME, HISTORY_DIR, PrivateState, StateError, read_state_file, state_digest
+from client_app.state import (
+    FILE_NAME,
+    HISTORY_DIR,
+    PrivateArrays,
+    PrivateState,
+    StateError,
+    read_state_file,
+)
 
 
-def arrays(seed: int) -> dict[str, torch.Tensor]:
+def arrays(seed: int) -> PrivateArrays:
     g = torch.Generator().manual_seed(seed)
-    return {
-        "encoder.w": torch.randn(4, 3, generator=g),
-        "encoder.n": torch.tensor(seed),
-        "extra:c": torch.randn(2, generator=g, dtype=torch.float64),
-    }
+    return PrivateArrays(
+        model={"encoder.w": torch.randn(4, 3, generator=g), "encoder.n": torch.tensor(seed)},
+        extras={"c": torch.randn(2, generator=g, dtype=torch.float64)},
+    )
 
 
-def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def same(a: PrivateArrays, b: PrivateArrays) -> bool:
+    return _same(a.model, b.model) and _same(a.extras, b.extras)
 
 
 def test_state_is_keyed_by_run_and_site_and_survives_a_restart(tmp_path):
@@ -32,7 +42,7 @@ def test_state_is_keyed_by_run_and_site_and_survives_a_restart(tmp_path):
 
     restarted = PrivateState(RecordDict(), tmp_path, "run/1", "hospital a")  # empty context.state
     loaded = restarted.load(before_round=2)
-    assert same(loaded, arrays(1)) and state_digest(loaded) == state_digest(arrays(1))
+    assert same(loaded, arrays(1)) and loaded.digest() == arrays(1).digest()
     assert restarted.source == str(state.path) and restarted.loaded_round == 1
     assert restarted.load(before_round=2) is not None and restarted.source == "memory"
     assert PrivateState(RecordDict(), tmp_path, "run/2", "hospital a").load() is None  # another run
@@ -82,3 +92,19 @@ def test_corrupt_state_file_gives_a_clear_error_and_is_kept(tmp_path):
     kept = list(state.dir.glob(f"{FILE_NAME}.unreadable-*"))
     assert len(kept) == 1 and kept[0].read_bytes() == b"\x00not a torch file"
     assert same(read_state_file(state.path)[0], arrays(2))
+
+
+def test_sections_stay_apart_and_format_1_files_are_read(tmp_path):
+    state = PrivateState(RecordDict(), tmp_path, "run", "site")
+    state.save(arrays(1), 1)
+    saved = torch.load(state.path, weights_only=True)
+    assert set(saved) >= {"model", "extras", "round"} and set(saved["extras"]) == {"c"}
+    assert not any(k.startswith("extra") for k in saved["model"])
+    assert arrays(1).digest() != arrays(2).digest()
+
+    # a file written before the typed sections (one mapping, extras behind a prefix)
+    old = arrays(3)
+    flat = {**old.model, **{f"extra:{k}": v for k, v in old.extras.items()}}
+    torch.save({"arrays": flat, "round": 3}, state.path)
+    loaded, server_round = read_state_file(state.path)
+    assert server_round == 3 and same(loaded, old)

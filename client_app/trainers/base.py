@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import torch
 from flwr.app import RecordDict
 
-from client_app.site_data import SiteData
 from core.config import RunConfig
-from models import CLASSIFIER, SiteModel, part_of
+from models import SiteModel
+from partitions.sites import SiteData
 
 
 @dataclass
@@ -33,13 +33,8 @@ class RoundResult:
 
 
 class Trainer:
-    """A method's client side. Subclasses say which model parts are shared and train."""
-
-    shared_parts: tuple[str, ...] = (CLASSIFIER,)
-
-    def shared_keys(self, model: SiteModel) -> list[str]:
-        """State_dict keys sent to and received from the server; all others stay private."""
-        return [k for k in model.state_dict() if part_of(k) in self.shared_parts]
+    """A method's client side: one local round. What the site shares is the method
+    contract's business (core.methods), not the trainer's."""
 
     def train(self, model: SiteModel, job: LocalRound) -> RoundResult:
         raise NotImplementedError

@@ -1,7 +1,8 @@
 """FedAvg's local round: SGD on the classification loss over the whole classifier.
 
-The other classifier-only baselines (FedProx, SCAFFOLD, FedBN) are FedAvg with one
-change each; they override the hooks of `FedAvgTrainer` instead of repeating the loop.
+FedBN trains exactly like this (its difference, private BatchNorm layers, is in its
+method contract); FedProx and SCAFFOLD override the hooks of `FedAvgTrainer` instead of
+repeating the loop.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from torch import nn
 
 from client_app.trainers.base import LocalRound, RoundResult, Trainer
 from client_app.training import classification_loss, run_epochs, set_trainable, sgd
-from models import CLASSIFIER, DECODER, SiteModel
+from models import SiteModel
 
 
 def reconstruction_loss(model: SiteModel, x: torch.Tensor) -> torch.Tensor:
@@ -37,8 +37,6 @@ def decoupled_losses(
 
 
 class FusedSpaceFedTrainer(Trainer):
-    shared_parts = (DECODER, CLASSIFIER)
-
     def warm_up(self, model: SiteModel, job: LocalRound) -> float:
         """Re-align E_i to the new global decoder: D and C frozen, reconstruction loss only."""
         cfg = job.cfg

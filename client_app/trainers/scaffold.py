@@ -23,10 +23,10 @@ from flwr.app import ArrayRecord, RecordDict
 from client_app.trainers.base import LocalRound, RoundResult
 from client_app.trainers.fedavg import FedAvgTrainer
 from core.config import RunConfig
-from models import CLASSIFIER, SiteModel
-
-CONTROL_RECORD = "scaffold-c"  # server -> site: c
-CONTROL_UPDATE_RECORD = "scaffold-dc"  # site -> server: dc_i = c_i+ - c_i
+from core.methods import CLASSIFIER
+from core.methods import SCAFFOLD_C_RECORD as CONTROL_RECORD
+from core.methods import SCAFFOLD_DC_RECORD as CONTROL_UPDATE_RECORD
+from models import SiteModel
 
 
 def control_keys(model: SiteModel) -> list[str]:

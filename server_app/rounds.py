@@ -1,0 +1,243 @@
+"""The round loop, laid out like Flower's `Strategy.start`: configure, exchange,
+aggregate, evaluate, record; plus checkpoints, resume and failing sites.
+
+One message per site per round: the train message of round r carries the global model
+of round r-1, and a site evaluates that model (with its private parts) before it
+trains on it, so round r-1's evaluation arrives with round r's replies. After the last
+round one evaluate message per site evaluates the final model. metrics.jsonl keeps one
+row per round with that round's training and evaluation metrics.
+
+When every site would evaluate the same model on the same official splits (FedAvg,
+FedProx, SCAFFOLD in simulation), the server evaluates those splits once itself and
+the sites evaluate only their own local shard.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from core.config import RunConfig
+from core.console import console
+from core.methods import EVALUATE_KEY, SPLITS_KEY, contract_for
+from models import build_run_model
+from partitions.medmnist_data import dataset_spec
+from server_app.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    find_resume_checkpoint,
+    resumed_config,
+    write_checkpoint,
+)
+from server_app.faults import Exchange, SiteBook, TooFewReplies, exchange
+from server_app.results import RunResults
+from server_app.server_data import central_evaluator, partition_summary
+from server_app.tracking import RunTracker
+from strategies import build_strategy
+
+EVALUATED_KEY = "num_evaluated"  # present in a row once the round's model was evaluated
+
+
+def initial_model_arrays(cfg: RunConfig) -> tuple[ArrayRecord, list[str]]:
+    """The shared part of a freshly initialised model (seeded), and its keys."""
+    model = build_run_model(cfg, dataset_spec(cfg.dataset, cfg.image_size), seed=cfg.seed)
+    keys = contract_for(cfg.method).shared_keys(model)
+    state = model.state_dict()
+    return ArrayRecord({k: state[k] for k in keys}), keys
+
+
+def wait_for_nodes(grid: Grid, timeout: float = 600.0, minimum: int = 1) -> int:
+    start = time.time()
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        if time.time() - start > timeout:
+            raise RuntimeError(f"{len(nodes)} SuperNodes connected within {timeout:.0f} s, fewer than {minimum}")
+        time.sleep(0.2)
+    return len(nodes)
+
+
+def progress_line(row: dict[str, Any], num_rounds: int, eta: str = "") -> str:
+    def fmt(key: str, label: str) -> str:
+        value = row.get(key)
+        return f"{label} {value:.4f}" if isinstance(value, float) else f"{label} -"
+
+    parts = [
+        f"[bold]round {row['round']}/{num_rounds}[/bold]",
+        f"{row['round_seconds']:.1f}s",
+        fmt("train_loss", "loss"),
+        fmt("global_acc_mean", "global acc"),
+        fmt("global_acc_worst", "worst"),
+        fmt("local_acc_mean", "local acc"),
+        fmt("gamma", "Gamma"),
+    ]
+    return "  ".join(parts) + (f"  [dim]{eta}[/dim]" if eta else "")
+
+
+class FederatedRun:
+    """One run: `start()` drives the rounds and returns the summary."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig) -> None:
+        self.grid = grid
+        self.checkpoint = find_resume_checkpoint(cfg)
+        if self.checkpoint is not None:
+            cfg = resumed_config(cfg, self.checkpoint)
+        else:
+            cfg = cfg.replace(run_name=cfg.run_name or cfg.default_run_name())
+        self.cfg = cfg
+        self.contract = contract_for(cfg.method)
+        self.results = RunResults(cfg.results_dir, cfg.run_name)
+        self.book = SiteBook()
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.time()
+        self.tracker = RunTracker(
+            self.results.dir,
+            cfg.num_server_rounds,
+            tensorboard=cfg.track_tensorboard,
+            mlflow=cfg.track_mlflow,
+            run_name=cfg.run_name,
+            config=cfg.to_mapping(),
+        )
+
+    # -- the run ------------------------------------------------------------------
+    def start(self) -> dict[str, Any]:
+        try:
+            self.first_round = self.prepare()
+            for server_round in range(self.first_round, self.cfg.num_server_rounds + 1):
+                self.run_round(server_round)
+            self.evaluate_final()
+            return self.finish()
+        finally:
+            self.tracker.close()  # TensorBoard events flushed and plots written, also after a failure
+
+    def prepare(self) -> int:
+        """Results folder, partition summary, initial (or restored) model and strategy;
+        returns the first round to run."""
+        cfg = self.cfg
+        self.results.write_config(cfg.to_mapping())
+        console.rule(f"{cfg.method} on {cfg.dataset} ({cfg.partition}) -> {self.results.dir}")
+        num_nodes = wait_for_nodes(self.grid, minimum=cfg.min_replies)
+        partition_summary(cfg, num_nodes, self.results.dir)
+        self.evaluator = central_evaluator(cfg, self.contract.same_model_everywhere)
+        self.arrays, shared_keys = initial_model_arrays(cfg)
+        self.strategy = build_strategy(cfg, self.arrays)
+        if self.checkpoint is None:
+            self.save_checkpoint(0)
+            return 1
+        ckpt = self.checkpoint
+        if set(ckpt.arrays) != set(shared_keys):
+            raise CheckpointError(f"checkpoint {ckpt.path} holds arrays that differ from this method's shared set")
+        self.arrays = ArrayRecord(ckpt.arrays)
+        self.strategy.restore_state(ckpt.strategy_state)
+        self.rows = ckpt.rows
+        console.print(f"resuming {cfg.run_name} after round {ckpt.server_round} from {ckpt.path}")
+        return ckpt.server_round + 1
+
+    def run_round(self, server_round: int) -> None:
+        """Train round `server_round`; its messages also evaluate the previous round's model."""
+        started = time.time()
+        pending = self.pending_evaluation()
+        train_messages = list(
+            self.strategy.configure_train(
+                server_round, self.arrays, self.message_config(pending is not None), self.grid
+            )
+        )
+        sampled = {m.metadata.dst_node_id for m in train_messages}
+        eval_messages = self.evaluate_messages(pending, exclude=sampled) if pending is not None else []
+        result = exchange(self.grid, train_messages + eval_messages, self.cfg.round_timeout, self.book)
+        if pending is not None:
+            self.record_evaluation(pending, result)
+        train_replies, failed = self.screen(result, "train")
+        if len(train_replies) < self.cfg.min_replies:
+            raise TooFewReplies(
+                f"round {server_round}: {len(train_replies)} of {len(train_messages)} sites replied, fewer than "
+                f"min-replies = {self.cfg.min_replies} ({'; '.join(failed) or 'no site was sampled'}). The run "
+                f'stopped; resume it with resume-from = "latest" (checkpoint of round {server_round - 1} in '
+                f"{checkpoint_dir(self.cfg.results_dir, self.cfg.run_name)})"
+            )
+        arrays, metrics = self.strategy.aggregate_train(server_round, train_replies)
+        self.arrays = arrays
+        row: dict[str, Any] = {"round": server_round, "round_seconds": time.time() - started}
+        row.update(dict(metrics or {}))
+        row["failed_sites"] = failed
+        self.rows.append(row)
+        self.results.write_rounds(self.rows)
+        self.save_checkpoint(server_round)
+        for failure in failed:
+            console.print(f"[yellow]  round {server_round} failed: {failure}[/yellow]")
+        if not self.due(server_round):
+            self.report(row)
+
+    def evaluate_final(self) -> None:
+        """After the last round: evaluate the final model (one evaluate message per site)."""
+        pending = self.pending_evaluation()
+        if pending is None:
+            return
+        started = time.time()
+        result = exchange(self.grid, self.evaluate_messages(pending), self.cfg.round_timeout, self.book)
+        self.record_evaluation(pending, result)
+        self.rows[-1]["round_seconds"] += time.time() - started
+        self.results.write_rounds(self.rows)
+        self.save_checkpoint(pending)
+
+    def finish(self) -> dict[str, Any]:
+        self.results.write_model(self.arrays.to_torch_state_dict())
+        summary = self.results.write_summary(
+            self.rows, {"run_name": self.cfg.run_name, "method": self.cfg.method, "dataset": self.cfg.dataset}
+        )
+        console.print(f"results written to {self.results.dir}")
+        return summary
+
+    # -- pieces -------------------------------------------------------------------
+    def due(self, server_round: int) -> bool:
+        return server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_server_rounds
+
+    def pending_evaluation(self) -> int | None:
+        """The round whose model is still to be evaluated (the last finished one, when due)."""
+        if not self.rows:
+            return None
+        last = self.rows[-1]
+        return last["round"] if self.due(last["round"]) and EVALUATED_KEY not in last else None
+
+    def message_config(self, evaluate_received: bool) -> ConfigRecord:
+        splits = "local" if self.evaluator is not None else "all"
+        return ConfigRecord({**self.cfg.to_mapping(), EVALUATE_KEY: evaluate_received, SPLITS_KEY: splits})
+
+    def evaluate_messages(self, server_round: int, exclude: set[int] = frozenset()) -> list[Message]:
+        """Evaluate messages (the current global model is round `server_round`'s) for the
+        connected sites not in `exclude`."""
+        messages = self.strategy.configure_evaluate(server_round, self.arrays, self.message_config(False), self.grid)
+        return [m for m in messages if m.metadata.dst_node_id not in exclude]
+
+    def screen(self, result: Exchange, message_type: str) -> tuple[list[Message], list[str]]:
+        """The replies of one type fit to aggregate, and every failure of the exchange
+        (no reply, error replies, replies the strategy refused), labelled by site."""
+        good, bad = self.strategy.screen(result.of_type(message_type))
+        failed = result.failed + [f"{self.book.label(m.metadata.src_node_id)}: {reason}" for m, reason in bad]
+        return good, failed
+
+    def record_evaluation(self, server_round: int, result: Exchange) -> None:
+        """Round `server_round`'s evaluation metrics (from the sites, and from the server
+        when it evaluates the official splits itself) into its row; then report it."""
+        central = None
+        if self.evaluator is not None:
+            central = self.evaluator(self.arrays)
+        metrics = self.strategy.aggregate_evaluate(server_round, result.replies, central) or MetricRecord({})
+        row = next(r for r in self.rows if r["round"] == server_round)
+        row.update(dict(metrics))
+        row[EVALUATED_KEY] = row.get(EVALUATED_KEY, 0)
+        row["failed_eval_sites"] = result.failed
+        self.results.write_rounds(self.rows)
+        self.report(row)
+
+    def save_checkpoint(self, server_round: int) -> None:
+        write_checkpoint(
+            self.cfg, server_round, self.arrays.to_torch_state_dict(), self.strategy.checkpoint_state(), self.rows
+        )
+
+    def report(self, row: dict[str, Any]) -> None:
+        """A finished round (trained and, when due, evaluated): console, TensorBoard, MLflow."""
+        self.tracker.log_round(row)
+        eta = self.tracker.progress(row["round"], self.started, getattr(self, "first_round", 1))
+        console.print(progress_line(row, self.cfg.num_server_rounds, eta))

@@ -1,0 +1,72 @@
+"""What the server may do with the dataset when it can read it (simulation): show the
+partitioning, and evaluate a model that is the same at every site on the official
+test and validation splits once, instead of once per site.
+
+In a deployment the data file is normally not on the server; then both are skipped
+and every site evaluates on its own data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+
+from core.config import RunConfig
+from core.console import console
+from models import build_run_model
+from models.evaluation import evaluate_split
+from partitions.medmnist_data import DataError, npz_filename, partition_labels
+from partitions.sites import cached_dataset, cached_partition, dataset_key, evaluation_splits, partition_key
+from partitions.summary import write_summary
+
+
+def dataset_on_server(cfg: RunConfig) -> bool:
+    return (Path(cfg.data_root) / npz_filename(cfg.dataset, cfg.image_size)).exists()
+
+
+def partition_summary(cfg: RunConfig, num_sites: int, out_dir: Path) -> None:
+    """Table and plot of the simulated partitioning, when the server can see the data."""
+    if not dataset_on_server(cfg):
+        console.print("[dim]dataset file not on the server: no partition summary (deployment mode)[/dim]")
+        return
+    try:
+        data = cached_dataset(*dataset_key(cfg))
+    except DataError as exc:
+        console.print(f"[yellow]partition summary skipped: {exc}[/yellow]")
+        return
+    parts = cached_partition(*partition_key(cfg, num_sites))
+    names = list(data.spec.class_names) + (["no finding"] if data.spec.multi_label else [])
+    write_summary(partition_labels(data["train"].labels), list(parts), out_dir, cfg.partition, names)
+
+
+class CentralEvaluator:
+    """Evaluates the global model on the official test and validation splits."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.test, self.val = evaluation_splits(*dataset_key(cfg))
+        self.spec = cached_dataset(*dataset_key(cfg)).spec
+
+    def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
+        model = build_run_model(self.cfg, self.spec, seed=self.cfg.seed)
+        model.load_state_dict({**model.state_dict(), **arrays.to_torch_state_dict()})
+        cpu = torch.device("cpu")
+        metrics: dict[str, float] = {}
+        for prefix, split in (("test", self.test), ("val", self.val)):
+            scores = evaluate_split(model, split, self.spec.task, cpu)
+            metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
+        return metrics
+
+
+def central_evaluator(cfg: RunConfig, same_model_everywhere: bool) -> CentralEvaluator | None:
+    """An evaluator when the method's evaluated model is the same at every site and the
+    server can read the dataset; None otherwise (the sites evaluate everything)."""
+    if not same_model_everywhere or not dataset_on_server(cfg):
+        return None
+    try:
+        return CentralEvaluator(cfg)
+    except DataError as exc:
+        console.print(f"[yellow]server-side evaluation off: {exc}[/yellow]")
+        return None

@@ -1,0 +1,116 @@
+"""Every reply is checked before it can touch the global model: shared keys, shapes and
+dtypes of the global arrays, finite values, a positive integer example count. A bad
+reply counts as a failed site for that round and the others are aggregated."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord
+
+from strategies import BadReply, PrivacyViolation
+from tests.fl_harness import federation, small_config, write_fake_medmnist
+from tests.test_server_resume import LocalGrid, rows, run
+
+
+def _first_round(tmp_path, method="fedavg"):
+    fed = federation(tmp_path, small_config(tmp_path, method))
+    replies = fed.run_round(1)
+    return fed, replies
+
+
+def _with_arrays(reply, change):
+    bad = copy.copy(reply)
+    bad.content = copy.deepcopy(reply.content)
+    arrays = {k: np.array(bad.content["arrays"][k].numpy()) for k in bad.content["arrays"].keys()}
+    change(arrays)
+    bad.content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return bad
+
+
+def _with_count(reply, count):
+    bad = copy.copy(reply)
+    bad.content = copy.deepcopy(reply.content)
+    bad.content["metrics"] = MetricRecord({**dict(bad.content["metrics"]), "num-examples": count})
+    return bad
+
+
+def test_screen_refuses_nan_inf_shapes_dtypes_counts_and_private_keys(tmp_path):
+    fed, replies = _first_round(tmp_path)
+    good = replies[0]
+    key = next(k for k in good.content["arrays"].keys() if "conv" in k)
+
+    def nan(a):
+        a[key].flat[0] = np.nan
+
+    def inf(a):
+        a[key].flat[-1] = np.inf
+
+    def shape(a):
+        a[key] = a[key][:1]
+
+    def dtype(a):
+        a[key] = a[key].astype(np.float64)
+
+    def private(a):
+        a["encoder.secret"] = np.zeros(3, dtype=np.float32)
+
+    cases = {
+        "non-finite values": _with_arrays(good, nan),
+        "non-finite values ": _with_arrays(good, inf),
+        "expected float32": _with_arrays(good, shape),
+        "as float64": _with_arrays(good, dtype),
+        "outside the shared set": _with_arrays(good, private),
+        "claims 0 training examples": _with_count(good, 0),
+        "claims -5 training examples": _with_count(good, -5),
+        "claims 3.5 training examples": _with_count(good, 3.5),
+    }
+    accepted, refused = fed.strategy.screen([good, *cases.values()])
+    assert accepted == [good]
+    reasons = [reason for _, reason in refused]
+    for expected, reason in zip(cases, reasons):
+        assert expected.strip() in reason, (expected, reason)
+    with pytest.raises(PrivacyViolation):
+        fed.strategy.check_reply(cases["outside the shared set"])
+    with pytest.raises(BadReply, match="NaN or Inf"):
+        fed.strategy.aggregate_train(1, [good, cases["non-finite values"]])
+
+
+class PoisonedGrid(LocalGrid):
+    """Site `poisoned` (node id) replies to train messages with NaN in its shared arrays."""
+
+    poisoned: int = 2
+
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        for mid in ids:
+            reply = self.outbox.get(mid)
+            if reply is not None and reply.metadata.src_node_id == self.poisoned and "arrays" in reply.content:
+                self.outbox[mid] = _with_arrays(reply, lambda a: next(v for v in a.values() if v.ndim > 1).fill(np.nan))
+        return ids
+
+
+def test_a_site_that_sends_nan_fails_its_round_and_the_others_are_aggregated(tmp_path):
+    write_fake_medmnist(tmp_path / "data")
+    cfg = small_config(tmp_path, "fusedspacefed", run_name="poisoned", num_server_rounds=2)
+    grid = PoisonedGrid(tmp_path / "site-state")
+    run(cfg, grid)
+    history = rows(cfg)
+    assert [r["num_replies"] for r in history] == [2, 2]
+    for row in history:
+        assert len(row["failed_sites"]) == 1
+        assert row["failed_sites"][0].startswith("node 2 (site 1): ") and "NaN or Inf" in row["failed_sites"][0]
+    model = torch.load(tmp_path / "results" / "poisoned" / "global_model.pt", weights_only=True)
+    assert all(torch.isfinite(v.float()).all() for v in model.values())  # nothing of the NaN got in
+
+
+def test_too_many_bad_replies_stop_the_run_resumably(tmp_path):
+    from server_app.faults import TooFewReplies
+
+    write_fake_medmnist(tmp_path / "data")
+    cfg = small_config(tmp_path, "fedavg", run_name="poisoned-stop", min_replies=3)
+    with pytest.raises(TooFewReplies, match=r"round 1: 2 of 3 sites replied.*NaN or Inf.*resume-from"):
+        run(cfg, PoisonedGrid(tmp_path / "site-state"))
