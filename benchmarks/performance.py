@@ -312,6 +312,7 @@ def profiling_client_app(log_path: str):
     from flwr.clientapp import ClientApp
 
     import client_app.app as client
+    from client_app import site as site_module
     from client_app import state as state_module
     from client_app.trainers import trainer_for
 
@@ -336,7 +337,7 @@ def profiling_client_app(log_path: str):
         setattr(owner, name, wrapper)
 
     def timer(msg, ctx, call_next):
-        timed(client.Site, "__init__", "site_setup")
+        timed(site_module.Site, "__init__", "site_setup")
         timed(state_module.PrivateState, "save", "state_save")
         for trainer_cls in {type(trainer_for(m)) for m in ("fedavg", "fusedspacefed")}:
             timed(trainer_cls, "train", "local_training")
@@ -580,6 +581,11 @@ def render(data: dict[str, Any]) -> str:
             "No GPU was available on this machine (torch.cuda.is_available() is False), so there are no GPU "
             "figures. None are invented here; run this script on a CUDA machine to add them."
         )
+    round_cost = ROOT / "benchmarks" / "round_cost.json"
+    if round_cost.exists():
+        from benchmarks.round_cost import render as render_round_cost
+
+        lines += ["", render_round_cost(json.loads(round_cost.read_text())).rstrip()]
     notes = data.get("notes")
     if notes:
         lines += ["", "## Notes", "", notes.strip()]

@@ -1,1 +1,5 @@
-"""Site side: the ClientApp, local trainers, data, evaluation and private state."""
+"""Site side: the ClientApp, local trainers, private state and an optional warm worker."""
+
+import time
+
+IMPORT_STARTED = time.time()  # the round-cost timeline's "imports" start here

@@ -12,7 +12,11 @@ evaluates on its own held-out arrays. The server never sees site data.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -124,10 +128,17 @@ class SiteFile:
     meta: dict
 
 
-def deployment_site_data(cfg: RunConfig, data_path: str | Path) -> tuple[SiteData, dict]:
+def deployment_site_data(
+    cfg: RunConfig, data_path: str | Path, cache_dir: str | Path | None = None
+) -> tuple[SiteData, dict]:
     """A SuperNode's data from its own `data-path` (an npz in MedMNIST's layout, or an
-    image folder): it trains on the train split and evaluates on its own held-out data."""
-    site = load_site_file(str(Path(data_path).expanduser()), cfg.dataset, cfg.image_size, cfg.seed)
+    image folder): it trains on the train split and evaluates on its own held-out data.
+    With `cache_dir`, the validated arrays are prepared once and memory-mapped afterwards."""
+    path = str(Path(data_path).expanduser())
+    if cache_dir:
+        site = cached_site_file(path, cfg.dataset, cfg.image_size, cfg.seed, str(cache_dir))
+    else:
+        site = load_site_file(path, cfg.dataset, cfg.image_size, cfg.seed)
     multi = site.data.spec.multi_label
     test = to_tensors(site.data["test"], multi)
     data = SiteData(
@@ -142,7 +153,6 @@ def deployment_site_data(cfg: RunConfig, data_path: str | Path) -> tuple[SiteDat
     return data, site.meta
 
 
-@lru_cache(maxsize=2)
 def load_site_file(path: str, dataset: str, image_size: int, seed: int = 0) -> SiteFile:
     """Load and validate a site's data (npz file or image folder); errors name the path."""
     p = Path(path)
@@ -166,6 +176,76 @@ def load_site_file(path: str, dataset: str, image_size: int, seed: int = 0) -> S
     if meta.get("dataset", dataset) != dataset:
         raise DataError(f"site file {p} holds {meta['dataset']!r} data but the run's dataset is {dataset!r}")
     return SiteFile(data=data, local_test=local, meta=meta)
+
+
+# -- prepared once, memory-mapped after: a site's data cache ------------------------------
+
+CACHE_FORMAT = 1
+
+
+def _content_key(path: Path, dataset: str, image_size: int, seed: int) -> str:
+    """sha256 of a file's bytes, or of a folder's listing (names, sizes, modification
+    times: re-reading every image would cost what the cache saves), plus what the
+    prepared arrays depend on."""
+    digest = hashlib.sha256(f"{CACHE_FORMAT}|{dataset}|{image_size}|{seed}|".encode())
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            stat = file.stat()
+            digest.update(f"{file.relative_to(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    else:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def _split_arrays(site: SiteFile) -> dict[str, np.ndarray]:
+    splits = {**site.data.splits, **({"local_test": site.local_test} if site.local_test is not None else {})}
+    arrays = {}
+    for name, split in splits.items():
+        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
+    return arrays
+
+
+def cached_site_file(path: str, dataset: str, image_size: int, seed: int, cache_root: str) -> SiteFile:
+    """`load_site_file` through a cache under `cache_root`, keyed by the data's content:
+    the first message validates and writes plain .npy files (atomically, as a folder
+    renamed into place); later messages memory-map them (no decompression, no image
+    decoding, no validation pass)."""
+    source = Path(path)
+    if not source.exists():
+        return load_site_file(path, dataset, image_size, seed)  # its error names the path
+    folder = Path(cache_root) / _content_key(source, dataset, image_size, seed)
+    if (folder / "meta.json").exists():
+        return _prepared(str(folder), dataset, image_size)
+    site = load_site_file(path, dataset, image_size, seed)
+    arrays = _split_arrays(site)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_mkdirs(folder.parent)))
+    try:
+        for name, values in arrays.items():
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(values), allow_pickle=False)
+        meta = {"arrays": list(arrays), "local_test": site.local_test is not None, "site_meta": site.meta}
+        (tmp / "meta.json").write_text(json.dumps({**meta, "source": path}))
+        os.replace(tmp, folder)
+    except OSError:  # another process prepared it first, or the disk is full: the loaded data is right
+        shutil.rmtree(tmp, ignore_errors=True)
+    return site
+
+
+@lru_cache(maxsize=4)
+def _prepared(folder: str, dataset: str, image_size: int) -> SiteFile:
+    """A prepared cache entry, memory-mapped (copy-on-write: tensors may be made from it).
+    Keyed by its content-named folder, so a process never serves a replaced file's data."""
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    arrays = {name: np.load(Path(folder) / f"{name}.npy", mmap_mode="c") for name in meta["arrays"]}
+    splits = {s: Split(arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in ("train", "val", "test")}
+    local = Split(arrays["local_test_images"], arrays["local_test_labels"]) if meta["local_test"] else None
+    return SiteFile(MedMNISTData(dataset_spec(dataset, image_size), splits), local, meta["site_meta"])
+
+
+def _mkdirs(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _class_index(folder: str, class_names: list[str], path: Path) -> int:
@@ -270,7 +350,8 @@ def site_data_for(cfg: RunConfig, node_config) -> tuple[SiteData, dict]:
     configured dataset (simulation); returns the data and the site file's metadata."""
     data_path = str(node_config.get("data-path", "") or "")
     if data_path:
-        return deployment_site_data(cfg, data_path)
+        state_dir = str(node_config.get("state-dir", "") or "")
+        return deployment_site_data(cfg, data_path, Path(state_dir) / "data-cache" if state_dir else None)
     if "partition-id" not in node_config:
         raise DataError(
             "this SuperNode's node config has no 'data-path' (a deployed site's own data file or image folder) "

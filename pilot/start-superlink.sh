@@ -40,6 +40,8 @@ done
 mkdir -p "$(dirname "$db")"
 export FLWR_TELEMETRY_ENABLED="${FLWR_TELEMETRY_ENABLED:-0}"
 export FLWR_DISABLE_UPDATE_CHECK="${FLWR_DISABLE_UPDATE_CHECK:-1}"
+# the ServerApp's SuperExec looks for new runs every second by default
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}"
 args=(
   --ssl-ca-certfile "$certs/ca.crt"
   --ssl-certfile "$certs/superlink.crt"

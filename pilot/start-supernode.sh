@@ -4,7 +4,7 @@
 #   pilot/start-supernode.sh --superlink HOST:PORT --ca ca.crt --key SITE.key \
 #       --data-path FILE_OR_FOLDER --site-name NAME --state-dir DIR \
 #       [--dataset FLAG] [--image-size N] [--port PORT] [--retry N] [--retry-wait S]
-#       [--allow-gradients] [-- EXTRA...]
+#       [--allow-gradients] [--no-worker] [-- EXTRA...]
 #
 #   --superlink  the SuperLink's address, a name its certificate holds (make-certs.sh)
 #   --ca         the pilot's ca.crt (not the CA key)
@@ -16,6 +16,8 @@
 #   --port       local port for the ClientApp runtime API (default 9094; one per SuperNode)
 #   --allow-gradients  opt this site in to sending classifier gradients when a run sets
 #                measure-gamma = true (off by default: gradients can be inverted to images)
+#   --no-worker  do not start the warm site worker (python -m client_app.worker): every
+#                message then imports PyTorch and loads the data in a fresh process
 #   --retry N    restart the SuperNode up to N times when it exits with an error, S seconds
 #                apart (--retry-wait, default 10): after a crash the SuperLink refuses the
 #                node until it has missed its heartbeats (up to 60 s)
@@ -23,7 +25,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 superlink="" ca="" key="" data="" name="" state="" dataset="" size=28 port=9094 retry=0 retry_wait=10
-gradients=false
+gradients=false worker=true
 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -39,6 +41,7 @@ while [[ $# -gt 0 ]]; do
     --retry) retry="$2"; shift 2 ;;
     --retry-wait) retry_wait="$2"; shift 2 ;;
     --allow-gradients) gradients=true; shift ;;
+    --no-worker) worker=false; shift ;;
     --) shift; extra=("$@"); break ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -61,20 +64,44 @@ check tls --superlink "$superlink" --root-certificates "$ca"
 
 export FLWR_TELEMETRY_ENABLED="${FLWR_TELEMETRY_ENABLED:-0}"
 export FLWR_DISABLE_UPDATE_CHECK="${FLWR_DISABLE_UPDATE_CHECK:-1}"
+# Flower's SuperExec looks for a new ClientApp task every second by default; a round
+# waits for that poll twice per message (0.01-60 s allowed).
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}"
+
+# The warm site worker: one process that keeps PyTorch, the data and the model code
+# loaded; each message's fresh ClientApp process hands it the message over a Unix
+# socket (mode 0600) in the state folder. Its private state is on disk as always, so
+# the worker may be restarted at any time; if it is down, messages run in-process.
+node_config="data-path=\"$data\" site-name=\"$name\" state-dir=\"$state\" allow-gradients=$gradients"
+worker_pid=""
+if [[ "$worker" == true ]]; then
+  sock="$state/worker.sock"
+  rm -f "$sock"
+  PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$python" -m client_app.worker --socket "$sock" \
+    >>"$state/worker.log" 2>&1 &
+  worker_pid=$!
+  for _ in $(seq 1 600); do
+    [[ -S "$sock" ]] && break
+    kill -0 "$worker_pid" 2>/dev/null || { echo "error: the site worker failed to start; see $state/worker.log" >&2; exit 1; }
+    sleep 0.2
+  done
+  [[ -S "$sock" ]] || { echo "error: the site worker did not open $sock within 120 s; see $state/worker.log" >&2; exit 1; }
+  echo "site worker ready (pid $worker_pid, log $state/worker.log)" >&2
+  node_config="$node_config site-worker=\"$sock\""
+fi
+stop_worker() { [[ -n "$worker_pid" ]] && kill -TERM "$worker_pid" 2>/dev/null; true; }
+trap stop_worker EXIT
 cmd=(
   flower-supernode
   --superlink "$superlink"
   --root-certificates "$ca"
   --auth-supernode-private-key "$key"
   --port "$port"
-  --node-config "data-path=\"$data\" site-name=\"$name\" state-dir=\"$state\" allow-gradients=$gradients"
+  --node-config "$node_config"
   "${extra[@]}"
 )
-if [[ "$retry" -eq 0 ]]; then
-  exec "${cmd[@]}"
-fi
 child=""
-trap '[[ -n "$child" ]] && kill -TERM "$child" 2>/dev/null; wait; exit 143' TERM INT
+trap '[[ -n "$child" ]] && kill -TERM "$child" 2>/dev/null; stop_worker; wait; exit 143' TERM INT
 for ((attempt = 0; ; attempt++)); do
   "${cmd[@]}" &
   child=$!

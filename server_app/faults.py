@@ -29,6 +29,9 @@ class Exchange:
     replies: list[Message] = field(default_factory=list)  # without errors
     failed: list[str] = field(default_factory=list)  # "node N (site i): reason"
     sent: int = 0
+    push_start: float = 0.0  # epoch seconds, for the round-cost timeline
+    push_done: float = 0.0
+    arrived: dict[int, float] = field(default_factory=dict)  # node -> when its reply was pulled
 
     def of_type(self, message_type: str) -> list[Message]:
         return [m for m in self.replies if m.metadata.message_type == message_type]
@@ -60,7 +63,9 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: Site
     result = Exchange(sent=len(messages))
     if not messages:
         return result
+    result.push_start = time.time()
     ids = list(grid.push_messages(messages))
+    result.push_done = time.time()
     waiting = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid}
     for m, mid in zip(messages, ids):
         if not mid:
@@ -72,6 +77,7 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: Site
             if node is None:  # a grid that does not echo message ids: match by sender
                 node = msg.metadata.src_node_id
                 waiting = {k: v for k, v in waiting.items() if v != node}
+            result.arrived[node] = time.time()
             if msg.has_error():
                 result.failed.append(f"{book.label(node)}: {msg.error.reason}")
             else:

@@ -52,6 +52,27 @@ class RunResults:
         atomic_write_json(self.dir / "summary.json", {**summarise(rows), **extra})
         return summarise(rows)
 
+    def write_timeline(self, server_round: int, exchange: Any, final: bool = False) -> None:
+        """Append one line per reply of an exchange to timeline.jsonl: when the server
+        pushed, when it pulled the reply, and the site's own marks (epoch seconds)."""
+        lines = []
+        for msg in exchange.replies:
+            node = msg.metadata.src_node_id
+            marks = msg.content.metric_records.get("timeline")
+            lines.append(
+                {
+                    "round": server_round,
+                    "phase": "final-evaluate" if final else msg.metadata.message_type,
+                    "node": node,
+                    "push_start": exchange.push_start,
+                    "push_done": exchange.push_done,
+                    "pulled": exchange.arrived.get(node),
+                    **(dict(marks) if marks is not None else {}),
+                }
+            )
+        with open(self.dir / "timeline.jsonl", "a") as handle:
+            handle.writelines(json.dumps(_clean(line)) + "\n" for line in lines)
+
     def write_model(self, state: dict[str, torch.Tensor], name: str = "global_model.pt") -> Path:
         path = self.dir / name
         buffer = io.BytesIO()

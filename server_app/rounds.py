@@ -146,6 +146,7 @@ class FederatedRun:
         sampled = {m.metadata.dst_node_id for m in train_messages}
         eval_messages = self.evaluate_messages(pending, exclude=sampled) if pending is not None else []
         result = exchange(self.grid, train_messages + eval_messages, self.cfg.round_timeout, self.book)
+        self.results.write_timeline(server_round, result)
         if pending is not None:
             self.record_evaluation(pending, result)
         train_replies, failed = self.screen(result, "train")
@@ -176,6 +177,7 @@ class FederatedRun:
             return
         started = time.time()
         result = exchange(self.grid, self.evaluate_messages(pending), self.cfg.round_timeout, self.book)
+        self.results.write_timeline(pending, result, final=True)
         self.record_evaluation(pending, result)
         self.rows[-1]["round_seconds"] += time.time() - started
         self.results.write_rounds(self.rows)

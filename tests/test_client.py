@@ -8,7 +8,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from client_app.app import Site, evaluate_round, train_round
+from client_app.site import Site, evaluate_round, train_round
 from client_app.state import FILE_NAME, MODEL_RECORD, StateError
 from client_app.trainers import LocalRound
 from client_app.trainers.fusedspacefed import FusedSpaceFedTrainer, decoupled_losses, task_aware_loss

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-import client_app.app as client
+from client_app.site import Site
 from client_app.state import node_private_state
 from core.methods import contract_for
 from models import build_model, is_batchnorm_key
@@ -62,7 +62,7 @@ def test_batchnorm_stays_private_and_is_restored_per_site(tmp_path) -> None:
     for contexts in (fed.grid.contexts, restarted):
         for msg in messages:
             node = msg.metadata.dst_node_id
-            site = client.Site(msg.content, contexts[node])
+            site = Site(msg.content, contexts[node])
             assert site.restored
             state = site.model.state_dict()
             for key, value in saved[node].items():

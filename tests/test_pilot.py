@@ -151,6 +151,8 @@ def test_a_killed_supernode_restarts_with_its_encoder_from_disk(pilot):
     assert saved_round == 1
     # The SuperLink counts the dead node as online until it misses its heartbeats (up to
     # a minute), and refuses it until then: the restarted SuperNode retries meanwhile.
+    worker_log = pilot.state_dir(site) / "worker.log"  # the warm site worker's output
+    worker_offset = len(worker_log.read_text()) if worker_log.exists() else 0
     restarted = pilot.start_supernode(site, pilot.site_files[index], retry=60)
     pilot.supernodes[site] = restarted
     status = pilot.wait_for_run(run_id, 1500)
@@ -168,6 +170,8 @@ def test_a_killed_supernode_restarts_with_its_encoder_from_disk(pilot):
     assert rows[2]["failed_sites"] == [] and rows[2]["num_replies"] in (2, 3)
     assert rows[2]["num_evaluated"] == 3
     # the restarted site went on from exactly the encoder it had saved after round 1
-    restored = re.findall(r"private state of round (\d+) restored from (\S+) \(sha256 ([0-9a-f]+)\)", restarted.text())
+    # (logged by whichever process ran the message: the restarted worker, or the ClientApp process)
+    logs = restarted.text() + (worker_log.read_text()[worker_offset:] if worker_log.exists() else "")
+    restored = re.findall(r"private state of round (\d+) restored from (\S+) \(sha256 ([0-9a-f]+)\)", logs)
     assert restored and restored[0] == ("1", str(state_file), arrays.digest())
     assert read_state_file(state_file)[1] == (3 if rows[2]["num_replies"] == 3 else 1)

@@ -196,3 +196,30 @@ def test_cli_connection(tmp_path, monkeypatch):
     assert config["superlink"]["pilot"] == {"address": "127.0.0.1:8000", "root-certificates": str(tmp_path / "ca.crt")}
     add_connection("other", "10.0.0.5:8000", tmp_path / "ca.crt", make_default=True)
     assert tomllib.loads((tmp_path / "home" / "config.toml").read_text())["superlink"]["default"] == "other"
+
+
+def test_a_deployed_site_prepares_its_data_once_and_memory_maps_it(site_files, tmp_path):
+    import shutil
+
+    from partitions.sites import cached_site_file
+
+    cfg = RunConfig(dataset="breastmnist")
+    site = tmp_path / "site.npz"
+    shutil.copy(site_files[1], site)
+    node = {"data-path": str(site), "state-dir": str(tmp_path / "state")}
+    first, meta = site_data_for(cfg, node)
+    cache = tmp_path / "state" / "data-cache"
+    entries = [p for p in cache.iterdir() if not p.name.startswith(".tmp")]
+    assert len(entries) == 1 and (entries[0] / "train_images.npy").exists()
+    again, meta_again = site_data_for(cfg, node)
+    assert meta_again == meta
+    for split in ("train", "val", "test", "local_test"):
+        a, b = getattr(first, split), getattr(again, split)
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    reloaded = cached_site_file(str(site), "breastmnist", 28, cfg.seed, str(cache))
+    assert isinstance(reloaded.data["train"].images, np.memmap)  # read from the cache, not the npz
+    # new content, new key: the cache never serves stale data
+    shutil.copy(site_files[2], site)
+    changed, meta_changed = site_data_for(cfg, node)
+    assert meta_changed["site"] == 2 and len([p for p in cache.iterdir() if not p.name.startswith(".tmp")]) == 2
+    assert not torch.equal(changed.train.images, first.train.images)

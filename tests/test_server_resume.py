@@ -31,6 +31,9 @@ class FakeClock:
     def monotonic(self) -> float:
         return self.now
 
+    def time(self) -> float:
+        return 1_000_000.0 + self.now
+
     def sleep(self, seconds: float) -> None:
         self.now += seconds
 

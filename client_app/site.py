@@ -1,0 +1,211 @@
+"""One site's round, in one message where the method allows (the heavy part of the
+ClientApp: torch, data, models; `client_app.app` imports it only when a message needs it,
+or hands the message to a warm site worker that has it loaded).
+
+A train message carries the global model of the previous round. The site first
+evaluates that model (with its own private parts) when the server asks, then trains
+on it, saves its private state and replies with the shared arrays only (the method
+contract says which), its training metrics and that evaluation. An evaluate message
+(after the last round, or for a site not sampled to train) only evaluates.
+
+What leaves a site: the shared arrays, metrics, the records its method's contract
+names (SCAFFOLD's dc_i) and, only when `measure-gamma` is on and the site allows it
+(simulated sites always; a deployed site with `allow-gradients = true` in its own
+node config), classifier gradients on one batch for Gamma.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
+from flwr.common.logger import log
+
+from client_app.state import PrivateArrays, PrivateState
+from client_app.timeline import TIMELINE_RECORD, Timeline
+from client_app.trainers import LocalRound, Trainer
+from client_app.training import classification_loss, classifier_gradient
+from core.config import RunConfig
+from core.device import resolve_device, set_threads
+from core.methods import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    EVALUATE_KEY,
+    EVALUATION_RECORD,
+    GRADIENTS_RECORD,
+    MESSAGE_KEYS,
+    METRICS_RECORD,
+    RESTORED_KEY,
+    ROUND_KEY,
+    SITE_ID_KEY,
+    SPLITS_KEY,
+    WEIGHT_KEY,
+    MethodContract,
+    contract_for,
+)
+from core.seeds import BATCH_ORDER, GAMMA_BATCH, round_seed, site_init_seed
+from models import SiteModel, build_run_model
+from models.evaluation import evaluate_split
+from partitions.sites import SiteData, site_data_for
+
+ALLOW_GRADIENTS = "allow-gradients"  # node config of a deployed site: opt in to sending gradients
+IMPORTED = time.time()
+
+
+def _flag(value: object) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes")
+
+
+class Site:
+    """This node's identity, data, private state and model for one message."""
+
+    def __init__(
+        self, content: RecordDict, context: Context, phase: str = "train", timeline: Timeline | None = None
+    ) -> None:
+        self.timeline = timeline or Timeline(IMPORTED)
+        self.phase = phase  # "train" starts from the state of an earlier round, "evaluate" from this round's
+        config = content[CONFIG_RECORD]
+        self.cfg = RunConfig.from_mapping({k: v for k, v in config.items() if k not in MESSAGE_KEYS})
+        self.server_round = int(config.get(ROUND_KEY, 0))
+        self.evaluate_received = _flag(config.get(EVALUATE_KEY, False))
+        self.evaluate_splits = str(config.get(SPLITS_KEY, "all"))
+        self.contract: MethodContract = contract_for(self.cfg.method)
+        node = context.node_config
+        self.deployed = bool(str(node.get("data-path", "") or ""))
+        self.allows_gradients = not self.deployed or _flag(node.get(ALLOW_GRADIENTS, False))
+        self.data: SiteData
+        self.data, meta = site_data_for(self.cfg, node)
+        self.timeline.mark("data_loaded")
+        self.site_id = int(node.get("partition-id", meta.get("site", 0)))
+        self.num_sites = int(node.get("num-partitions", meta.get("num_sites", 1)))
+        self.name = str(node.get("site-name", f"site-{self.site_id}"))
+        state_dir = str(node.get("state-dir", "")) or str(Path(self.cfg.results_dir) / self.cfg.run_name / "site-state")
+        self.state = PrivateState(context.state, state_dir, self.cfg.run_name, self.name, self.cfg.keep_checkpoints)
+        set_threads(self.cfg.num_threads)
+        self.device = resolve_device(self.cfg.device)
+        self.model = self._build_model(content[ARRAYS_RECORD])
+        self.timeline.mark("model_built")
+
+    def _build_model(self, global_arrays: ArrayRecord) -> SiteModel:
+        model = build_run_model(self.cfg, self.data.spec, seed=site_init_seed(self.cfg.seed, self.site_id))
+        self.shared_keys = self.contract.shared_keys(model)
+        incoming = global_arrays.to_torch_state_dict()
+        if set(incoming) != set(self.shared_keys):
+            raise ValueError(
+                f"the server sent keys that differ from this method's shared set (missing "
+                f"{sorted(set(self.shared_keys) - set(incoming))[:5]}, unexpected "
+                f"{sorted(set(incoming) - set(self.shared_keys))[:5]})"
+            )
+        before = (self.server_round + (self.phase == "evaluate")) if self.server_round else None
+        saved = self.state.load(before_round=before) or PrivateArrays()
+        if self.state.source not in ("", "memory"):
+            log(
+                INFO,
+                "site %s: private state of round %d restored from %s (sha256 %s)",
+                self.name,
+                self.state.loaded_round,
+                self.state.source,
+                saved.digest(),
+            )
+        self.extras = saved.extras
+        self.restored = bool(saved)
+        model.load_state_dict({**model.state_dict(), **saved.model, **incoming})
+        return model.to(self.device)
+
+    def private_arrays(self, extras: dict[str, torch.Tensor]) -> PrivateArrays:
+        shared = set(self.shared_keys)
+        return PrivateArrays({k: v for k, v in self.model.state_dict().items() if k not in shared}, extras)
+
+    def shared_arrays(self) -> ArrayRecord:
+        state = self.model.state_dict()
+        return ArrayRecord({k: state[k].detach().cpu() for k in self.shared_keys})
+
+    def generator(self, purpose: int) -> torch.Generator:
+        return torch.Generator().manual_seed(round_seed(self.cfg.seed, self.server_round, self.site_id, purpose))
+
+    def gradients(self) -> ArrayRecord:
+        """Classifier gradients at the current global model on a deterministic batch
+        (method.md section 3): on x, and for FusedSpaceFed also on x + D(E_i(x))."""
+        x, y = self.data.train.first(self.cfg.gamma_batch_size, self.generator(GAMMA_BATCH))
+        x, y = x.to(self.device), y.to(self.device)
+        loss_fn = classification_loss(self.data.spec.multi_label)
+        grads = {"orig": classifier_gradient(self.model, x, y, loss_fn, fused_input=False)}
+        if self.model.fused:
+            grads["fused"] = classifier_gradient(self.model, x, y, loss_fn, fused_input=True)
+        return ArrayRecord(grads)
+
+    def evaluate(self) -> MetricRecord:
+        """The model as it stands (global arrays + this site's private parts) on the site's
+        splits: `local_*` always, `test_*` and `val_*` unless the server evaluates them."""
+        task = self.data.spec.task
+        splits = {"local": self.data.local_test}
+        if self.evaluate_splits == "all":
+            splits.update({"test": self.data.test, "val": self.data.val})
+        metrics: dict[str, float] = {}
+        for prefix, split in splits.items():
+            scores = evaluate_split(self.model, split, task, self.device)
+            metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
+        metrics.update({WEIGHT_KEY: len(self.data.test), SITE_ID_KEY: self.site_id})
+        return MetricRecord(metrics)
+
+
+def train_round(incoming: RecordDict, context: Context, timeline: Timeline | None = None) -> RecordDict:
+    """One round at this site; returns the reply content (shared arrays and metrics)."""
+    site = Site(incoming, context, timeline=timeline)
+    content = RecordDict()
+    if site.evaluate_received:
+        content[EVALUATION_RECORD] = site.evaluate()
+    site.timeline.mark("evaluated")
+    if site.cfg.measure_gamma:
+        if site.allows_gradients:
+            content[GRADIENTS_RECORD] = site.gradients()
+        else:
+            log(
+                WARNING,
+                "site %s: measure-gamma is on but this site does not send gradients (set allow-gradients=true in "
+                "its node config to opt in); Gamma is not measured this round",
+                site.name,
+            )
+    trainer: Trainer = site.contract.load_trainer()
+    job = LocalRound(
+        cfg=site.cfg,
+        data=site.data,
+        device=site.device,
+        generator=site.generator(BATCH_ORDER),
+        server_round=site.server_round,
+        incoming=incoming,
+        extras=site.extras,
+    )
+    result = trainer.train(site.model, job)
+    site.timeline.mark("trained")
+    site.state.save(site.private_arrays(result.extras), site.server_round)
+    site.timeline.mark("state_saved")
+    content[ARRAYS_RECORD] = site.shared_arrays()
+    content[METRICS_RECORD] = MetricRecord(
+        {
+            **result.metrics,
+            WEIGHT_KEY: len(site.data.train),
+            SITE_ID_KEY: site.site_id,
+            RESTORED_KEY: int(site.restored),
+        }
+    )
+    for key, record in (result.outgoing or {}).items():
+        content[key] = record
+    site.timeline.mark("reply_ready")
+    content[TIMELINE_RECORD] = MetricRecord(site.timeline.record())
+    return content
+
+
+def evaluate_round(incoming: RecordDict, context: Context, timeline: Timeline | None = None) -> RecordDict:
+    """Evaluate the global model (with this site's private parts) on the site's data."""
+    site = Site(incoming, context, phase="evaluate", timeline=timeline)
+    evaluation = site.evaluate()
+    site.timeline.mark("evaluated")
+    site.timeline.mark("reply_ready")
+    return RecordDict({EVALUATION_RECORD: evaluation, TIMELINE_RECORD: MetricRecord(site.timeline.record())})
+
+
+HANDLERS = {"train": train_round, "evaluate": evaluate_round}

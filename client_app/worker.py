@@ -1,0 +1,229 @@
+"""A warm site worker: one long-running process beside a SuperNode that keeps PyTorch,
+the site's data and the model code loaded, so a round no longer pays them per message.
+
+In a deployment Flower starts a fresh `flwr-clientapp` process for every message; with
+`site-worker = "/path/worker.sock"` in the SuperNode's node config, that process (the
+thin `client_app.app`, which imports no torch) hands the message to this worker over a
+Unix socket and returns its reply. Private state stays where it always is: in the
+worker's memory and on the site's disk (`state-dir`), written atomically every round,
+so a restarted worker (or the in-process fallback when the worker is down) continues
+from the disk. The socket is created with mode 0600 inside the state folder: only the
+site's own user can talk to it.
+
+    python -m client_app.worker --socket STATE_DIR/worker.sock
+
+The wire format is a JSON header plus raw array bytes (no pickle). A worker runs the
+code of the checkout it was started from; a message from an app bundle whose site code
+differs is refused (the thin app then runs it in-process and says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+WORKER_KEY = "site-worker"  # node config: the worker's socket path
+PROTOCOL = 1
+_LENGTH = struct.Struct("!Q")
+CODE_PACKAGES = ("client_app", "core", "models", "partitions")
+
+
+class WorkerUnavailable(RuntimeError):
+    """No worker answers at the socket, or it refused the message."""
+
+
+# -- code identity ----------------------------------------------------------------------
+
+
+def code_digest(root: Path | None = None) -> str:
+    """sha256 over the site-side packages' sources (the FAB's or the checkout's)."""
+    root = root or Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for package in CODE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+# -- wire format ------------------------------------------------------------------------
+
+
+def encode(header: dict[str, Any], records: RecordDict | None) -> bytes:
+    """A frame: header JSON (with the records' configs and metrics) + raw array bytes."""
+    chunks: list[bytes] = []
+    offset = 0
+    layout: dict[str, Any] = {"arrays": {}, "configs": {}, "metrics": {}}
+    for name, record in (records or RecordDict()).items():
+        if isinstance(record, ArrayRecord):
+            entries = []
+            for key in record.keys():
+                values = np.require(record[key].numpy(), requirements="C")  # keeps 0-d arrays 0-d
+                data = values.tobytes()
+                entries.append([key, values.dtype.str, list(values.shape), offset, len(data)])
+                chunks.append(data)
+                offset += len(data)
+            layout["arrays"][name] = entries
+        elif isinstance(record, ConfigRecord):
+            layout["configs"][name] = dict(record)
+        elif isinstance(record, MetricRecord):
+            layout["metrics"][name] = dict(record)
+    head = json.dumps({**header, "records": layout}).encode()
+    return _LENGTH.pack(len(head)) + head + b"".join(chunks)
+
+
+def decode(frame: bytes) -> tuple[dict[str, Any], RecordDict]:
+    (size,) = _LENGTH.unpack_from(frame)
+    header = json.loads(frame[_LENGTH.size : _LENGTH.size + size])
+    payload = memoryview(frame)[_LENGTH.size + size :]
+    layout = header.pop("records")
+    records = RecordDict()
+    for name, entries in layout["arrays"].items():
+        arrays = {}
+        for key, dtype, shape, offset, nbytes in entries:
+            values = np.frombuffer(payload[offset : offset + nbytes], dtype=np.dtype(dtype)).reshape(shape)
+            arrays[key] = Array(values.copy())
+        records[name] = ArrayRecord(arrays)
+    for name, values in layout["configs"].items():
+        records[name] = ConfigRecord(values)
+    for name, values in layout["metrics"].items():
+        records[name] = MetricRecord(values)
+    return header, records
+
+
+def _send(sock: socket.socket, frame: bytes) -> None:
+    sock.sendall(_LENGTH.pack(len(frame)) + frame)
+
+
+def _receive(sock: socket.socket) -> bytes:
+    head = _exactly(sock, _LENGTH.size)
+    return _exactly(sock, _LENGTH.unpack(head)[0])
+
+
+def _exactly(sock: socket.socket, count: int) -> bytes:
+    buffer = bytearray()
+    while len(buffer) < count:
+        chunk = sock.recv(min(1 << 20, count - len(buffer)))
+        if not chunk:
+            raise ConnectionError("the site worker closed the connection")
+        buffer += chunk
+    return bytes(buffer)
+
+
+# -- client side (the thin ClientApp; no torch) -----------------------------------------
+
+
+def call(
+    path: str, kind: str, content: RecordDict, node_config: dict[str, Any], run_id: int, timeout: float
+) -> RecordDict:
+    """Hand one message to the worker at `path`; its reply content, or WorkerUnavailable."""
+    header = {"protocol": PROTOCOL, "kind": kind, "node_config": node_config, "run_id": run_id}
+    header["code"] = code_digest()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            _send(sock, encode(header, content))
+            reply_header, reply = decode(_receive(sock))
+    except (OSError, ConnectionError) as exc:
+        raise WorkerUnavailable(f"no site worker at {path} ({type(exc).__name__}: {exc})") from exc
+    if reply_header.get("error"):
+        if reply_header.get("refused"):
+            raise WorkerUnavailable(reply_header["error"])
+        raise RuntimeError(f"site worker: {reply_header['error']}")
+    return reply
+
+
+# -- the worker -------------------------------------------------------------------------
+
+
+class Worker:
+    """Serves messages one at a time, with one in-memory node state per run."""
+
+    def __init__(self) -> None:
+        from flwr.app import Context
+
+        from client_app import site  # torch, data and models: loaded once, here
+
+        self.site, self.Context = site, Context
+        self.code = code_digest()
+        self.states: dict[tuple[int, str], RecordDict] = {}
+
+    def handle(self, frame: bytes) -> bytes:
+        header, content = decode(frame)
+        if header.get("protocol") != PROTOCOL:
+            return encode({"error": f"protocol {header.get('protocol')} != {PROTOCOL}", "refused": True}, None)
+        if header.get("code") != self.code:
+            return encode(
+                {
+                    "error": "the site worker runs different site code than this run's app bundle; restart the "
+                    "worker from the same version of the project",
+                    "refused": True,
+                },
+                None,
+            )
+        node_config = header["node_config"]
+        key = (int(header["run_id"]), json.dumps(node_config, sort_keys=True))
+        state = self.states.setdefault(key, RecordDict())
+        context = self.Context(run_id=key[0], node_id=0, node_config=node_config, state=state, run_config={})
+        from client_app.timeline import Timeline
+
+        try:
+            reply = self.site.HANDLERS[header["kind"]](content, context, Timeline(self.site.IMPORTED, via="worker"))
+        except Exception as exc:  # the thin app turns this into the message's error
+            return encode({"error": f"{type(exc).__name__}: {exc}"}, None)
+        return encode({}, reply)
+
+
+def serve(path: str) -> None:
+    socket_path = Path(path).expanduser()
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    socket_path.unlink(missing_ok=True)
+    worker = Worker()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket file: 0600
+    try:
+        server.bind(str(socket_path))
+    finally:
+        os.umask(old_umask)
+    server.listen(4)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"site worker ready on {socket_path} (pid {os.getpid()})", flush=True)
+    try:
+        while True:
+            connection, _ = server.accept()
+            with connection:
+                try:
+                    frame = _receive(connection)
+                except ConnectionError:
+                    continue
+                started = time.time()
+                reply = worker.handle(frame)
+                _send(connection, reply)
+                print(f"served a message in {time.time() - started:.2f} s", flush=True)
+    finally:
+        server.close()
+        socket_path.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client_app.worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--socket", required=True, help="the Unix socket path (node config site-worker)")
+    serve(parser.parse_args(argv).socket)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

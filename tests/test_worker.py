@@ -1,0 +1,114 @@
+"""The warm site worker: the thin ClientApp hands messages to a long-running process
+over a Unix socket and gets exactly the reply it would have computed itself; a worker
+restart continues from the site's state on disk; a missing or mismatched worker falls
+back to running the message in the ClientApp process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from client_app import worker
+from tests.fl_harness import federation, small_config, state_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_worker(sock: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "client_app.worker", "--socket", str(sock)], env=env, cwd=REPO)
+    deadline = time.time() + 120
+    while not sock.exists():
+        assert proc.poll() is None, "the worker exited"
+        assert time.time() < deadline, "the worker did not open its socket"
+        time.sleep(0.1)
+    return proc
+
+
+def test_the_wire_format_keeps_every_record_exactly():
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(
+                {
+                    "a.weight": Array(np.arange(6, dtype=np.float32).reshape(2, 3)),
+                    "a.count": Array(np.array(7, dtype=np.int64)),
+                    "empty": Array(np.zeros((0, 4), dtype=np.float64)),
+                }
+            ),
+            "config": ConfigRecord({"method": "fedavg", "lr": 0.1, "server-round": 3, "task-aware": True}),
+            "metrics": MetricRecord({"num-examples": 12, "train_loss": 0.5}),
+        }
+    )
+    header, back = worker.decode(worker.encode({"kind": "train"}, content))
+    assert header == {"kind": "train"}
+    assert list(back["arrays"].keys()) == list(content["arrays"].keys())
+    for key in content["arrays"].keys():
+        a, b = content["arrays"][key].numpy(), back["arrays"][key].numpy()
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    assert dict(back["config"]) == dict(content["config"]) and dict(back["metrics"]) == dict(content["metrics"])
+
+
+@pytest.fixture
+def short_tmp():
+    """Unix socket paths must stay short (about 100 characters)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fsf-") as folder:
+        yield Path(folder)
+
+
+def _arrays(replies):
+    return [state_dict(m.content["arrays"]) for m in sorted(replies, key=lambda m: m.metadata.src_node_id)]
+
+
+def _same(a, b):
+    return all(k in y and np.array_equal(x[k].numpy(), y[k].numpy()) for x, y in zip(a, b) for k in x)
+
+
+def test_worker_replies_equal_in_process_replies_and_survive_a_restart(tmp_path, short_tmp, caplog):
+    cfg = small_config(tmp_path, "fusedspacefed", num_server_rounds=3)
+    reference = federation(tmp_path / "ref", cfg.replace(results_dir=str(tmp_path / "ref-results")))
+    expected = [_arrays(reference.run_round(r)) for r in (1, 2, 3)]
+
+    sock = short_tmp / "w.sock"
+    proc = start_worker(sock)
+    try:
+        fed = federation(tmp_path / "w", cfg, **{worker.WORKER_KEY: str(sock)})
+        got = [_arrays(fed.run_round(1))]
+        timeline = fed.grid.replies[0].content["timeline"]
+        assert timeline["worker"] == 1.0  # it really went through the worker
+        proc.terminate()
+        proc.wait(30)
+        proc = start_worker(sock)  # a restarted worker: empty memory, the sites' disks
+        got.append(_arrays(fed.run_round(2)))
+        assert fed.grid.replies[-1].content["metrics"]["restored"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    # worker down: the ClientApp process runs the message itself, from the same disk state
+    got.append(_arrays(fed.run_round(3)))
+    assert fed.grid.replies[-1].content["timeline"]["worker"] == 0.0
+    assert "running this message in the ClientApp process instead" in caplog.text
+    for r in range(3):
+        assert _same(expected[r], got[r]), f"round {r + 1} differs from the in-process reference"
+
+
+def test_a_worker_refuses_messages_from_different_site_code(short_tmp, monkeypatch):
+    sock = short_tmp / "w.sock"
+    proc = start_worker(sock)
+    try:
+        monkeypatch.setattr(worker, "code_digest", lambda root=None: "another version")
+        with pytest.raises(worker.WorkerUnavailable, match="different site code"):
+            worker.call(str(sock), "train", RecordDict(), {}, 1, timeout=60)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    with pytest.raises(worker.WorkerUnavailable, match="no site worker"):
+        worker.call(str(sock), "train", RecordDict(), {}, 1, timeout=5)
