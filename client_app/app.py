@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from client_app.worker import WORKER_KEY, WorkerUnavailable, call
+from core.transport import is_packed, pack, unpack
 
 IMPORTED = time.time()
 WORKER_TIMEOUT = 24 * 3600.0  # a round may train for hours; the server's round-timeout governs
@@ -43,11 +44,18 @@ def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     return site.HANDLERS[kind](content, context, Timeline(site.IMPORTED, app_loaded=IMPORTED))
 
 
+def reply(kind: str, msg: Message, context: Context) -> Message:
+    """Arrays arrive packed into one array (core.transport) and the reply goes back the
+    same way, so Flower moves two objects per message instead of one per array."""
+    content = handle(kind, unpack(msg.content), context)
+    return Message(content=pack(content) if is_packed(msg.content) else content, reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return Message(content=handle("train", msg.content, context), reply_to=msg)
+    return reply("train", msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return Message(content=handle("evaluate", msg.content, context), reply_to=msg)
+    return reply("evaluate", msg, context)

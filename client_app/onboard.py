@@ -114,7 +114,7 @@ def onboard(
     dev = resolve_device(device)
 
     net = build_site_model(run, site_name).to(dev)  # checks the arrays against the run's config first
-    site_images = read_unlabeled_images(images, run.spec, array)
+    site_images = read_unlabeled_images(images, run.spec, array, reference=run.cfg.reference)
     n = len(site_images.images)
     split = TensorSplit(torch.from_numpy(site_images.images), torch.zeros(n, dtype=torch.long))
     log(
@@ -131,7 +131,7 @@ def onboard(
     empty = TensorSplit(split.images[:0], split.labels[:0])  # warm-up reads the train split only
     job = LocalRound(
         cfg=job_cfg,
-        data=SiteData(spec=run.spec, train=split, test=empty, val=empty, local_test=empty),
+        data=SiteData(spec=run.input_spec, train=split, test=empty, val=empty, local_test=empty),
         device=dev,
         generator=generator,
         server_round=run.server_round,

@@ -129,7 +129,7 @@ def predict(
     cfg, spec = run.cfg, run.spec
     net = build_site_model(run, site_name or "")
     state_round = load_private_state(net, cfg.method, cfg.run_name, state_dir, site_name, log)
-    site_images = read_unlabeled_images(images, spec, array)
+    site_images = read_unlabeled_images(images, spec, array, reference=cfg.reference)
     if state_round is not None and state_round != run.server_round:
         log(
             f"note: site {site_name!r}'s private state is from round {state_round}, the model from round "

@@ -27,7 +27,7 @@ from core.files import round_files
 from core.methods import contract_for
 from core.seeds import site_init_seed
 from models import SiteModel, build_run_model
-from partitions.medmnist_data import DataError, DatasetSpec, dataset_spec
+from partitions.medmnist_data import DataError, DatasetSpec, Split, dataset_spec, input_spec, reference_inputs
 from partitions.sites import IMAGE_SUFFIXES, _read_image
 from partitions.split import META_KEY  # the JSON metadata (`site_meta`) in a site's npz
 
@@ -58,7 +58,13 @@ class RunModel:
 
     @property
     def spec(self) -> DatasetSpec:
+        """The dataset's own images (what a site's files hold)."""
         return dataset_spec(self.cfg.dataset, self.cfg.image_size)
+
+    @property
+    def input_spec(self) -> DatasetSpec:
+        """What the model sees (32-px 3-channel under the reference protocol)."""
+        return input_spec(self.cfg.dataset, self.cfg.image_size, self.cfg.reference)
 
 
 @dataclass(frozen=True)
@@ -170,7 +176,7 @@ def build_site_model(run: RunModel, site_name: str) -> SiteModel:
     """The run's model for this site: private parts freshly initialised (seeded by the
     site name), shared parts from the run. Errors say when the arrays do not fit."""
     cfg = run.cfg
-    model = build_run_model(cfg, run.spec, seed=site_init_seed(cfg.seed, site_number(site_name)))
+    model = build_run_model(cfg, run.input_spec, seed=site_init_seed(cfg.seed, site_number(site_name)))
     expected = model.state_dict()
     shared = contract_for(cfg.method).shared_keys(model)
     missing, unexpected = sorted(set(shared) - set(run.shared)), sorted(set(run.shared) - set(shared))
@@ -199,17 +205,24 @@ def private_keys(model: SiteModel, method: str) -> list[str]:
 # -- the site's images -----------------------------------------------------------------
 
 
-def read_unlabeled_images(path: str | Path, spec: DatasetSpec, array: str | None = None) -> SiteImages:
+def read_unlabeled_images(
+    path: str | Path, spec: DatasetSpec, array: str | None = None, reference: bool = False
+) -> SiteImages:
     """Images for `spec` (the run's dataset): an npz (array `array`, else `images` or
     `train_images`; labels are not needed) in MedMNIST's layout (N, H, W) or (N, H, W, C),
     or a folder of image files at any nesting (converted and resized like a site's image
     folder). An npz must already have the run's size and channels."""
     p = Path(path).expanduser()
     if p.is_dir():
-        return _read_folder(p, spec)
-    if not p.is_file():
+        found = _read_folder(p, spec)
+    elif not p.is_file():
         raise DataError(f"images {p} do not exist; pass an npz file or a folder of images")
-    return _read_npz(p, spec, array)
+    else:
+        found = _read_npz(p, spec, array)
+    if reference:  # the reference protocol's inputs: 32 x 32, 3 channels
+        images = reference_inputs(Split(found.images, np.zeros(len(found.images), dtype=np.int64))).images
+        found = SiteImages(images, found.names, found.source)
+    return found
 
 
 def _read_folder(root: Path, spec: DatasetSpec) -> SiteImages:

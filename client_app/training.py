@@ -62,3 +62,53 @@ def classifier_gradient(
     grads = torch.autograd.grad(loss, [p for p in classifier.parameters()])
     classifier.load_state_dict(saved)
     return torch.cat([g.reshape(-1) for g in grads]).detach().cpu()
+
+
+# -- optimisers kept across rounds (the reference protocol) ----------------------------
+
+OPTIMIZER_EXTRAS = "optimizer"  # extras entries `optimizer/<name>/<param index>`: momentum buffers
+
+
+class RoundOptimizers:
+    """A round's SGD optimisers. Under the reference protocol each one's momentum buffers
+    come from the site's private extras and go back into them after the round (the weights
+    are replaced by the aggregate, the buffers carry over, as in the reference code)."""
+
+    def __init__(self, cfg: RunConfig, extras: dict[str, torch.Tensor]) -> None:
+        self.cfg = cfg
+        self.keep = cfg.reference
+        self.extras = extras
+        self.optimizers: dict[str, torch.optim.SGD] = {}
+
+    def sgd(self, name: str, params: Iterable[nn.Parameter], lr: float, cfg: RunConfig | None = None) -> torch.optim.SGD:
+        optimizer = sgd(params, lr, cfg or self.cfg)
+        self.optimizers[name] = optimizer
+        if self.keep:
+            prefix = f"{OPTIMIZER_EXTRAS}/{name}/"
+            saved = {int(k[len(prefix) :]): v for k, v in self.extras.items() if k.startswith(prefix)}
+            if saved:
+                state = optimizer.state_dict()
+                params_in_order = [p for group in optimizer.param_groups for p in group["params"]]
+                for index, buffer in saved.items():
+                    if index >= len(params_in_order) or buffer.shape != params_in_order[index].shape:
+                        raise ValueError(f"the saved {name} optimiser state does not fit this model (entry {index})")
+                    state["state"][index] = {"momentum_buffer": buffer.to(params_in_order[index].device)}
+                optimizer.load_state_dict(state)
+        return optimizer
+
+    def saved(self) -> dict[str, torch.Tensor]:
+        """The extras to keep (empty unless the optimisers persist)."""
+        if not self.keep:
+            return {}
+        out = {}
+        for name, optimizer in self.optimizers.items():
+            for index, state in optimizer.state_dict()["state"].items():
+                buffer = state.get("momentum_buffer")
+                if buffer is not None:
+                    out[f"{OPTIMIZER_EXTRAS}/{name}/{index}"] = buffer.detach().cpu().clone()
+        return out
+
+
+def own_extras(extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A trainer's own extras, without the optimiser state kept beside them."""
+    return {k: v for k, v in extras.items() if not k.startswith(OPTIMIZER_EXTRAS + "/")}

@@ -14,6 +14,9 @@ from typing import Any
 from core.methods import METHODS
 
 DEVICES = ("auto", "cpu", "cuda")
+PROTOCOLS = ("standard", "reference")
+REFERENCE_IMAGE_SIZE = 32  # the reference code resizes every image to 32 x 32 ...
+REFERENCE_CHANNELS = 3  # ... and feeds grayscale sets as 3 channels
 PARTITION_SCHEMES = ("dirichlet-equal", "dirichlet", "pathological", "iid")
 AE_ARCHS = ("bottleneck", "unet")
 
@@ -61,6 +64,8 @@ class RunConfig:
     keep_checkpoints: int = 3
     track_tensorboard: bool = True
     track_mlflow: bool = False
+    protocol: str = "standard"
+    l2sp_lambda: float = 0.0
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> RunConfig:
@@ -111,6 +116,8 @@ class RunConfig:
             (self.num_threads >= 0, f"num-threads must be >= 0 (0 = automatic), got {self.num_threads}"),
             (self.min_replies >= 1, f"min-replies must be >= 1, got {self.min_replies}"),
             (self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}"),
+            (self.protocol in PROTOCOLS, f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}"),
+            (self.l2sp_lambda >= 0, f"l2sp-lambda must be >= 0, got {self.l2sp_lambda}"),
             (self.keep_checkpoints >= 0, f"keep-checkpoints must be >= 0 (0 = all), got {self.keep_checkpoints}"),
         ]
         for ok, message in checks:
@@ -121,6 +128,17 @@ class RunConfig:
     def fused(self) -> bool:
         """The model has a private encoder and a shared decoder (FusedSpaceFed)."""
         return METHODS[self.method].uses_encoder
+
+    @property
+    def reference(self) -> bool:
+        """The reference code's protocol (method.md section 7): 32-px 3-channel inputs,
+        optimisers kept across rounds, independently initialised sites, plain mean."""
+        return self.protocol == "reference"
+
+    @property
+    def weighted_mean(self) -> bool:
+        """Example-weighted averaging (`weighted`), except under the reference protocol."""
+        return self.weighted and not self.reference
 
     def default_run_name(self) -> str:
         spread = partition_tag(self.partition, self.alpha, self.classes_per_client)

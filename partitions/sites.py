@@ -33,9 +33,11 @@ from partitions.medmnist_data import (
     MedMNISTData,
     Split,
     dataset_spec,
+    input_spec,
     load_medmnist,
     medmnist_info,
     partition_labels,
+    reference_inputs,
     validate_npz,
     validate_split,
 )
@@ -62,13 +64,25 @@ def to_tensors(split: Split, multi_label: bool, indices: np.ndarray | None = Non
 
 
 @lru_cache(maxsize=4)
-def cached_dataset(name: str, root: str, size: int, download: bool) -> MedMNISTData:
-    return load_medmnist(name, root, size=size, download=download)
+def cached_dataset(name: str, root: str, size: int, download: bool, protocol: str = "standard") -> MedMNISTData:
+    """The dataset file, loaded once per process; its inputs as the protocol feeds them."""
+    data = load_medmnist(name, root, size=size, download=download)
+    return as_protocol(data, protocol == "reference")
+
+
+def as_protocol(data: MedMNISTData, reference: bool) -> MedMNISTData:
+    """`data` itself, or under the reference protocol with 32-px 3-channel inputs."""
+    if not reference:
+        return data
+    splits = {name: reference_inputs(split) for name, split in data.splits.items()}
+    return MedMNISTData(spec=input_spec(data.spec.name, data.spec.image_size, True), splits=splits)
 
 
 @lru_cache(maxsize=4)
-def evaluation_splits(name: str, root: str, size: int, download: bool) -> tuple[TensorSplit, TensorSplit]:
-    data = cached_dataset(name, root, size, download)
+def evaluation_splits(
+    name: str, root: str, size: int, download: bool, protocol: str = "standard"
+) -> tuple[TensorSplit, TensorSplit]:
+    data = cached_dataset(name, root, size, download, protocol)
     return to_tensors(data["test"], data.spec.multi_label), to_tensors(data["val"], data.spec.multi_label)
 
 
@@ -84,6 +98,11 @@ def dataset_key(cfg: RunConfig) -> tuple[str, str, int, bool]:
     return (cfg.dataset, cfg.data_root, cfg.image_size, cfg.download)
 
 
+def inputs_key(cfg: RunConfig) -> tuple[str, str, int, bool, str]:
+    """`dataset_key` plus the protocol, which decides what the model is fed."""
+    return (*dataset_key(cfg), cfg.protocol)
+
+
 def partition_key(cfg: RunConfig, num_sites: int) -> tuple:
     return (*dataset_key(cfg), cfg.partition, num_sites, cfg.alpha, cfg.classes_per_client, cfg.seed)
 
@@ -92,11 +111,11 @@ def simulation_site_data(cfg: RunConfig, site_id: int, num_sites: int) -> SiteDa
     """Site `site_id` of `num_sites`: its training partition and its evaluation data."""
     if not 0 <= site_id < num_sites:
         raise ValueError(f"partition-id {site_id} is outside 0..{num_sites - 1}")
-    data = cached_dataset(*dataset_key(cfg))
+    data = cached_dataset(*inputs_key(cfg))
     parts = cached_partition(*partition_key(cfg, num_sites))
     train_idx = parts[site_id]
     multi = data.spec.multi_label
-    test, val = evaluation_splits(*dataset_key(cfg))
+    test, val = evaluation_splits(*inputs_key(cfg))
     shard = local_test_indices(
         partition_labels(data["test"].labels),
         partition_labels(data["train"].labels)[train_idx],
@@ -139,6 +158,9 @@ def deployment_site_data(
         site = cached_site_file(path, cfg.dataset, cfg.image_size, cfg.seed, str(cache_dir))
     else:
         site = load_site_file(path, cfg.dataset, cfg.image_size, cfg.seed)
+    if cfg.reference:  # the reference protocol's inputs (method.md section 7)
+        local = reference_inputs(site.local_test) if site.local_test is not None else None
+        site = SiteFile(as_protocol(site.data, True), local, site.meta)
     multi = site.data.spec.multi_label
     test = to_tensors(site.data["test"], multi)
     data = SiteData(

@@ -11,6 +11,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from core.methods import EVALUATION_RECORD, METRICS_RECORD, SITE_ID_KEY
+from core.transport import pack, unpack
 
 # Replies are pulled every POLL_START seconds at first, backing off to POLL_MAX: a fast
 # round is noticed within tens of milliseconds, a slow one costs a few requests a second
@@ -58,11 +59,15 @@ class SiteBook:
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: SiteBook) -> Exchange:
     """Push, pull until every site answered or `timeout` seconds passed, and sort the
     answers: replies, error replies (the SuperLink reports an unreachable node as one)
-    and sites that never answered. Uses the Grid's public push/pull."""
+    and sites that never answered. Uses the Grid's public push/pull; arrays travel
+    packed (core.transport) and replies come back unpacked."""
     messages = list(messages)
     result = Exchange(sent=len(messages))
     if not messages:
         return result
+    packed: dict[int, object] = {}  # messages that share one content share its packed form
+    for m in messages:
+        m.content = packed.setdefault(id(m.content), pack(m.content))
     result.push_start = time.time()
     ids = list(grid.push_messages(messages))
     result.push_done = time.time()
@@ -78,6 +83,8 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: Site
                 node = msg.metadata.src_node_id
                 waiting = {k: v for k, v in waiting.items() if v != node}
             result.arrived[node] = time.time()
+            if not msg.has_error():
+                msg.content = unpack(msg.content)
             if msg.has_error():
                 result.failed.append(f"{book.label(node)}: {msg.error.reason}")
             else:

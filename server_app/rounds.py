@@ -24,7 +24,7 @@ from core.config import RunConfig
 from core.console import console
 from core.methods import EVALUATE_KEY, SPLITS_KEY, contract_for
 from models import build_run_model
-from partitions.medmnist_data import dataset_spec
+from partitions.medmnist_data import input_spec
 from server_app.checkpoint import (
     CheckpointError,
     checkpoint_dir,
@@ -43,7 +43,7 @@ EVALUATED_KEY = "num_evaluated"  # present in a row once the round's model was e
 
 def initial_model_arrays(cfg: RunConfig) -> tuple[ArrayRecord, list[str]]:
     """The shared part of a freshly initialised model (seeded), and its keys."""
-    model = build_run_model(cfg, dataset_spec(cfg.dataset, cfg.image_size), seed=cfg.seed)
+    model = build_run_model(cfg, input_spec(cfg.dataset, cfg.image_size, cfg.reference), seed=cfg.seed)
     keys = contract_for(cfg.method).shared_keys(model)
     state = model.state_dict()
     return ArrayRecord({k: state[k] for k in keys}), keys

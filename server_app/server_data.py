@@ -18,7 +18,7 @@ from core.console import console
 from models import build_run_model
 from models.evaluation import evaluate_split
 from partitions.medmnist_data import DataError, npz_filename, partition_labels
-from partitions.sites import cached_dataset, cached_partition, dataset_key, evaluation_splits, partition_key
+from partitions.sites import cached_dataset, cached_partition, dataset_key, evaluation_splits, inputs_key, partition_key
 from partitions.summary import write_summary
 
 
@@ -46,8 +46,8 @@ class CentralEvaluator:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.test, self.val = evaluation_splits(*dataset_key(cfg))
-        self.spec = cached_dataset(*dataset_key(cfg)).spec
+        self.test, self.val = evaluation_splits(*inputs_key(cfg))
+        self.spec = cached_dataset(*inputs_key(cfg)).spec
 
     def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
         model = build_run_model(self.cfg, self.spec, seed=self.cfg.seed)

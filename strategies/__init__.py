@@ -15,7 +15,7 @@ def build_strategy(cfg: RunConfig, initial_arrays: ArrayRecord) -> SharedModelSt
     return contract.load_strategy_class()(
         contract,
         initial_arrays,
-        weighted=cfg.weighted,
+        weighted=cfg.weighted_mean,
         fraction_train=cfg.fraction_train,
         min_train_nodes=cfg.min_replies,
         min_available_nodes=cfg.min_replies,  # a round goes on without sites that are down

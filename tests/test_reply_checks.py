@@ -11,6 +11,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord
 
+from core.transport import unpack
 from strategies import BadReply, PrivacyViolation
 from tests.fl_harness import federation, small_config, write_fake_medmnist
 from tests.test_server_resume import LocalGrid, rows, run
@@ -88,6 +89,8 @@ class PoisonedGrid(LocalGrid):
         ids = super().push_messages(messages)
         for mid in ids:
             reply = self.outbox.get(mid)
+            if reply is not None:
+                reply.content = unpack(reply.content)  # (the exchange unpacks what is packed, only that)
             if reply is not None and reply.metadata.src_node_id == self.poisoned and "arrays" in reply.content:
                 self.outbox[mid] = _with_arrays(reply, lambda a: next(v for v in a.values() if v.ndim > 1).fill(np.nan))
         return ids

@@ -15,6 +15,7 @@ from flwr.app import Context, Message
 
 from client_app.state import node_private_state
 from client_app.trainers.scaffold import CONTROL_RECORD, CONTROL_UPDATE_RECORD
+from core.transport import is_packed, unpack
 from server_app.checkpoint import checkpoint_path
 from tests.conftest import simulate_with_recorder
 from tests.fl_harness import write_fake_medmnist
@@ -25,12 +26,15 @@ def recording_mod(log_path: str):
 
     def recorder(msg: Message, ctx: Context, call_next) -> Message:
         reply = call_next(msg, ctx)
+        # what really travels is packed into one array (core.transport): inspect what it holds
+        assert is_packed(msg.content) and (is_packed(reply.content) or not reply.content.array_records)
+        reply_content, msg_content = unpack(reply.content), unpack(msg.content)
         if msg.metadata.message_type != "train":
             return reply
         private = node_private_state(ctx.state).flat()
         sent = [
             (name, key, np.array(array.numpy()))
-            for name, record in reply.content.array_records.items()
+            for name, record in reply_content.array_records.items()
             for key, array in record.items()
         ]
         equal_to_private = sum(
@@ -39,10 +43,10 @@ def recording_mod(log_path: str):
         )
         row = {
             "site": int(ctx.node_config["partition-id"]),
-            "round": int(msg.content["config"]["server-round"]),
-            "incoming": sorted(msg.content.array_records),
-            "c_size": len(msg.content[CONTROL_RECORD]) if CONTROL_RECORD in msg.content.array_records else -1,
-            "sent_records": sorted(reply.content.array_records),
+            "round": int(msg_content["config"]["server-round"]),
+            "incoming": sorted(msg_content.array_records),
+            "c_size": len(msg_content[CONTROL_RECORD]) if CONTROL_RECORD in msg_content.array_records else -1,
+            "sent_records": sorted(reply_content.array_records),
             "sent_keys": sorted({key for name, key, _ in sent if name != "gradients"}),
             "private_keys": sorted(private),
             "equal_to_private": int(equal_to_private),

@@ -15,6 +15,7 @@ import torch
 from flwr.app import Context, Message
 
 from client_app.state import FILE_NAME, forget_node_state, node_private_state, read_state_file
+from core.transport import is_packed, unpack
 from tests.conftest import simulate_with_recorder, write_fake_medmnist
 
 REQUIRED_ROUND_KEYS = {
@@ -55,11 +56,14 @@ def recording_mod(log_path: str):
         held = node_private_state(ctx.state)
         before = held.flat() if held is not None else None
         reply = call_next(msg, ctx)
+        # what really travels is packed into one array (core.transport): inspect what it holds
+        assert is_packed(msg.content) and (is_packed(reply.content) or not reply.content.array_records)
+        reply_content = unpack(reply.content)
         held = node_private_state(ctx.state)
         private = held.flat() if held is not None else {}
         private_values = [v.numpy() for v in private.values()]
         sent_keys, leaked_values = [], 0
-        for name, record in reply.content.array_records.items():
+        for name, record in reply_content.array_records.items():
             for key, array in record.items():
                 sent_keys.append(f"{name}/{key}")
                 value = array.numpy()
@@ -75,7 +79,7 @@ def recording_mod(log_path: str):
             "private_keys": sorted(private),
             "sent_keys": sent_keys,
             "leaked_values": int(leaked_values),
-            "restored": int(reply.content["metrics"]["restored"]) if kind == "train" else None,
+            "restored": int(reply_content["metrics"]["restored"]) if kind == "train" else None,
         }
         with open(log_path, "a") as handle:
             handle.write(json.dumps(row) + "\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from client_app.trainers.base import LocalRound, RoundResult, Trainer
-from client_app.training import classification_loss, run_epochs, sgd
+from client_app.training import RoundOptimizers, classification_loss, run_epochs
 from core.config import RunConfig
 from models import SiteModel
 
@@ -21,7 +21,7 @@ class FedAvgTrainer(Trainer):
         """Called once the global model is loaded, before the first local step."""
 
     def optimizer(self, model: SiteModel, cfg: RunConfig) -> torch.optim.Optimizer:
-        return sgd(model.classifier.parameters(), cfg.lr, cfg)
+        return self.optimizers.sgd("classifier", model.classifier.parameters(), cfg.lr, cfg)
 
     def penalty(self, model: SiteModel) -> torch.Tensor | float:
         """A term added to the classification loss of every step (FedProx)."""
@@ -38,6 +38,7 @@ class FedAvgTrainer(Trainer):
     def train(self, model: SiteModel, job: LocalRound) -> RoundResult:
         cfg, loss_fn = job.cfg, classification_loss(job.data.spec.multi_label)
         model.train()
+        self.optimizers = RoundOptimizers(cfg, job.extras)
         self.start(model, job)
         optimizer = self.optimizer(model, cfg)
 
@@ -54,4 +55,5 @@ class FedAvgTrainer(Trainer):
         )
         result = self.finish(model, job, steps)
         result.metrics = {"train_loss": train_loss, **result.metrics}
+        result.extras = {**result.extras, **self.optimizers.saved()}
         return result

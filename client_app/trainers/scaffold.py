@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from client_app.trainers.base import LocalRound, RoundResult
 from client_app.trainers.fedavg import FedAvgTrainer
+from client_app.training import own_extras
 from core.config import RunConfig
 from core.methods import CLASSIFIER
 from core.methods import SCAFFOLD_C_RECORD as CONTROL_RECORD
@@ -41,12 +42,13 @@ class ScaffoldTrainer(FedAvgTrainer):
         if CONTROL_RECORD not in job.incoming.array_records:
             raise ValueError(f"SCAFFOLD needs the server control variate (record {CONTROL_RECORD!r}); none was sent")
         server = job.incoming.array_records[CONTROL_RECORD].to_torch_state_dict()
-        for name, values in (("server control variate c", server), ("site control variate c_i", job.extras)):
+        c_i = own_extras(job.extras)
+        for name, values in (("server control variate c", server), ("site control variate c_i", c_i)):
             if values and set(values) != set(self.keys):
                 raise ValueError(f"the {name} does not match the classifier's parameters")
         zeros = {k: torch.zeros_like(p) for k, p in self.params.items()}
         self.c = {k: server[k].to(p.device) if server else zeros[k] for k, p in self.params.items()}
-        self.c_i = {k: job.extras[k].to(p.device) if job.extras else zeros[k] for k, p in self.params.items()}
+        self.c_i = {k: c_i[k].to(p.device) if c_i else zeros[k] for k, p in self.params.items()}
         self.correction = {k: self.c[k] - self.c_i[k] for k in self.keys}
         self.w_global = {k: p.detach().clone() for k, p in self.params.items()}
 
