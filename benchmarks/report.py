@@ -53,6 +53,14 @@ LABELS = {
     "fedprox": "FedProx",
     "scaffold": "SCAFFOLD",
     "fedbn": "FedBN",
+    # the reference protocol (method.md section 7)
+    "fusedspacefed-ref-no-warmup": "FusedSpaceFed, reference protocol, no warm-up",
+    "fusedspacefed-ref-warmup": "FusedSpaceFed, reference protocol, warm-up",
+    "fusedspacefed-ref-l2sp": "FusedSpaceFed, reference protocol, L2-SP",
+    "fedavg-ref": "FedAvg, reference protocol",
+    "fedprox-ref": "FedProx, reference protocol",
+    "scaffold-ref": "SCAFFOLD, reference protocol",
+    "fedbn-ref": "FedBN, reference protocol",
 }
 ORDER = list(LABELS)
 FSF, FSF_DEC, FEDAVG = "fusedspacefed", "fusedspacefed-decoupled", "fedavg"
@@ -68,9 +76,20 @@ class Run:
 
     @property
     def label(self) -> str:
-        """Method key with the FusedSpaceFed variant."""
-        m = self.config["method"]
-        return FSF_DEC if m == FSF and not self.config.get("task-aware", True) else m
+        """Method key with the protocol and the FusedSpaceFed variant."""
+        m, c = self.config["method"], self.config
+        if c.get("protocol", "standard") == "reference":
+            if m != FSF:
+                return f"{m}-ref"
+            if c.get("l2sp-lambda", 0.0) > 0:
+                return f"{FSF}-ref-l2sp"
+            return f"{FSF}-ref-" + ("warmup" if c.get("warmup-epochs", 0) > 0 else "no-warmup")
+        return FSF_DEC if m == FSF and not c.get("task-aware", True) else m
+
+    def reference_acc(self) -> float | None:
+        pick = self.summary.get("reference_selection") or {}
+        value = pick.get("acc")
+        return None if value is None else 100.0 * value
 
     @property
     def spread(self) -> str:
@@ -152,6 +171,7 @@ def by_seed(runs: list[Run], which: str) -> dict[int, float | None]:
 
 
 def published(dataset: str, partition: str, spread: str, method: str) -> float | None:
+    method = method.split("-")[0]  # every FusedSpaceFed variant is compared with the one published number
     if partition.startswith("dirichlet") and spread == "alpha=0.05":
         return PUBLISHED_DIRICHLET.get(dataset, {}).get(method)
     if partition == "pathological" and spread == "k=2":
@@ -477,6 +497,46 @@ def centralised_table(centralised: dict[str, Any]) -> list[str]:
     return lines
 
 
+def reference_table(groups: dict[tuple, dict[str, list[Run]]]) -> list[str]:
+    """published | reference protocol on our engine | our protocol, per cell and method."""
+    lines = [
+        "Per cell, the published number beside both protocols run on this engine (mean ± sd over seeds). "
+        "**reference selection** = what the reference code reports: the best, over the evaluated rounds, of the mean "
+        "test accuracy of the first 5 sites (chosen on the test split itself, so optimistic); **final** = the last "
+        "round, all sites; **best-val** = the round with the best validation accuracy, all sites.",
+        "",
+        "| cell | method | protocol | seeds | published | reference selection | final | best-val |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for group in sorted(groups):
+        methods = groups[group]
+        if not any(label.split("-")[1:2] == ["ref"] for label in methods):
+            continue
+        dataset, partition, spread, rounds, _ = group
+        for label in ORDER:
+            runs = methods.get(label)
+            if not runs:
+                continue
+            seeds = ",".join(str(r.config["seed"]) for r in sorted(runs, key=lambda r: r.config["seed"]))
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        f"{dataset} {partition} {spread}, {rounds} rounds",
+                        LABELS[label],
+                        "reference" if "-ref" in label else "standard",
+                        f"{len(runs)} ({seeds})",
+                        pub(published(dataset, partition, spread, label)),
+                        fmt(*mean_std([r.reference_acc() for r in runs])[:2]),
+                        fmt(*mean_std([r.acc("final") for r in runs])[:2]),
+                        fmt(*mean_std([r.acc("best_by_val") for r in runs])[:2]),
+                    ]
+                )
+                + " |"
+            )
+    return lines if len(lines) > 4 else []
+
+
 def render(
     runs: list[Run],
     unfinished: list[str],
@@ -505,6 +565,14 @@ def render(
         lines += [notes.strip(), ""]
     lines += ["## Protocol", "", *protocol(runs), ""] if runs else []
     lines += ["## Headline: FusedSpaceFed − FedAvg", "", *headline_table(groups), ""]
+    reference = reference_table(groups)
+    if reference:
+        lines += [
+            "## Reference protocol beside ours (published | reference protocol | our protocol)",
+            "",
+            *reference,
+            "",
+        ]
     lines += ["## All methods per cell", ""]
     for group in sorted(groups):
         lines += [f"### {group_title(group)}", "", *cell_table(group, groups[group]), ""]
@@ -531,7 +599,7 @@ def render(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results-dir", default=str(DEFAULT_RESULTS))
+    p.add_argument("--results-dir", default=str(DEFAULT_RESULTS), help="folder(s) of runs, comma-separated")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--figures", default=str(DEFAULT_FIGURES))
     p.add_argument("--notes", default="", help="a Markdown file whose text goes below the introduction")
@@ -540,7 +608,12 @@ def main(argv: list[str] | None = None) -> int:
         "--centralised", default=str(DEFAULT_OUT.parent / "centralised.json"), help="benchmarks/centralised.py's output"
     )
     args = p.parse_args(argv)
-    runs, unfinished = load_runs(Path(args.results_dir))
+    runs, unfinished = [], []
+    for folder in args.results_dir.split(","):  # e.g. benchmarks/runs (local) and benchmarks/evidence (committed)
+        found, open_runs = load_runs(Path(folder))
+        known = {r.name for r in runs}
+        runs += [r for r in found if r.name not in known]
+        unfinished += [n for n in open_runs if n not in known | {r.name for r in found}]
     out = Path(args.out).resolve()
     figure_list = [] if args.no_figures or not runs else figures(cells(runs), Path(args.figures).resolve())
     notes = Path(args.notes).read_text() if args.notes else ""

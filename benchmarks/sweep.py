@@ -5,17 +5,24 @@
     .venv/bin/python -m benchmarks.sweep --grid benchmarks/grid.toml      # several plans, in order
     .venv/bin/python -m benchmarks.sweep --grid benchmarks/grid.toml --dry-run
 
-Every run is a Flower simulation (`flwr.simulation.run_simulation`, Ray backend) in its own
-child process, so no Ray state leaks from one run into the next. Runs land under
+Every run is a child process: with `--engine lean` (the default) the project's round loop and
+ClientApp in one process (benchmarks/lean.py: no Ray, the same metrics as the Flower
+simulation, checked by tests/test_lean.py), with `--engine flower` a Flower simulation
+(`flwr.simulation.run_simulation`, Ray backend). `--parallel N` runs N at a time;
+`--stop-after S` stops the sweep after S seconds, leaving running runs resumable. Runs land under
 `<results-dir>/<run-name>/` (default `benchmarks/runs/`) with the project's usual layout
 (config.json, metrics.jsonl, summary.json); the child's output goes to `run.log` beside them.
 
-Resumable: a run whose summary.json exists is skipped; a run folder without one (a run
-that was interrupted) is deleted and the run is redone from scratch. Run names are
+Resumable: a run whose summary.json exists is skipped; an interrupted run continues from its
+last checkpoint (`resume-from = "latest"`; the sites' private state is in its folder too),
+and one without a checkpoint is redone from scratch. Run names are
 deterministic: `<method>[-decoupled]-<dataset>-<partition>-<a<alpha>|k<k>|iid>-n<sites>-r<rounds>-e<epochs>-s<seed>`.
 
-The `variant` axis only applies to fusedspacefed: `task-aware` (joint loss, the default) and
-`decoupled` (`task-aware = false`, the reference code's update); other methods ignore it.
+The `protocols` axis (`standard`, `reference`: method.md section 7) and the `variant` axis,
+which only applies to fusedspacefed: under `standard` `task-aware` (joint loss, the default)
+and `decoupled` (`task-aware = false`); under `reference` the reference code's three,
+all decoupled with the U-Net autoencoder: `no-warmup`, `warmup` (2 epochs), `l2sp`
+(`l2sp-lambda = 1e-3`, no warm-up). Other methods run once per protocol.
 
 A grid file is TOML with `[defaults]` and one or more `[[plan]]` tables; every key is a CLI
 option name with dashes (lists for the axes, e.g. `seeds = [0, 1, 2]`), and `set` is a table
@@ -41,8 +48,22 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = ROOT / "benchmarks" / "runs"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "medmnist"
-VARIANTS = ("task-aware", "decoupled")
-AXES = ("methods", "variants", "datasets", "partitions", "alphas", "seeds")
+PROTOCOL_VARIANTS = {
+    # FusedSpaceFed variants per protocol; baselines run once per protocol
+    "standard": ("task-aware", "decoupled"),
+    # the reference code's three (method.md section 7): all decoupled with the U-Net autoencoder
+    "reference": ("no-warmup", "warmup", "l2sp"),
+}
+VARIANTS = tuple(v for variants in PROTOCOL_VARIANTS.values() for v in variants)
+VARIANT_SETTINGS: dict[str, dict[str, Any]] = {
+    "task-aware": {"task-aware": True},
+    "decoupled": {"task-aware": False},
+    "no-warmup": {"task-aware": False, "ae-arch": "unet", "warmup-epochs": 0},
+    "warmup": {"task-aware": False, "ae-arch": "unet", "warmup-epochs": 2},
+    "l2sp": {"task-aware": False, "ae-arch": "unet", "warmup-epochs": 0, "l2sp-lambda": 1e-3},
+}
+AXES = ("methods", "protocols", "variants", "datasets", "partitions", "alphas", "seeds")
+ENGINES = ("lean", "flower")
 
 
 @dataclass(frozen=True)
@@ -56,6 +77,7 @@ class RunSpec:
     seed: int
     rounds: int
     variant: str = "task-aware"
+    protocol: str = "standard"
     sites: int = 10
     local_epochs: int = 3
     warmup_epochs: int = 2
@@ -64,11 +86,18 @@ class RunSpec:
     eval_every: int = 1
     cpus_per_site: float = 1.0
     data_root: str = str(DEFAULT_DATA)
+    device: str = "cpu"
     extra: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     @property
     def name(self) -> str:
-        method = self.method + ("-decoupled" if self.method == "fusedspacefed" and self.variant == "decoupled" else "")
+        """Standard-protocol names are what they always were (committed runs stay valid);
+        reference-protocol runs say `-ref-<variant>`."""
+        method = self.method
+        if self.protocol == "reference":
+            method += "-ref" + (f"-{self.variant}" if self.method == "fusedspacefed" else "")
+        elif self.method == "fusedspacefed" and self.variant == "decoupled":
+            method += "-decoupled"
         if self.partition.startswith("dirichlet"):
             spread = f"a{self.alpha:g}"
         elif self.partition == "pathological":
@@ -96,13 +125,16 @@ class RunSpec:
             "batch-size": self.batch_size,
             "eval-every": self.eval_every,
             "seed": self.seed,
-            "device": "cpu",
+            "device": self.device,
             "num-threads": max(1, int(self.cpus_per_site)),
-            "task-aware": self.variant != "decoupled",
             "results-dir": str(results_dir),
             "run-name": self.name,
             "keep-checkpoints": 1,
+            "protocol": self.protocol,
+            "track-tensorboard": False,  # thousands of runs: metrics.jsonl, summary.json and the report suffice
         }
+        if self.method == "fusedspacefed":
+            cfg.update(VARIANT_SETTINGS[self.variant])
         cfg.update(dict(self.extra))
         return cfg
 
@@ -135,7 +167,12 @@ def expand(plan: dict[str, Any]) -> list[RunSpec]:
     """All runs of one plan, in a stable order: seed outside the methods, so that a sweep cut
     short has every method of a cell at the same number of seeds."""
     methods = _split(plan.get("methods", "fusedspacefed,fedavg"), str)
-    variants = _split(plan.get("variants", "task-aware"), str)
+    protocols = _split(plan.get("protocols", "standard"), str)
+    unknown = sorted(set(protocols) - set(PROTOCOL_VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown protocols {unknown}; known: {sorted(PROTOCOL_VARIANTS)}")
+    default_variants = ",".join(PROTOCOL_VARIANTS["reference"]) if protocols == ["reference"] else "task-aware"
+    variants = _split(plan.get("variants", default_variants), str)
     bad = sorted(set(variants) - set(VARIANTS))
     if bad:
         raise SystemExit(f"unknown variants {bad}; known: {VARIANTS}")
@@ -155,33 +192,46 @@ def expand(plan: dict[str, Any]) -> list[RunSpec]:
         eval_every=int(plan.get("eval-every", 1)),
         cpus_per_site=float(plan.get("cpus-per-site", 1.0)),
         data_root=str(plan.get("data-root", DEFAULT_DATA)),
+        device=str(plan.get("device", "cpu")),
         extra=tuple(sorted(extra.items())),
     )
     runs: list[RunSpec] = []
     for dataset, partition in itertools.product(datasets, partitions):
         # a pathological partition has no alpha: one run per seed, not one per alpha
         part_alphas = alphas if partition.startswith("dirichlet") else alphas[:1]
-        for alpha, seed, method in itertools.product(part_alphas, seeds, methods):
-            for variant in variants if method == "fusedspacefed" else ["task-aware"]:
-                if True:
-                    runs.append(
-                        RunSpec(
-                            method=method,
-                            variant=variant,
-                            dataset=dataset,
-                            partition=partition,
-                            alpha=alpha,
-                            seed=seed,
-                            rounds=rounds_for(plan.get("rounds", 5), dataset),
-                            **common,
-                        )
+        for alpha, seed, protocol, method in itertools.product(part_alphas, seeds, protocols, methods):
+            own = [v for v in variants if v in PROTOCOL_VARIANTS[protocol]]
+            for variant in own if method == "fusedspacefed" else [PROTOCOL_VARIANTS[protocol][0]]:
+                runs.append(
+                    RunSpec(
+                        method=method,
+                        variant=variant,
+                        protocol=protocol,
+                        dataset=dataset,
+                        partition=partition,
+                        alpha=alpha,
+                        seed=seed,
+                        rounds=rounds_for(plan.get("rounds", 5), dataset),
+                        **common,
                     )
+                )
     return runs
 
 
 def load_plans(args: argparse.Namespace) -> list[dict[str, Any]]:
     cli = {k.replace("_", "-"): v for k, v in vars(args).items() if v is not None}
-    for key in ("grid", "results-dir", "dry-run", "child", "only", "max-runs"):
+    for key in (
+        "grid",
+        "results-dir",
+        "dry-run",
+        "child",
+        "only",
+        "max-runs",
+        "engine",
+        "parallel",
+        "stop-after",
+        "collect",
+    ):
         cli.pop(key, None)
     if not args.grid:
         return [cli]
@@ -233,17 +283,22 @@ def rounds_done(results_dir: Path, spec: RunSpec) -> int:
 def child_main(spec_json: str) -> int:
     """Run one simulation in this process (called in the child)."""
     payload = json.loads(spec_json)
-    from flwr.simulation import run_simulation
+    if payload.get("engine", "flower") == "lean":
+        from benchmarks.lean import run_lean
 
-    import client_app.app as client
-    from server_app.app import create_server_app
+        run_lean(payload["run_config"], int(payload["sites"]))
+    else:
+        from flwr.simulation import run_simulation
 
-    run_simulation(
-        server_app=create_server_app(payload["run_config"]),
-        client_app=client.app,
-        num_supernodes=int(payload["sites"]),
-        backend_config={"client_resources": {"num_cpus": payload["cpus_per_site"], "num_gpus": 0}},
-    )
+        import client_app.app as client
+        from server_app.app import create_server_app
+
+        run_simulation(
+            server_app=create_server_app(payload["run_config"]),
+            client_app=client.app,
+            num_supernodes=int(payload["sites"]),
+            backend_config={"client_resources": {"num_cpus": payload["cpus_per_site"], "num_gpus": 0}},
+        )
     summary = Path(payload["run_config"]["results-dir"]) / payload["run_config"]["run-name"] / "summary.json"
     return 0 if summary.exists() else 1
 
@@ -256,12 +311,22 @@ def child_env(spec: RunSpec) -> dict[str, str]:
     return env
 
 
-def start_run(results_dir: Path, spec: RunSpec) -> tuple[subprocess.Popen, Any]:
-    clear_partial(results_dir, spec)
+def resumable(results_dir: Path, spec: RunSpec) -> bool:
+    """An interrupted run that left a checkpoint continues from it (the sites' private
+    state is in the run folder too); one without a checkpoint is redone."""
+    return any((results_dir / spec.name / "checkpoints").glob("round-*.pt"))
+
+
+def start_run(results_dir: Path, spec: RunSpec, engine: str = "lean") -> tuple[subprocess.Popen, Any]:
+    run_config = spec.run_config(results_dir)
+    if run_state(results_dir, spec) == "partial" and resumable(results_dir, spec):
+        run_config["resume-from"] = "latest"
+    else:
+        clear_partial(results_dir, spec)
     run_dir = results_dir / spec.name
-    run_dir.mkdir(parents=True)
-    payload = {"run_config": spec.run_config(results_dir), "sites": spec.sites, "cpus_per_site": spec.cpus_per_site}
-    log = open(run_dir / "run.log", "w")  # noqa: SIM115 - closed by the caller when the child ends
+    run_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"run_config": run_config, "sites": spec.sites, "cpus_per_site": spec.cpus_per_site, "engine": engine}
+    log = open(run_dir / "run.log", "a")  # noqa: SIM115 - closed by the caller when the child ends
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.sweep", "--child", json.dumps(payload)],
         cwd=ROOT,
@@ -288,7 +353,18 @@ def stop(proc: subprocess.Popen) -> None:
 # -- the driver --------------------------------------------------------------------------
 
 
-def sweep(runs: list[RunSpec], results_dir: Path, max_runs: int | None = None) -> dict[str, int]:
+def sweep(
+    runs: list[RunSpec],
+    results_dir: Path,
+    max_runs: int | None = None,
+    *,
+    engine: str = "lean",
+    parallel: int = 1,
+    deadline: float | None = None,
+) -> dict[str, int]:
+    """Run the pending runs, `parallel` at a time. With `deadline` (epoch seconds) no run
+    starts after it and running ones are stopped at it; they resume from their last
+    checkpoint next time."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -304,11 +380,16 @@ def sweep(runs: list[RunSpec], results_dir: Path, max_runs: int | None = None) -
     skipped = len(runs) - len(todo)
     if max_runs is not None:
         todo = todo[:max_runs]
-    console.print(f"{len(runs)} runs in the grid: {skipped} done already, {len(todo)} to run -> {results_dir}")
-    counts = {"done": 0, "failed": 0, "skipped": skipped}
+    console.print(
+        f"{len(runs)} runs in the grid: {skipped} done already, {len(todo)} to run ({engine} engine, "
+        f"{parallel} at a time) -> {results_dir}"
+    )
+    counts = {"done": 0, "failed": 0, "skipped": skipped, "stopped": 0}
     log_path = results_dir / "sweep.jsonl"
     results_dir.mkdir(parents=True, exist_ok=True)
     total_rounds = sum(s.rounds for s in todo)
+    running: dict[str, tuple[RunSpec, subprocess.Popen, Any, float]] = {}
+    finished_rounds = 0
     with Progress(
         TextColumn("[bold]{task.fields[runs]}[/bold]"),
         BarColumn(),
@@ -322,40 +403,81 @@ def sweep(runs: list[RunSpec], results_dir: Path, max_runs: int | None = None) -
         refresh_per_second=1,
     ) as progress:
         task = progress.add_task("sweep", total=total_rounds, runs=f"runs {skipped}/{len(runs)}", current="")
-        finished_rounds = 0
-        for spec in todo:
-            partial = run_state(results_dir, spec) == "partial"
-            progress.update(task, current=spec.name + (" (redo: was interrupted)" if partial else ""))
-            started = time.time()
-            proc, log = start_run(results_dir, spec)
-            try:
-                while proc.poll() is None:
-                    time.sleep(2)
-                    progress.update(task, completed=finished_rounds + rounds_done(results_dir, spec))
-            except BaseException:
-                stop(proc)
-                raise
-            finally:
-                log.close()
-            ok = proc.returncode == 0 and run_state(results_dir, spec) == "done"
-            counts["done" if ok else "failed"] += 1
-            finished_rounds += spec.rounds
-            seconds = time.time() - started
-            with open(log_path, "a") as handle:
-                handle.write(json.dumps({"run": spec.name, "ok": ok, "seconds": round(seconds, 1)}) + "\n")
-            if not ok:
-                progress.console.print(
-                    f"[red]failed[/red] {spec.name} (exit {proc.returncode}); see {results_dir / spec.name / 'run.log'}"
+        queue = list(todo)
+        try:
+            while queue or running:
+                late = deadline is not None and time.time() >= deadline
+                while queue and len(running) < parallel and not late:
+                    spec = queue.pop(0)
+                    partial = run_state(results_dir, spec) == "partial"
+                    note = " (resumed)" if partial and resumable(results_dir, spec) else (" (redo)" if partial else "")
+                    proc, log = start_run(results_dir, spec, engine)
+                    running[spec.name] = (spec, proc, log, time.time())
+                    progress.console.print(f"started {spec.name}{note}")
+                if late:
+                    queue.clear()
+                    for name, (_spec, proc, log, _) in list(running.items()):
+                        stop(proc)
+                        log.close()
+                        counts["stopped"] += 1
+                        progress.console.print(f"[yellow]stopped at the deadline[/yellow] {name} (resumable)")
+                        del running[name]
+                    break
+                time.sleep(2)
+                for name, (spec, proc, log, started) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    log.close()
+                    del running[name]
+                    ok = proc.returncode == 0 and run_state(results_dir, spec) == "done"
+                    counts["done" if ok else "failed"] += 1
+                    finished_rounds += spec.rounds
+                    seconds = time.time() - started
+                    with open(log_path, "a") as handle:
+                        entry = {"run": spec.name, "ok": ok, "seconds": round(seconds, 1), "engine": engine}
+                        handle.write(json.dumps(entry) + "\n")
+                    if ok:
+                        progress.console.print(f"[green]done[/green] {spec.name} in {seconds:.0f} s")
+                    else:
+                        progress.console.print(
+                            f"[red]failed[/red] {spec.name} (exit {proc.returncode}); see "
+                            f"{results_dir / spec.name / 'run.log'}"
+                        )
+                    if not progress.console.is_terminal:  # a log file gets no live bar: a status line per run
+                        progress.console.print(status_line(progress.tasks[0], counts, skipped, len(runs)))
+                in_flight = sum(rounds_done(results_dir, spec) for spec, *_ in running.values())
+                progress.update(
+                    task,
+                    completed=finished_rounds + in_flight,
+                    runs=f"runs {skipped + counts['done'] + counts['failed']}/{len(runs)}",
+                    current=", ".join(running)[:80],
                 )
-            else:
-                progress.console.print(f"[green]done[/green] {spec.name} in {seconds:.0f} s")
-            if not progress.console.is_terminal:  # a log file gets no live bar: one status line per run
-                progress.console.print(status_line(progress.tasks[0], counts, skipped, len(runs)))
-            progress.update(
-                task, completed=finished_rounds, runs=f"runs {skipped + counts['done'] + counts['failed']}/{len(runs)}"
-            )
+        except BaseException:
+            for _, proc, log, _ in running.values():
+                stop(proc)
+                log.close()
+            raise
     console.print(f"sweep finished: {counts}")
     return counts
+
+
+SMALL_FILES = ("config.json", "metrics.jsonl", "summary.json", "partition.json")
+
+
+def collect(runs: list[RunSpec], results_dir: Path, into: Path) -> int:
+    """The finished runs' small files, for committing (benchmarks.report reads them back);
+    checkpoints, site state and event files stay behind."""
+    copied = 0
+    for spec in runs:
+        if run_state(results_dir, spec) != "done":
+            continue
+        target = into / spec.name
+        target.mkdir(parents=True, exist_ok=True)
+        for name in SMALL_FILES:
+            if (results_dir / spec.name / name).exists():
+                shutil.copy2(results_dir / spec.name / name, target / name)
+        copied += 1
+    return copied
 
 
 def status_line(task: Any, counts: dict[str, int], skipped: int, total: int) -> str:
@@ -387,6 +509,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", help="extra run-config keys, 'k=v,k=v'")
     p.add_argument("--results-dir", default=str(DEFAULT_RESULTS))
     p.add_argument("--max-runs", type=int, help="run at most this many of the pending runs")
+    p.add_argument("--protocols", help="comma list: standard,reference")
+    p.add_argument(
+        "--collect",
+        help="copy the finished runs' small files (config, metrics, summary, partition) here, to commit them",
+    )
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="lean",
+        help="lean: the round loop and ClientApp in one process per run (no Ray; same metrics, tests/test_lean.py); "
+        "flower: Flower's Ray simulation",
+    )
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    p.add_argument("--stop-after", type=float, help="seconds: start nothing after, stop running runs (resumable) at")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p
@@ -400,12 +537,17 @@ def main(argv: list[str] | None = None) -> int:
     runs = all_runs(load_plans(args))
     # `kill <pid>` of the sweep stops the current run's process group too (no orphaned Ray workers)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.collect:
+        copied = collect(runs, results_dir, Path(args.collect))
+        print(f"{copied} finished runs copied to {args.collect}")
+        return 0
     if args.dry_run:
         for spec in runs:
             print(f"{run_state(results_dir, spec):8s} {spec.name}")
         print(f"{len(runs)} runs, {sum(s.rounds for s in runs)} rounds")
         return 0
-    counts = sweep(runs, results_dir, args.max_runs)
+    deadline = time.time() + args.stop_after if args.stop_after else None
+    counts = sweep(runs, results_dir, args.max_runs, engine=args.engine, parallel=args.parallel, deadline=deadline)
     return 1 if counts["failed"] else 0
 
 

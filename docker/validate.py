@@ -105,6 +105,7 @@ def _services():
         - {"init", "superlink", "serverapp"}
         - {f"supernode-{i}" for i in ids}
         - {f"clientapp-{i}" for i in ids}
+        - {f"worker-{i}" for i in ids}
     )
     assert not extra, f"unexpected services {sorted(extra)}"
 
@@ -113,7 +114,7 @@ def _services():
 def _network():
     assert "networks" not in base, "a top-level networks section creates bridge networks"
     for name, svc in services.items():
-        want = "none" if name == "init" else "host"
+        want = "none" if name == "init" or name.startswith("worker-") else "host"
         assert svc.get("network_mode") == want, f"{name}: network_mode {svc.get('network_mode')!r}, want {want}"
         assert "ports" not in svc, f"{name}: ports (host networking binds directly)"
         assert "networks" not in svc, f"{name}: networks"
@@ -186,9 +187,24 @@ def _volumes():
             assert f"site-{i}-{kind}" in declared, f"volume site-{i}-{kind} not declared"
             assert init.get(f"/volumes/site-{i}/{kind}") == f"site-{i}-{kind}", f"init does not prepare site-{i}-{kind}"
         for name, svc in services.items():
-            if name not in (f"clientapp-{i}", "init"):
+            if name not in (f"clientapp-{i}", f"worker-{i}", "init"):
                 assert f"site-{i}-data" not in str(svc.get("volumes", [])), f"{name} mounts site-{i}'s data"
     assert {"superlink-state", "results"} <= declared, "superlink-state and results must be declared"
+
+
+@check("compose.yml: each site's warm worker shares its state volume and is named in the node config")
+def _workers():
+    for i in sites(services):
+        worker = services.get(f"worker-{i}")
+        assert worker, f"site {i}: no worker-{i}"
+        v = volume_sources(worker)
+        assert v.get("/app/state") == f"site-{i}-state", f"worker-{i}: site-{i}-state at /app/state"
+        assert v.get("/app/data") == f"site-{i}-data:ro", f"worker-{i}: site-{i}-data read-only at /app/data"
+        assert "/app/state/worker.sock" in " ".join(worker["entrypoint"]), f"worker-{i}: socket in the state volume"
+        node = flags(services[f"supernode-{i}"]).get("--node-config", "")
+        assert 'site-worker="/app/state/worker.sock"' in node, f"supernode-{i}: node config lacks site-worker"
+        env = services[f"clientapp-{i}"].get("environment") or {}
+        assert env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL"), f"clientapp-{i}: no FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 
 
 @check("compose.yml: start order (init completes, superlink healthy, then the rest)")

@@ -118,7 +118,7 @@ def reference_inputs(split: Split, chunk: int = 4096) -> Split:
             x = interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         if x.shape[1] == 1:
             x = x.expand(-1, REFERENCE_CHANNELS, -1, -1)
-        out[start : start + chunk] = x.round_().clamp_(0, 255).to(torch.uint8).numpy()
+        out[start : start + chunk] = x.round().clamp(0, 255).to(torch.uint8).numpy()
     return Split(images=out, labels=split.labels)
 
 

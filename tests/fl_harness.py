@@ -116,6 +116,11 @@ class Federation:
     round_replies: list[list[Message]] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)  # aggregate_train's metrics per round
 
+    def grid_message(self, server_round: int) -> RecordDict:
+        """The content of this round's train message (current global arrays and config)."""
+        config = ConfigRecord({**self.cfg.to_mapping(), "server-round": server_round})
+        return RecordDict({"arrays": copy.deepcopy(self.arrays), "config": config})
+
     def run_round(self, server_round: int) -> list[Message]:
         with server_identity():
             messages = self.strategy.configure_train(

@@ -1,0 +1,61 @@
+"""The lean runner (benchmarks/lean.py: the round loop and ClientApp in one process, no
+Ray) gives exactly the metrics and model of Flower's simulation for the same seed, so
+sweeps run on it (and on a GPU machine without Ray) measure the same thing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks.lean import run_lean
+from tests.conftest import write_fake_medmnist
+
+VOLATILE = {"round_seconds"}  # wall-clock time
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in VOLATILE}
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+def test_lean_runner_matches_the_flower_simulation(tmp_path):
+    from flwr.simulation import run_simulation
+
+    import client_app.app as client
+    from server_app.app import create_server_app
+
+    write_fake_medmnist(tmp_path / "data", "bloodmnist", sizes=(150, 30, 60))
+    config = {
+        "method": "fusedspacefed",
+        "dataset": "bloodmnist",
+        "data-root": str(tmp_path / "data"),
+        "download": False,
+        "partition": "dirichlet",
+        "alpha": 1.0,
+        "num-server-rounds": 2,
+        "local-epochs": 1,
+        "batch-size": 32,
+        "device": "cpu",
+        "num-threads": 1,
+        "measure-gamma": True,
+        "run-name": "same",
+        "track-tensorboard": False,
+    }
+    run_simulation(
+        server_app=create_server_app({**config, "results-dir": str(tmp_path / "flower")}),
+        client_app=client.app,
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
+    )
+    summary = run_lean({**config, "results-dir": str(tmp_path / "lean")}, 3)
+    flower, lean = _rows(tmp_path / "flower" / "same"), _rows(tmp_path / "lean" / "same")
+    assert len(flower) == 2 and flower[-1]["num_evaluated"] == 3 and "gamma" in flower[0]
+    assert lean == flower
+    a = torch.load(tmp_path / "flower" / "same" / "global_model.pt", weights_only=True)
+    b = torch.load(tmp_path / "lean" / "same" / "global_model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert summary["final"]["global_acc_mean"] == flower[-1]["global_acc_mean"]
