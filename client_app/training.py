@@ -80,7 +80,9 @@ class RoundOptimizers:
         self.extras = extras
         self.optimizers: dict[str, torch.optim.SGD] = {}
 
-    def sgd(self, name: str, params: Iterable[nn.Parameter], lr: float, cfg: RunConfig | None = None) -> torch.optim.SGD:
+    def sgd(
+        self, name: str, params: Iterable[nn.Parameter], lr: float, cfg: RunConfig | None = None
+    ) -> torch.optim.SGD:
         optimizer = sgd(params, lr, cfg or self.cfg)
         self.optimizers[name] = optimizer
         if self.keep:
