@@ -205,7 +205,7 @@ def measure_simulation(args: argparse.Namespace, config: dict[str, Any], sites: 
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
     load = load_average()
     started = time.time()
-    federation = f"num-supernodes={sites} client-resources-num-cpus={args.sim_cpus}"
+    federation = f"num-supernodes={sites} client-resources-num-cpus={args.sim_cpus:g}"
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "simulate.sh"), "--run-config", overrides, "--federation-config", federation],
         cwd=ROOT,

@@ -27,12 +27,13 @@ import torch
 from flwr.app import RecordDict
 
 from client_app.site_model import (
-    CLI_ERRORS,
     SiteModelError,
+    add_common_arguments,
     build_site_model,
     load_run_model,
     private_keys,
     read_unlabeled_images,
+    run_cli,
     site_number,
 )
 from client_app.state import PrivateArrays, PrivateState, StateError, read_state_file
@@ -167,18 +168,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--state-dir", required=True, help="the site's state-dir (as in its SuperNode node config)")
     parser.add_argument("--site-name", required=True, help="the site's site-name (as in its SuperNode node config)")
     parser.add_argument("--epochs", type=int, default=None, help="warm-up epochs (default: the run's, at least 1)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's batch-size")
-    parser.add_argument("--num-threads", type=int, default=0, help="CPU threads (0: PyTorch's choice)")
-    parser.add_argument("--array", default=None, help="the npz array to read (default: 'images', else 'train_images')")
+    add_common_arguments(parser, None, "default: the run's batch-size")
     parser.add_argument("--force", action="store_true", help="replace an existing state of this site")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        onboard(
+    return run_cli(
+        lambda: onboard(
             args.model,
             args.images,
             args.state_dir,
@@ -190,10 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             array=args.array,
             force=args.force,
         )
-    except CLI_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    )
 
 
 if __name__ == "__main__":

@@ -28,13 +28,14 @@ import torch
 from flwr.app import RecordDict
 
 from client_app.site_model import (
-    CLI_ERRORS,
     SiteImages,
     SiteModelError,
+    add_common_arguments,
     build_site_model,
     load_run_model,
     private_keys,
     read_unlabeled_images,
+    run_cli,
 )
 from client_app.state import PrivateState
 from core.device import resolve_device, set_threads
@@ -168,17 +169,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="the CSV file to write")
     parser.add_argument("--state-dir", default=None, help="the site's state-dir (FusedSpaceFed and FedBN)")
     parser.add_argument("--site-name", default=None, help="the site's site-name (FusedSpaceFed and FedBN)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--num-threads", type=int, default=0, help="CPU threads (0: PyTorch's choice)")
-    parser.add_argument("--array", default=None, help="the npz array to read (default: 'images', else 'train_images')")
+    add_common_arguments(parser, 256, "images per batch")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        predict(
+    return run_cli(
+        lambda: predict(
             args.model,
             args.images,
             args.out,
@@ -189,10 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             num_threads=args.num_threads,
             array=args.array,
         )
-    except CLI_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    )
 
 
 if __name__ == "__main__":

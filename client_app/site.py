@@ -11,7 +11,9 @@ contract says which), its training metrics and that evaluation. An evaluate mess
 What leaves a site: the shared arrays, metrics, the records its method's contract
 names (SCAFFOLD's dc_i) and, only when `measure-gamma` is on and the site allows it
 (simulated sites always; a deployed site with `allow-gradients = true` in its own
-node config), classifier gradients on one batch for Gamma.
+node config), classifier gradients on one batch for Gamma. With `dp-clip-norm` > 0 the
+shared arrays are the received global ones plus the site's update clipped to that norm
+(client_app.privacy; docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.common.logger import log
 
+from client_app.privacy import CLIPPED_KEY, NORM_KEY, clip_shared_update
 from client_app.state import PrivateArrays, PrivateState
 from client_app.timeline import TIMELINE_RECORD, Timeline
 from client_app.trainers import LocalRound, Trainer
-from client_app.training import classification_loss, classifier_gradient
+from client_app.training import classification_loss, classifier_gradient, fast_layout
 from core.config import RunConfig
 from core.device import resolve_device, set_threads
 from core.methods import (
@@ -183,14 +186,22 @@ def train_round(incoming: RecordDict, context: Context, timeline: Timeline | Non
         incoming=incoming,
         extras=site.extras,
     )
-    result = trainer.train(site.model, job)
+    with fast_layout(site.model, site.device):
+        result = trainer.train(site.model, job)
     site.timeline.mark("trained")
     site.state.save(site.private_arrays(result.extras), site.server_round)
     site.timeline.mark("state_saved")
     content[ARRAYS_RECORD] = site.shared_arrays()
+    privacy: dict[str, float] = {}
+    if site.cfg.dp:
+        content[ARRAYS_RECORD], norm = clip_shared_update(
+            content[ARRAYS_RECORD], incoming[ARRAYS_RECORD], site.cfg.dp_clip_norm
+        )
+        privacy = {NORM_KEY: norm, CLIPPED_KEY: float(norm > site.cfg.dp_clip_norm)}
     content[METRICS_RECORD] = MetricRecord(
         {
             **result.metrics,
+            **privacy,
             WEIGHT_KEY: len(site.data.train),
             SITE_ID_KEY: site.site_id,
             RESTORED_KEY: int(site.restored),

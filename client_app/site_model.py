@@ -12,8 +12,11 @@ code: the site side does not import the server side.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,24 @@ class SiteModelError(ValueError):
 
 #: what the site commands report as one clear line (exit status 2) instead of a traceback
 CLI_ERRORS = (SiteModelError, DataError, StateError, ConfigError)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, batch_size: int | None, batch_help: str) -> None:
+    """The options `onboard` and `predict` share."""
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    parser.add_argument("--num-threads", type=int, default=0, help="CPU threads (0: PyTorch's choice)")
+    parser.add_argument("--array", default=None, help="the npz array to read (default: 'images', else 'train_images')")
+
+
+def run_cli(call: Callable[[], object]) -> int:
+    """Run a command; its expected errors become one line `error: ...` and exit status 2."""
+    try:
+        call()
+    except CLI_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,8 @@ class RunConfig:
     track_mlflow: bool = False
     protocol: str = "standard"
     l2sp_lambda: float = 0.0
+    dp_clip_norm: float = 0.0
+    dp_noise_multiplier: float = 0.0
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> RunConfig:
@@ -90,6 +92,7 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> None:
+        unprotected = METHODS[self.method].records_to_server if self.method in METHODS else ()
         checks = [
             (self.method in METHODS, f"method must be one of {tuple(METHODS)}, got {self.method!r}"),
             (
@@ -119,6 +122,26 @@ class RunConfig:
             (self.protocol in PROTOCOLS, f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}"),
             (self.l2sp_lambda >= 0, f"l2sp-lambda must be >= 0, got {self.l2sp_lambda}"),
             (self.keep_checkpoints >= 0, f"keep-checkpoints must be >= 0 (0 = all), got {self.keep_checkpoints}"),
+            (self.dp_clip_norm >= 0, f"dp-clip-norm must be >= 0 (0 = off), got {self.dp_clip_norm}"),
+            (
+                self.dp_noise_multiplier >= 0,
+                f"dp-noise-multiplier must be >= 0 (0 = no noise), got {self.dp_noise_multiplier}",
+            ),
+            (
+                self.dp_noise_multiplier == 0 or self.dp_clip_norm > 0,
+                f"dp-noise-multiplier = {self.dp_noise_multiplier} needs dp-clip-norm > 0: the noise is "
+                "calibrated to the clip norm (std = noise multiplier * clip norm / replies)",
+            ),
+            (
+                not self.dp or not unprotected,
+                f"differential privacy (dp-clip-norm > 0) clips and noises only the shared arrays, but {self.method} "
+                f"also sends {list(unprotected)}, which it would leave unprotected",
+            ),
+            (
+                not self.dp or not self.measure_gamma,
+                "differential privacy (dp-clip-norm > 0) does not cover measure-gamma's classifier gradients; "
+                "turn measure-gamma off",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -136,9 +159,15 @@ class RunConfig:
         return self.protocol == "reference"
 
     @property
+    def dp(self) -> bool:
+        """Differential privacy is on: sites clip their shared update, the server adds noise."""
+        return self.dp_clip_norm > 0
+
+    @property
     def weighted_mean(self) -> bool:
-        """Example-weighted averaging (`weighted`), except under the reference protocol."""
-        return self.weighted and not self.reference
+        """Example-weighted averaging (`weighted`), except under the reference protocol or
+        differential privacy (whose noise calibration assumes the plain mean)."""
+        return self.weighted and not self.reference and not self.dp
 
     def default_run_name(self) -> str:
         spread = partition_tag(self.partition, self.alpha, self.classes_per_client)

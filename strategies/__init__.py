@@ -19,6 +19,9 @@ def build_strategy(cfg: RunConfig, initial_arrays: ArrayRecord) -> SharedModelSt
         fraction_train=cfg.fraction_train,
         min_train_nodes=cfg.min_replies,
         min_available_nodes=cfg.min_replies,  # a round goes on without sites that are down
+        dp_clip_norm=cfg.dp_clip_norm,
+        dp_noise_multiplier=cfg.dp_noise_multiplier,
+        seed=cfg.seed,
     )
 
 

@@ -29,6 +29,7 @@ from core.methods import (
 )
 from strategies.aggregation import average_arrays, mean_metrics
 from strategies.gamma import gamma, gamma_decomposition
+from strategies.privacy import NOISE_STD_KEY, add_noise, noise_std
 
 
 class BadReply(ValueError):
@@ -61,6 +62,9 @@ class SharedModelStrategy(FedAvg):
         fraction_train: float = 1.0,
         min_train_nodes: int = 1,
         min_available_nodes: int = 1,
+        dp_clip_norm: float = 0.0,
+        dp_noise_multiplier: float = 0.0,
+        seed: int = 0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -74,7 +78,11 @@ class SharedModelStrategy(FedAvg):
         self.contract = contract
         self.specs = array_specs(initial_arrays)
         self.shared_keys = frozenset(self.specs)
-        self.weighted = weighted
+        # differential privacy (strategies/privacy.py): the noise is calibrated to the plain mean
+        self.dp_clip_norm = dp_clip_norm
+        self.dp_noise_multiplier = dp_noise_multiplier
+        self.seed = seed
+        self.weighted = weighted and dp_clip_norm <= 0
 
     # -- strategy state (server checkpoints) -------------------------------------
     def checkpoint_state(self) -> dict[str, np.ndarray]:
@@ -161,6 +169,10 @@ class SharedModelStrategy(FedAvg):
         arrays = self.aggregate_arrays(server_round, valid, weights)
         metrics = mean_metrics([m.content[METRICS_RECORD] for m in valid], weights, skip=BOOKKEEPING)
         metrics["num_replies"] = len(valid)
+        if self.dp_clip_norm > 0:
+            std = noise_std(self.dp_noise_multiplier, self.dp_clip_norm, len(valid))
+            arrays = add_noise(arrays, std, self.seed, server_round)
+            metrics[NOISE_STD_KEY] = std
         metrics.update(self.gradient_dissimilarity(valid))
         return arrays, MetricRecord(metrics)
 

@@ -69,7 +69,7 @@ def test_sweep_skips_finished_runs_and_redoes_interrupted_ones(tmp_path, monkeyp
 
     started = []
 
-    def fake_start(results_dir, spec):
+    def fake_start(results_dir, spec, engine="lean"):
         sweep.clear_partial(results_dir, spec)
         started.append(spec.name)
         run_dir = results_dir / spec.name
@@ -81,11 +81,67 @@ def test_sweep_skips_finished_runs_and_redoes_interrupted_ones(tmp_path, monkeyp
     monkeypatch.setattr(sweep, "start_run", fake_start)
     counts = sweep.sweep(runs, tmp_path)
     assert started == [partial.name, new.name]
-    assert counts == {"done": 2, "failed": 0, "skipped": 1}
+    assert counts == {"done": 2, "failed": 0, "skipped": 1, "stopped": 0}
     assert not (tmp_path / partial.name / "stale.txt").exists()
     assert len((tmp_path / "sweep.jsonl").read_text().splitlines()) == 2
     started.clear()
     assert sweep.sweep(runs, tmp_path)["skipped"] == 3 and started == []
+
+
+def test_reference_protocol_variants_and_their_run_configs():
+    runs = sweep.expand(
+        {
+            "methods": "fusedspacefed,fedavg",
+            "protocols": "standard,reference",
+            "variants": "task-aware,decoupled,no-warmup,warmup,l2sp",
+            "datasets": "breastmnist",
+            "seeds": "1",
+            "rounds": 50,
+        }
+    )
+    by_name = {r.name: r for r in runs}
+    assert sorted(by_name) == sorted(
+        f"{m}-breastmnist-dirichlet-equal-a0.05-n10-r50-e3-s1"
+        for m in (
+            "fusedspacefed",
+            "fusedspacefed-decoupled",
+            "fedavg",
+            "fusedspacefed-ref-no-warmup",
+            "fusedspacefed-ref-warmup",
+            "fusedspacefed-ref-l2sp",
+            "fedavg-ref",
+        )
+    )
+    l2sp = by_name["fusedspacefed-ref-l2sp-breastmnist-dirichlet-equal-a0.05-n10-r50-e3-s1"].run_config(Path("/r"))
+    assert l2sp["protocol"] == "reference" and l2sp["l2sp-lambda"] == 1e-3 and l2sp["warmup-epochs"] == 0
+    assert l2sp["task-aware"] is False and l2sp["ae-arch"] == "unet"
+    ours = by_name["fusedspacefed-breastmnist-dirichlet-equal-a0.05-n10-r50-e3-s1"].run_config(Path("/r"))
+    assert ours["protocol"] == "standard" and ours["task-aware"] is True and "l2sp-lambda" not in ours
+    from core.config import RunConfig
+
+    for spec in runs:  # every run config is a valid configuration
+        RunConfig.from_mapping({k: v for k, v in spec.run_config(Path("/r")).items()})
+    with pytest.raises(SystemExit, match="unknown protocols"):
+        sweep.expand({"protocols": "published"})
+
+
+def test_an_interrupted_run_with_a_checkpoint_resumes_and_one_without_is_redone(tmp_path, monkeypatch):
+    spec = sweep.expand({"methods": "fedavg", "datasets": "breastmnist", "seeds": "0", "rounds": 2})[0]
+    started = []
+
+    class _Popen:
+        def __init__(self, cmd, **kwargs):
+            started.append(json.loads(cmd[-1]))
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", _Popen)
+    (tmp_path / spec.name / "checkpoints").mkdir(parents=True)
+    (tmp_path / spec.name / "checkpoints" / "round-0001.pt").write_bytes(b"x")
+    sweep.start_run(tmp_path, spec, "lean")
+    assert started[-1]["run_config"]["resume-from"] == "latest" and started[-1]["engine"] == "lean"
+    assert (tmp_path / spec.name / "checkpoints" / "round-0001.pt").exists()
+    (tmp_path / spec.name / "checkpoints" / "round-0001.pt").unlink()
+    sweep.start_run(tmp_path, spec, "flower")
+    assert "resume-from" not in started[-1]["run_config"] and started[-1]["engine"] == "flower"
 
 
 def test_mean_std_and_paired_difference():

@@ -59,3 +59,37 @@ def test_lean_runner_matches_the_flower_simulation(tmp_path):
     b = torch.load(tmp_path / "lean" / "same" / "global_model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert summary["final"]["global_acc_mean"] == flower[-1]["global_acc_mean"]
+
+
+def test_the_gpu_sweep_script_rehearsed_on_cpu(tmp_path, real_data_root):
+    """benchmarks/gpu-sweep.sh with the tiny grid: both protocols run in parallel with the
+    lean engine, every run finishes with its reference selection, a second call has
+    nothing left to do, and the report renders the reference-protocol table."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks import report
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu-runs"
+    grid = tmp_path / "grid.toml"
+    grid.write_text((repo / "benchmarks" / "gpu-grid-tiny.toml").read_text() + f'\ndata-root = "{real_data_root}"\n')
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "PARALLEL": "2", "STOP_AFTER": "600"}
+    cmd = ["bash", str(repo / "benchmarks" / "gpu-sweep.sh"), "run", "--device", "cpu", "--grid", str(grid)]
+    first = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    names = sorted(p.name for p in out.iterdir() if (p / "summary.json").exists())
+    assert (
+        len(names) == 4
+        and any("-ref-no-warmup-" in n for n in names)
+        and any(n.startswith("fedavg-ref") for n in names)
+    )
+    for name in names:
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["rounds"] == 2 and summary["reference_selection"]["round"] in (1, 2)
+    again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert "4 done already, 0 to run" in again.stdout + again.stderr
+    runs, unfinished = report.load_runs(out)
+    table = "\n".join(report.reference_table(report.cells(runs)))
+    assert not unfinished and "FusedSpaceFed, reference protocol, no warm-up" in table and "| reference |" in table
