@@ -41,6 +41,7 @@ BASE = {
     "seed": 0,
     "measure-gamma": False,
     "device": "cpu",
+    "num-threads": 1,  # two PyTorch threads on a shared 2-core machine made a round 3-5x slower
     "track-tensorboard": False,
 }
 SETTINGS = [  # (label, method, dp-clip-norm, dp-noise-multiplier)

@@ -42,7 +42,7 @@ class Timeline:
             "import_done": imported,  # torch, data and model code (client_app.site)
             "handler_start": time.time(),
         }
-        self.info = {"fresh": float(_served == 0), "worker": float(via == "worker")}
+        self.info = {"fresh": float(_served == 0), "worker": float(via == "worker"), "pid": float(os.getpid())}
         _served += 1
 
     def mark(self, name: str) -> None:

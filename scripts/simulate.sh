@@ -27,6 +27,11 @@ stop() {
   exit 130
 }
 trap stop INT TERM
-flwr run . --stream "$@" &
+# Flower's simulation prints, every run, a warning about its default SuperNode count and how
+# to change it (flwr/simulation/app.py, unconditional) even when the count is given: filtered
+# out here (FSF_RAW_OUTPUT=1 shows everything).
+filter='Since flwr 1.32, default simulated SuperNodes|To change federation size|flwr federation simulation-config'
+[[ "${FSF_RAW_OUTPUT:-0}" == 1 ]] && filter='^$^'
+flwr run . --stream "$@" > >(grep --line-buffered -v -E "$filter") 2>&1 &
 child=$!
 wait "$child"

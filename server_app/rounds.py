@@ -144,7 +144,8 @@ class FederatedRun:
             )
         )
         sampled = {m.metadata.dst_node_id for m in train_messages}
-        eval_messages = self.evaluate_messages(pending, exclude=sampled) if pending is not None else []
+        unsampled = set(self.grid.get_node_ids()) - sampled  # (fraction-train < 1, or sites that joined)
+        eval_messages = self.evaluate_messages(pending, exclude=sampled) if pending is not None and unsampled else []
         result = exchange(self.grid, train_messages + eval_messages, self.cfg.round_timeout, self.book)
         self.results.write_timeline(server_round, result)
         if pending is not None:
