@@ -48,7 +48,7 @@ def clip_shared_update(trained: ArrayRecord, received: ArrayRecord, clip_norm: f
     base = [theirs[k].astype(np.float64) for k in floats]
     norm = get_norm([a - b for a, b in zip(local, base)])
     target = clip_norm
-    for _ in range(8):
+    for attempt in range(12):
         values = [a.copy() for a in local]
         if norm > target:  # (a zero update stays as it is: Flower's helper would divide by zero)
             compute_clip_model_update(values, base, target)
@@ -56,8 +56,9 @@ def clip_shared_update(trained: ArrayRecord, received: ArrayRecord, clip_norm: f
         sent_norm = get_norm([c.astype(np.float64) - b for c, b in zip(cast, base)])
         if sent_norm <= clip_norm:
             break
-        # float32 rounding of `received + update` overshot the clip norm by a hair: aim lower
-        target -= 2 * (sent_norm - clip_norm)
+        # float32 rounding of `received + update` overshot the clip norm by a hair: aim lower,
+        # by a margin that grows with each try (rounding does not shrink with the target)
+        target -= max(2 * (sent_norm - clip_norm), 1e-7 * clip_norm) * 2**attempt
     else:
         raise RuntimeError(f"could not clip the shared update to {clip_norm} (norm {sent_norm} after rounding)")
     sent.update(zip(floats, cast))

@@ -159,6 +159,21 @@ def test_clip_shared_update_units():
         clip_shared_update(ArrayRecord({"w": Array(np.zeros(4, np.float32))}), received, 1.0)
 
 
+def test_the_sent_update_respects_the_clip_norm_after_float32_rounding():
+    """`received + clipped update` is rounded to float32; with large global values (a noised
+    model) that rounding overshoots the clip norm now and then, and the site must aim lower
+    until the update the server sees is within it (an earlier version gave up on about 1 %
+    of these cases)."""
+    for seed in range(500):
+        rng = np.random.default_rng(seed)
+        received = {"w": rng.normal(0, 20, 200).astype(np.float32)}
+        trained = {"w": (received["w"] + rng.normal(0, 0.5, 200)).astype(np.float32)}
+        sent, norm = clip_shared_update(
+            ArrayRecord({"w": Array(trained["w"])}), ArrayRecord({"w": Array(received["w"])}), 1.0
+        )
+        assert norm > 1.0 and _update_norm(sent, received) <= 1.0
+
+
 def test_noise_is_seeded_by_run_and_round_and_keeps_variances_valid():
     arrays = ArrayRecord(
         {"w": Array(np.zeros(1000, np.float32)), "bn.running_var": Array(np.full(1000, 0.01, np.float32))}
