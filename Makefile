@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 ## The default job: FusedSpaceFed and FedAvg side by side on a small non-IID federation
-## (BreastMNIST, 5 sites, alpha 0.5, 10 rounds; a few minutes on 2 cores), a comparison and a plot.
+## (BloodMNIST, 5 sites, alpha 0.5, 3 rounds of 1 local epoch; a few minutes on 2 cores), a comparison and a plot.
 run: install
 	RUN_CONFIG="$(RUN_CONFIG)" scripts/demo.sh "$(DATA_ROOT)"
 

@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 data_root="${1:-data/medmnist}"
 results="${RESULTS:-results}"
-demo="dataset='breastmnist' partition='dirichlet-equal' alpha=0.5 num-server-rounds=${DEMO_ROUNDS:-10} \
-local-epochs=3 warmup-epochs=1 batch-size=32 eval-every=1 num-threads=1 device='cpu' \
+demo="dataset='bloodmnist' partition='dirichlet-equal' alpha=0.5 num-server-rounds=${DEMO_ROUNDS:-3} \
+local-epochs=1 warmup-epochs=1 batch-size=64 eval-every=1 num-threads=1 device='cpu' \
 data-root='$data_root' results-dir='$results' ${RUN_CONFIG:-}"
 federation="num-supernodes=5 client-resources-num-cpus=1"
 started=$(date +%s)
