@@ -438,10 +438,13 @@ def figures(groups: dict[tuple, dict[str, list[Run]]], out_dir: Path) -> list[tu
             acc = [mean_std([r.acc("final") for r in methods[label][a]]) for a in alphas]
             gam = [mean_std([r.final_row().get("gamma") for r in methods[label][a]]) for a in alphas]
             for ax, stats in ((axes[0], acc), (axes[1], gam)):
+                points = [(a, st) for a, st in zip(alphas, stats) if st[0] is not None]  # Gamma is optional
+                if not points:
+                    continue
                 ax.errorbar(
-                    alphas,
-                    [s[0] for s in stats],
-                    yerr=[s[1] or 0.0 for s in stats],
+                    [a for a, _ in points],
+                    [st[0] for _, st in points],
+                    yerr=[st[1] or 0.0 for _, st in points],
                     marker="o",
                     capsize=3,
                     label=LABELS[label],

@@ -67,6 +67,7 @@ def plot(results: list[dict[str, Any]], out: Path, majority: float | None, title
     import io
 
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
@@ -77,6 +78,7 @@ def plot(results: list[dict[str, Any]], out: Path, majority: float | None, title
     if majority is not None:
         ax.axhline(100 * majority, color="grey", ls="--", lw=1, label="majority class (always predict it)")
     ax.set(xlabel="round", ylabel="global test accuracy (%)", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
