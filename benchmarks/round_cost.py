@@ -269,6 +269,7 @@ def render(data: dict[str, Any]) -> str:
             f"{timeline.get('push_to_last_pull', 0):.2f} s; messages served by a warm worker: "
             f"{timeline.get('via_worker', 0):.0f}, by a fresh process: {timeline.get('fresh_process', 0):.0f}.",
             "",
+            *([timeline["note"], ""] if timeline.get("note") else []),
             "| phase | seconds |",
             "|---|---|",
         ]
