@@ -34,18 +34,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "medmnist"
 OUT = ROOT / "benchmarks" / "round_cost.json"
-SMALL = {
-    "method": "fusedspacefed",
-    "dataset": "breastmnist",
-    "download": False,
-    "local-epochs": 1,
-    "warmup-epochs": 1,
-    "batch-size": 64,
-    "measure-gamma": False,
-    "num-threads": 1,
-    "device": "cpu",
-    "num-server-rounds": 4,
-}
+
+
+def small_config() -> dict[str, Any]:
+    """The pilot tests' small run (tests/pilot_harness.py), FusedSpaceFed, 4 rounds."""
+    sys.path.insert(0, str(ROOT))
+    from tests.pilot_harness import SMALL_RUN
+
+    return {**SMALL_RUN, "method": "fusedspacefed", "num-server-rounds": 4}
+
+
 BLOOD = {
     "method": "fedavg",
     "dataset": "bloodmnist",
@@ -166,7 +164,7 @@ def measure_pilot(args: argparse.Namespace) -> dict[str, Any]:
         cpu_before = _tree_cpu(superlink)
         load = load_average()
         started = time.time()
-        run_id = pilot.submit({**SMALL, "results-dir": str(pilot.results), "run-name": "round-cost"})
+        run_id = pilot.submit({**small_config(), "results-dir": str(pilot.results), "run-name": "round-cost"})
         status = pilot.wait_for_run(run_id, 3600)
         wall = time.time() - started
         cpu = _tree_cpu(superlink) - cpu_before
@@ -319,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             key = "pilot (process per message)" if args.no_worker else "pilot"
             entry[key] = measure_pilot(args)
         elif mode == "simulation":
-            entry[f"simulation ({args.sim_cpus:g} CPU per site)"] = measure_simulation(args, SMALL, 3, "round-cost-sim")
+            entry[f"simulation ({args.sim_cpus:g} CPU per site)"] = measure_simulation(
+                args, small_config(), 3, "round-cost-sim"
+            )
         elif mode == "blood":
             entry[f"blood fedavg 10 sites ({args.sim_cpus:g} CPU per site)"] = measure_simulation(
                 args, {**BLOOD, "num-server-rounds": args.blood_rounds}, 10, "round-cost-blood"

@@ -28,6 +28,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_superlinks(control_port: int) -> None:
+    """The local SuperLink that `flwr run` started on this control port, and its process tree."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "flower-superlink" in cmdline and f"127.0.0.1:{control_port}" in cmdline:
+            for child in proc.children(recursive=True):
+                child.send_signal(signal.SIGKILL)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except psutil.TimeoutExpired:
+                proc.kill()
+
+
+# The small run of the pilot tests and the round-cost benchmark (breastmnist over 3 sites)
+SMALL_RUN = {
+    "dataset": "breastmnist",
+    "download": False,
+    "local-epochs": 1,
+    "warmup-epochs": 1,
+    "batch-size": 64,
+    "measure-gamma": False,
+    "num-threads": 1,
+    "device": "cpu",
+}
+
+
 def base_env(flwr_home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
     env.update(

@@ -7,33 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 
-import psutil
 import pytest
 
 from tests.conftest import REPO
+from tests.pilot_harness import stop_superlinks
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _stop_superlinks(control_port: int) -> None:
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "flower-superlink" in cmdline and f"127.0.0.1:{control_port}" in cmdline:
-            for child in proc.children(recursive=True):
-                child.send_signal(signal.SIGKILL)
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except psutil.TimeoutExpired:
-                proc.kill()
 
 
 @pytest.fixture
@@ -46,7 +32,7 @@ def flwr_env(tmp_path):
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
     }
     yield env
-    _stop_superlinks(control_port)
+    stop_superlinks(control_port)
 
 
 def test_flwr_run_tiny_configuration(flwr_env, tmp_path, real_data_root):

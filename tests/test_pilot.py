@@ -18,22 +18,12 @@ import torch
 from client_app.state import FILE_NAME, read_state_file
 from partitions.split import split_dataset
 from server_app.checkpoint import list_checkpoints
-from tests.pilot_harness import Pilot, wait_for
+from tests.pilot_harness import SMALL_RUN, Pilot, wait_for
 
 pytestmark = pytest.mark.integration
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
-RUN = {
-    "dataset": "breastmnist",
-    "download": False,
-    "local-epochs": 1,
-    "warmup-epochs": 1,
-    "batch-size": 64,
-    "measure-gamma": False,
-    "num-threads": 1,
-    "device": "cpu",
-    "num-server-rounds": 2,
-}
+RUN = {**SMALL_RUN, "num-server-rounds": 2}
 
 
 @pytest.fixture(scope="module")

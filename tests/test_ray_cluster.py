@@ -27,7 +27,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO
+from tests.pilot_harness import stop_superlinks
 
 NODES = ("head", "second")
 
@@ -57,20 +57,6 @@ def _started(pid: int) -> float:
     with open("/proc/stat") as boot:
         btime = next(int(line.split()[1]) for line in boot if line.startswith("btime"))
     return btime + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _stop_superlinks(control_port: int) -> None:
-    """The local SuperLink `flwr run` started for this test's ports (as in test_flwr_run)."""
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "flower-superlink" in cmdline and f"127.0.0.1:{control_port}" in cmdline:
-            for child in proc.children(recursive=True):
-                child.send_signal(signal.SIGKILL)
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except psutil.TimeoutExpired:
-                proc.kill()
 
 
 class RayNode:
@@ -232,7 +218,7 @@ def test_flwr_run_across_two_ray_nodes(tmp_path, real_data_root):
         assert placements == {frozenset(NODES)}, detail  # and, however matched, on both of them
     finally:
         recorder.done.set()
-        _stop_superlinks(control_port)
+        stop_superlinks(control_port)
         for node in reversed(nodes):
             node.stop()
         shutil.rmtree(base, ignore_errors=True)
