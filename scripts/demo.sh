@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data_root="${1:-data/medmnist}"
-results="${RESULTS:-results}"
+# absolute: the ServerApp writes relative to the local SuperLink's working directory, which is
+# wherever the first `flwr run` on this machine started it
+results="$(mkdir -p "${RESULTS:-results}" && cd "${RESULTS:-results}" && pwd)"
 demo="dataset='bloodmnist' partition='dirichlet-equal' alpha=0.5 num-server-rounds=${DEMO_ROUNDS:-3} \
 local-epochs=1 warmup-epochs=1 batch-size=64 eval-every=1 num-threads=1 device='cpu' \
 data-root='$data_root' results-dir='$results' ${RUN_CONFIG:-}"
