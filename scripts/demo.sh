@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data_root="${1:-data/medmnist}"
+[[ -d "$data_root" ]] && data_root="$(cd "$data_root" && pwd)"  # absolute, like the results folder below
 # absolute: the ServerApp writes relative to the local SuperLink's working directory, which is
 # wherever the first `flwr run` on this machine started it
 results="$(mkdir -p "${RESULTS:-results}" && cd "${RESULTS:-results}" && pwd)"
