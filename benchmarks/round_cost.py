@@ -137,7 +137,7 @@ def measure_pilot(args: argparse.Namespace) -> dict[str, Any]:
 
     sys.path.insert(0, str(ROOT))
     from partitions.split import split_dataset
-    from tests.pilot_harness import Pilot, wait_for
+    from tests.pilot_harness import Pilot, base_env, wait_for
 
     sites = ["hospital-a", "hospital-b", "hospital-c"]
     root = Path(tempfile.mkdtemp(prefix="fsf-rc-"))
@@ -153,8 +153,6 @@ def measure_pilot(args: argparse.Namespace) -> dict[str, Any]:
         for i, site in enumerate(sites):
             cmd = pilot.supernode_cmd(site, pilot.site_files[i]) + (["--no-worker"] if args.no_worker else [])
             home = root / "sites" / site / "flwr-home"
-            from tests.pilot_harness import base_env
-
             pilot.supernodes[site] = pilot.start(f"supernode-{site}", cmd, base_env(home), root / "sites" / site)
         wait_for(lambda: pilot.online() >= set(pilot.node_ids.values()), 300, "three SuperNodes online", every=3)
         superlink = psutil.Process(pilot.superlink.pid)

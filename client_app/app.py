@@ -34,8 +34,7 @@ def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     worker = str(context.node_config.get(WORKER_KEY, "") or "")
     if worker:
         try:
-            node_config = {k: v for k, v in context.node_config.items()}
-            return call(worker, kind, content, node_config, context.run_id, WORKER_TIMEOUT)
+            return call(worker, kind, content, dict(context.node_config), context.run_id, WORKER_TIMEOUT)
         except WorkerUnavailable as exc:
             log(WARNING, "%s; running this message in the ClientApp process instead", exc)
     from client_app import site

@@ -28,7 +28,7 @@ from flwr.common.logger import log
 
 from client_app.privacy import CLIPPED_KEY, NORM_KEY, clip_shared_update
 from client_app.state import PrivateArrays, PrivateState
-from client_app.timeline import TIMELINE_RECORD, Timeline
+from client_app.timeline import Timeline
 from client_app.trainers import LocalRound, Trainer
 from client_app.training import classification_loss, classifier_gradient, fast_layout
 from core.config import RunConfig
@@ -45,6 +45,7 @@ from core.methods import (
     ROUND_KEY,
     SITE_ID_KEY,
     SPLITS_KEY,
+    TIMELINE_RECORD,
     WEIGHT_KEY,
     MethodContract,
     contract_for,

@@ -14,7 +14,6 @@ import time
 
 from client_app import IMPORT_STARTED
 
-TIMELINE_RECORD = "timeline"
 _served = 0
 
 

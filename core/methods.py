@@ -26,6 +26,7 @@ CONFIG_RECORD = "config"  # server -> site: the run configuration and the round
 ARRAYS_RECORD = "arrays"  # both ways: the shared arrays
 METRICS_RECORD = "metrics"  # site -> server: training metrics and bookkeeping
 EVALUATION_RECORD = "evaluation"  # site -> server: metrics of the model it received (previous round)
+TIMELINE_RECORD = "timeline"  # site -> server: wall-clock marks of the message (client_app/timeline.py)
 GRADIENTS_RECORD = "gradients"  # site -> server: classifier gradients for Gamma (opt-in at a deployed site)
 SCAFFOLD_C_RECORD = "scaffold-c"  # server -> site: SCAFFOLD's server control variate c
 SCAFFOLD_DC_RECORD = "scaffold-dc"  # site -> server: dc_i = c_i+ - c_i (never c_i itself)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from core.files import atomic_write_bytes
+from core.methods import TIMELINE_RECORD
 
 
 def _clean(value: Any) -> Any:
@@ -58,7 +59,7 @@ class RunResults:
         lines = []
         for msg in exchange.replies:
             node = msg.metadata.src_node_id
-            marks = msg.content.metric_records.get("timeline")
+            marks = msg.content.metric_records.get(TIMELINE_RECORD)
             lines.append(
                 {
                     "round": server_round,

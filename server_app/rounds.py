@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 
 from core.config import RunConfig
 from core.console import console
-from core.methods import EVALUATE_KEY, SPLITS_KEY, contract_for
+from core.methods import EVALUATE_KEY, EVALUATION_RECORD, SPLITS_KEY, contract_for
 from models import build_run_model
 from partitions.medmnist_data import input_spec
 from server_app.checkpoint import (
@@ -223,9 +223,13 @@ class FederatedRun:
     def record_evaluation(self, server_round: int, result: Exchange) -> None:
         """Round `server_round`'s evaluation metrics (from the sites, and from the server
         when it evaluates the official splits itself) into its row; then report it."""
-        central = None
-        if self.evaluator is not None:
-            central = self.evaluator(self.arrays)
+        site_tested = any(
+            "test_acc" in m.content[EVALUATION_RECORD]
+            for m in result.replies
+            if EVALUATION_RECORD in m.content.metric_records
+        )
+        # the server's own evaluation only stands in for sites that skipped the official splits
+        central = self.evaluator(self.arrays) if self.evaluator is not None and not site_tested else None
         metrics = self.strategy.aggregate_evaluate(server_round, result.replies, central) or MetricRecord({})
         row = next(r for r in self.rows if r["round"] == server_round)
         row.update(dict(metrics))
