@@ -106,7 +106,7 @@ class RunConfig:
             (self.local_epochs >= 1, f"local-epochs must be >= 1, got {self.local_epochs}"),
             (self.warmup_epochs >= 0, f"warmup-epochs must be >= 0, got {self.warmup_epochs}"),
             (self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0 and self.lr_ae > 0, "lr and lr-ae must be > 0"),
+            (self.lr > 0 and self.lr_ae > 0, f"lr and lr-ae must be > 0, got lr={self.lr}, lr-ae={self.lr_ae}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay}"),
             (self.lambda_rec >= 0, f"lambda-rec must be >= 0, got {self.lambda_rec}"),

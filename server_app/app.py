@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from logging import ERROR
 from typing import Any
 
 from flwr.app import Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from core.config import RunConfig
+from core.check_config import describe
+from core.config import ConfigError, RunConfig
 from server_app.rounds import FederatedRun
+
+
+class RunConfigRejected(RuntimeError):
+    """The run's configuration is invalid; raised (without the validation's traceback) so
+    that Flower records the run as failed after the one-line reason has been logged."""
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
@@ -27,7 +35,13 @@ def create_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, RunConfig.from_mapping({**dict(context.run_config), **(overrides or {})}))
+        try:
+            # a ConfigError can also come from the set-up (device, resume-from's checkpoint)
+            run_federation(grid, RunConfig.from_mapping({**dict(context.run_config), **(overrides or {})}))
+        except ConfigError as exc:
+            # one clean line naming key, value and what is allowed; the raise makes the run fail
+            log(ERROR, describe(exc))
+            raise RunConfigRejected(describe(exc)) from None
 
     return server_app
 
