@@ -5,7 +5,7 @@ DATA_ROOT ?= $(if $(wildcard ../shared/data/medmnist/bloodmnist.npz),../shared/d
 SITES     ?= 10
 RUN_CONFIG ?=
 
-.PHONY: install run published test lint stop
+.PHONY: install run published test test-fast lint stop
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,14 @@ published: install
 	scripts/simulate.sh --run-config "data-root='$(DATA_ROOT)' num-server-rounds=50 warmup-epochs=2 $(RUN_CONFIG)" \
 	  --federation-config "num-supernodes=$(SITES)"
 
+## Everything (what CI runs; about 15 minutes on 2 cores).
 test: install
 	$(VENV)/bin/pytest
+
+## Unit and small integration tests, without the `slow` and `integration` ones (flwr, Ray, the
+## pilot): under 3 minutes on 2 cores, for the edit-test loop.
+test-fast: install
+	$(VENV)/bin/pytest -m "not slow and not integration"
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
