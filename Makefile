@@ -7,10 +7,10 @@ RUN_CONFIG ?=
 
 .PHONY: install run published test test-fast lint stop
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
-	$(VENV)/bin/pip install -e ".[dev]"
+	$(VENV)/bin/pip install -c constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed

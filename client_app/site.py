@@ -52,8 +52,9 @@ from core.methods import (
 )
 from core.seeds import BATCH_ORDER, GAMMA_BATCH, round_seed, site_init_seed
 from models import SiteModel, build_run_model
-from models.evaluation import evaluate_split
+from models.evaluation import batchnorm_layers, evaluate_split, recalibrated_batchnorm
 from partitions.sites import SiteData, site_data_for
+from partitions.tensors import TensorSplit
 
 ALLOW_GRADIENTS = "allow-gradients"  # node config of a deployed site: opt in to sending gradients
 IMPORTED = time.time()
@@ -147,17 +148,39 @@ class Site:
 
     def evaluate(self) -> MetricRecord:
         """The model as it stands (global arrays + this site's private parts) on the site's
-        splits: `local_*` always, `test_*` and `val_*` unless the server evaluates them."""
-        task = self.data.spec.task
+        splits: `local_*` always, `test_*` and `val_*` unless the server evaluates them.
+
+        With BatchNorm, also the BatchNorm gap on the local shard: accuracy with the received
+        running statistics (`bn_acc_running`) against statistics recomputed on this site's
+        training images (`bn_acc_recal`); with `norm = "batch-recal"` every split is
+        evaluated with the recomputed ones."""
         splits = {"local": self.data.local_test}
         if self.evaluate_splits == "all":
             splits.update({"test": self.data.test, "val": self.data.val})
         metrics: dict[str, float] = {}
-        for prefix, split in splits.items():
-            scores = evaluate_split(self.model, split, task, self.device)
-            metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
+        if batchnorm_layers(self.model):
+            running = self._scores({"local": self.data.local_test})
+            with recalibrated_batchnorm(self.model, self.data.train, self.device):
+                recal = self._scores(splits if self.cfg.recalibrate_bn else {"local": self.data.local_test})
+            metrics.update(recal if self.cfg.recalibrate_bn else {**self._scores(splits), **running})
+            metrics.update(
+                {
+                    "bn_acc_running": running["local_acc"],
+                    "bn_acc_recal": recal["local_acc"],
+                    "bn_gap": recal["local_acc"] - running["local_acc"],
+                }
+            )
+        else:
+            metrics.update(self._scores(splits))
         metrics.update({WEIGHT_KEY: len(self.data.test), SITE_ID_KEY: self.site_id})
         return MetricRecord(metrics)
+
+    def _scores(self, splits: dict[str, TensorSplit]) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for prefix, split in splits.items():
+            scores = evaluate_split(self.model, split, self.data.spec.task, self.device)
+            metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
+        return metrics
 
 
 def train_round(incoming: RecordDict, context: Context, timeline: Timeline | None = None) -> RecordDict:
@@ -179,7 +202,7 @@ def train_round(incoming: RecordDict, context: Context, timeline: Timeline | Non
             )
     trainer: Trainer = site.contract.load_trainer()
     job = LocalRound(
-        cfg=site.cfg,
+        cfg=site.cfg.replace(lr=site.cfg.round_lr(site.server_round)),  # `lr-schedule` applied here, once
         data=site.data,
         device=site.device,
         generator=site.generator(BATCH_ORDER),

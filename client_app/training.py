@@ -122,6 +122,15 @@ class RoundOptimizers:
                 optimizer.load_state_dict(state)
         return optimizer
 
+    def autoencoder(self, name: str, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """The autoencoder's optimiser (`ae-optimizer`): Adam at `lr-ae` without weight
+        decay (fresh every round), or the reference code's SGD."""
+        if self.cfg.ae_optimizer == "adam":
+            optimizer = torch.optim.Adam(list(params), lr=self.cfg.lr_ae)
+            self.optimizers[name] = optimizer
+            return optimizer
+        return self.sgd(name, params, self.cfg.lr_ae)
+
     def saved(self) -> dict[str, torch.Tensor]:
         """The extras to keep (empty unless the optimisers persist)."""
         if not self.keep:

@@ -8,6 +8,7 @@ message, so server and sites always train with the same settings.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -19,6 +20,20 @@ REFERENCE_IMAGE_SIZE = 32  # the reference code resizes every image to 32 x 32 .
 REFERENCE_CHANNELS = 3  # ... and feeds grayscale sets as 3 channels
 PARTITION_SCHEMES = ("dirichlet-equal", "dirichlet", "pathological", "iid")
 AE_ARCHS = ("bottleneck", "unet")
+NORMS = ("batch-recal", "batch", "group")
+AE_OPTIMIZERS = ("adam", "sgd")
+REC_LOSSES = ("image-sum", "pixel-mean")
+LR_SCHEDULES = ("constant", "cosine")
+# What the reference protocol fixes (method.md section 7): averaged BatchNorm, the plain SGD
+# autoencoder at lr 0.01, the per-pixel MSE and a constant learning rate. A run that asks for
+# `protocol = "reference"` gets these whatever else it sets.
+REFERENCE_FIXED = {
+    "norm": "batch",
+    "ae_optimizer": "sgd",
+    "lr_ae": 0.01,
+    "rec_loss": "pixel-mean",
+    "lr_schedule": "constant",
+}
 
 
 class ConfigError(ValueError):
@@ -41,12 +56,16 @@ class RunConfig:
     warmup_epochs: int = 1
     batch_size: int = 256
     lr: float = 0.1
+    lr_schedule: str = "constant"
     lr_ae: float = 0.01
+    ae_optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lambda_rec: float = 1.0
+    rec_loss: str = "pixel-mean"
     dz: int = 16
     ae_arch: str = "bottleneck"
+    norm: str = "batch"
     task_aware: bool = True
     weighted: bool = True
     proximal_mu: float = 0.01
@@ -80,6 +99,8 @@ class RunConfig:
         for key, value in values.items():
             field = known[key]
             kwargs[field.name] = _coerce(key, value, type(getattr(cls(), field.name)))
+        if kwargs.get("protocol") == "reference":
+            kwargs = _reference_fixed(kwargs)
         config = cls(**kwargs)
         config.validate()
         return config
@@ -112,6 +133,21 @@ class RunConfig:
             (self.lambda_rec >= 0, f"lambda-rec must be >= 0, got {self.lambda_rec}"),
             (self.dz >= 1, f"dz must be >= 1, got {self.dz}"),
             (self.ae_arch in AE_ARCHS, f"ae-arch must be one of {AE_ARCHS}, got {self.ae_arch!r}"),
+            (self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}"),
+            (
+                self.ae_optimizer in AE_OPTIMIZERS,
+                f"ae-optimizer must be one of {AE_OPTIMIZERS}, got {self.ae_optimizer!r}",
+            ),
+            (self.rec_loss in REC_LOSSES, f"rec-loss must be one of {REC_LOSSES}, got {self.rec_loss!r}"),
+            (
+                self.lr_schedule in LR_SCHEDULES,
+                f"lr-schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}",
+            ),
+            (
+                self.method != "fedbn" or self.norm != "group",
+                "method 'fedbn' keeps BatchNorm layers private; norm = 'group' has none (use norm = 'batch' "
+                "or 'batch-recal')",
+            ),
             (self.proximal_mu >= 0, f"proximal-mu must be >= 0, got {self.proximal_mu}"),
             (self.gamma_batch_size >= 1, f"gamma-batch-size must be >= 1, got {self.gamma_batch_size}"),
             (self.eval_every >= 1, f"eval-every must be >= 1, got {self.eval_every}"),
@@ -159,6 +195,26 @@ class RunConfig:
         return self.protocol == "reference"
 
     @property
+    def classifier_norm(self) -> str:
+        """The classifier's normalisation layers: 'batch' or 'group' ('batch-recal' is
+        BatchNorm whose running statistics a site recomputes before it evaluates)."""
+        return "group" if self.norm == "group" else "batch"
+
+    @property
+    def recalibrate_bn(self) -> bool:
+        """A site recomputes the BatchNorm running statistics on its own training images
+        before evaluating (a forward pass, no labels; nothing leaves the site)."""
+        return self.norm == "batch-recal"
+
+    def round_lr(self, server_round: int) -> float:
+        """The classifier's learning rate in `server_round` (1-based): constant, or a cosine
+        decay over the run's rounds down to 1 % of `lr` in the last round."""
+        if self.lr_schedule == "constant" or self.num_server_rounds <= 1:
+            return self.lr
+        progress = (max(server_round, 1) - 1) / (self.num_server_rounds - 1)
+        return self.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    @property
     def dp(self) -> bool:
         """Differential privacy is on: sites clip their shared update, the server adds noise."""
         return self.dp_clip_norm > 0
@@ -181,6 +237,13 @@ def partition_tag(partition: str, alpha: float, classes_per_client: int) -> str:
     if partition == "pathological":
         return f"k{classes_per_client}"
     return "iid"
+
+
+def _reference_fixed(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The reference protocol's fixed settings. They replace whatever the run config says
+    (Flower hands the ServerApp every key of pyproject.toml, so an explicit value cannot be
+    told from a default); config.json records what ran."""
+    return {**kwargs, **REFERENCE_FIXED}
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

@@ -11,6 +11,10 @@ import numpy as np
 
 MULTI_LABEL = "multi-label, binary-class"  # medmnist's task name for ChestMNIST
 
+# Health metrics (docs/recipe.md): the server keeps their worst site (`<name>_worst`, the
+# minimum) beside the mean, since one site whose fused space is empty is enough to worry.
+HEALTH_WORST_OF = ("rec_r2", "rec_dependence", "rec_r2_warmup", "rec_dependence_warmup")
+
 
 def _auc(y_true: np.ndarray, scores: np.ndarray, task: str) -> float:
     """MedMNIST's AUC; where a class has only one outcome in `y_true` (small local

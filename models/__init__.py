@@ -52,15 +52,24 @@ class SiteModel(nn.Module):
 
 
 def build_model(
-    *, fused: bool, in_channels: int, num_classes: int, image_size: int, ae_arch: str = "bottleneck", dz: int = 16
+    *,
+    fused: bool,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    ae_arch: str = "bottleneck",
+    dz: int = 16,
+    norm: str = "batch",
+    quiet_start: bool = False,
 ) -> SiteModel:
-    """The site model: ResNet-20 classifier, plus the autoencoder when `fused`."""
+    """The site model: ResNet-20 classifier (BatchNorm or GroupNorm), plus the autoencoder
+    when `fused` (`quiet_start`: its output layer starts at zero, see autoencoders.py)."""
     if in_channels < 1 or num_classes < 1:
         raise ValueError(f"need at least one channel and one class, got {in_channels} and {num_classes}")
-    classifier = PreActResNet20(in_channels, num_classes)
+    classifier = PreActResNet20(in_channels, num_classes, norm=norm)
     if not fused:
         return SiteModel(classifier)
-    encoder, decoder = build_autoencoder(ae_arch, in_channels, image_size, dz)
+    encoder, decoder = build_autoencoder(ae_arch, in_channels, image_size, dz, quiet_start=quiet_start)
     return SiteModel(classifier, encoder, decoder)
 
 
@@ -75,6 +84,8 @@ def build_run_model(cfg: RunConfig, spec, seed: int) -> SiteModel:
         image_size=spec.image_size,
         ae_arch=cfg.ae_arch,
         dz=cfg.dz,
+        norm=cfg.classifier_norm,
+        quiet_start=not cfg.reference,
     )
 
 

@@ -116,10 +116,31 @@ class UNetDecoder(nn.Module):
         return self.final(h)
 
 
-def build_autoencoder(arch: str, channels: int, image_size: int, dz: int) -> tuple[nn.Module, nn.Module]:
-    """Return (encoder, decoder) for `ae-arch`."""
+QUIET_START_LEVEL = 0.5  # mid-grey: the middle of the [0, 1] input range
+
+
+def output_layer(decoder: nn.Module) -> nn.Module:
+    return decoder.final if isinstance(decoder, UNetDecoder) else decoder.upsample[-1]
+
+
+def build_autoencoder(
+    arch: str, channels: int, image_size: int, dz: int, *, quiet_start: bool = False
+) -> tuple[nn.Module, nn.Module]:
+    """Return (encoder, decoder) for `ae-arch`.
+
+    `quiet_start` zeroes the decoder's output weights and sets its bias to mid-grey, so
+    x_rec starts as a flat image instead of PyTorch's default initialisation, whose
+    outputs are about 30 times the images' variance off (R^2 near -33 on BloodMNIST). From
+    there Adam reaches R^2 0.87 in one epoch on a BloodMNIST site, against 0.35 without it
+    (docs/recipe.md). The reference protocol keeps the default initialisation."""
     if arch == "bottleneck":
-        return BottleneckEncoder(channels, image_size, dz), BottleneckDecoder(channels, image_size, dz)
-    if arch == "unet":
-        return UNetEncoder(channels, image_size), UNetDecoder(channels)
-    raise ValueError(f"unknown ae-arch {arch!r}: choose 'bottleneck' or 'unet'")
+        encoder, decoder = BottleneckEncoder(channels, image_size, dz), BottleneckDecoder(channels, image_size, dz)
+    elif arch == "unet":
+        encoder, decoder = UNetEncoder(channels, image_size), UNetDecoder(channels)
+    else:
+        raise ValueError(f"unknown ae-arch {arch!r}: choose 'bottleneck' or 'unet'")
+    if quiet_start:
+        last = output_layer(decoder)
+        nn.init.zeros_(last.weight)
+        nn.init.constant_(last.bias, QUIET_START_LEVEL)
+    return encoder, decoder

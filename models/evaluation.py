@@ -6,6 +6,9 @@ same model on the same official splits.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from torch import nn
@@ -30,3 +33,65 @@ def evaluate_split(model: nn.Module, data, task: str, device: torch.device) -> d
     """`data`: a partitions.tensors.TensorSplit (anything with `batches` and `labels`)."""
     scores = predict_scores(model, data, device)
     return classification_metrics(data.labels.numpy().astype(np.int64), scores, task)
+
+
+# -- health of a run: is the fused space informative, do the BatchNorm statistics fit? ------
+
+HEALTH_IMAGES = 512  # images of a site's training split the reconstruction health is measured on
+
+
+@torch.inference_mode()
+def reconstruction_health(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """How much of x the site's x_rec = D(E_i(x)) carries, on `images` (float, N x C x H x W):
+
+    - `r2` = 1 - MSE(x_rec, x) / Var(x), the variance taken per pixel across images: 1 is a
+      perfect reconstruction, 0 is what the mean image scores, below 0 is worse than it;
+    - `dependence` = the spread of x_rec across images over that of x (per-pixel standard
+      deviations, averaged): near 0 means x_rec is the same image whatever the input, so
+      the fused input x + x_rec is x plus a constant.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        rec = model.reconstruct(images)
+    finally:
+        model.train(was_training)
+    variance = images.var(dim=0, unbiased=False).mean().clamp_min(1e-12)
+    mse = (rec - images).pow(2).mean()
+    spread = images.std(dim=0, unbiased=False).mean().clamp_min(1e-12)
+    return {
+        "r2": float(1 - mse / variance),
+        "dependence": float(rec.std(dim=0, unbiased=False).mean() / spread),
+    }
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextmanager
+def recalibrated_batchnorm(model: nn.Module, data, device: torch.device, batch_size: int = 256) -> Iterator[None]:
+    """Inside the block the BatchNorm running statistics are recomputed on `data` (a
+    TensorSplit: one forward pass in training mode, no labels, no weight changes; the exact
+    average over the batches, not a momentum one). The model's own statistics come back
+    after the block, so training and what is sent are unaffected."""
+    layers = batchnorm_layers(model)
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum) for m in layers]
+    was_training = model.training
+    try:
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        model.train()
+        with torch.no_grad():
+            for x, _ in data.batches(batch_size):
+                model(x.to(device))
+        model.eval()
+        yield
+    finally:
+        for m, (mean, var, count, momentum) in zip(layers, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+            m.momentum = momentum
+        model.train(was_training)

@@ -72,6 +72,11 @@ def progress_line(row: dict[str, Any], num_rounds: int, eta: str = "") -> str:
         fmt("local_acc_mean", "local acc"),
         fmt("gamma", "Gamma"),
     ]
+    # health (docs/recipe.md): is the fused space informative, do the BatchNorm statistics fit?
+    if isinstance(row.get("rec_r2_worst"), float):
+        parts.append(f"R2 {row['rec_r2']:.2f} (worst {row['rec_r2_worst']:.2f}) dep {row['rec_dependence']:.2f}")
+    if isinstance(row.get("bn_gap"), float):
+        parts.append(f"BN gap {100 * row['bn_gap']:+.1f} pts")
     return "  ".join(parts) + (f"  [dim]{eta}[/dim]" if eta else "")
 
 
@@ -119,7 +124,7 @@ class FederatedRun:
         console.rule(f"{cfg.method} on {cfg.dataset} ({cfg.partition}) -> {self.results.dir}")
         num_nodes = wait_for_nodes(self.grid, minimum=cfg.min_replies)
         partition_summary(cfg, num_nodes, self.results.dir)
-        self.evaluator = central_evaluator(cfg, self.contract.same_model_everywhere)
+        self.evaluator = central_evaluator(cfg, self.contract.same_model_everywhere and not cfg.recalibrate_bn)
         self.arrays, shared_keys = initial_model_arrays(cfg)
         self.strategy = build_strategy(cfg, self.arrays)
         if self.checkpoint is None:

@@ -38,3 +38,13 @@ def mean_metrics(records: Sequence[MetricRecord], weights: Sequence[float], skip
             values, ws = zip(*pairs)
             out[key] = float(np.average(values, weights=ws)) if sum(ws) > 0 else float(np.mean(values))
     return out
+
+
+def worst_metrics(records: Sequence[MetricRecord], keys: Sequence[str]) -> dict[str, float]:
+    """`<key>_worst`: the minimum over the sites that reported `key` (NaNs ignored)."""
+    out: dict[str, float] = {}
+    for key in keys:
+        values = [float(r[key]) for r in records if key in r and not np.isnan(float(r[key]))]
+        if values:
+            out[f"{key}_worst"] = float(min(values))
+    return out

@@ -27,7 +27,8 @@ from core.methods import (
     WEIGHT_KEY,
     MethodContract,
 )
-from strategies.aggregation import average_arrays, mean_metrics
+from core.metrics import HEALTH_WORST_OF
+from strategies.aggregation import average_arrays, mean_metrics, worst_metrics
 from strategies.gamma import gamma, gamma_decomposition
 from strategies.privacy import NOISE_STD_KEY, add_noise, noise_std
 
@@ -167,7 +168,9 @@ class SharedModelStrategy(FedAvg):
             self.check_reply(msg)
         weights = self.weights(valid)
         arrays = self.aggregate_arrays(server_round, valid, weights)
-        metrics = mean_metrics([m.content[METRICS_RECORD] for m in valid], weights, skip=BOOKKEEPING)
+        records = [m.content[METRICS_RECORD] for m in valid]
+        metrics = mean_metrics(records, weights, skip=BOOKKEEPING)
+        metrics.update(worst_metrics(records, HEALTH_WORST_OF))
         metrics["num_replies"] = len(valid)
         if self.dp_clip_norm > 0:
             std = noise_std(self.dp_noise_multiplier, self.dp_clip_norm, len(valid))

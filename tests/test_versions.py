@@ -157,3 +157,29 @@ def test_pin_must_be_exact(tmp_path):
         pinned_flwr(pyproject)
     pyproject.write_text('[project]\ndependencies = ["numpy", "flwr[simulation]==1.42.0"]\n')
     assert pinned_flwr(pyproject) == "1.42.0"
+
+
+NUMERIC_STACK = ("torch", "torchvision", "numpy", "flwr", "ray", "scikit-learn")
+
+
+def constraint_pins(path: Path = REPO / "constraints.txt") -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, exact = line.partition("==")
+            assert sep, f"constraints.txt: {line!r} is not an exact pin (name==version)"
+            pins[name.strip().lower()] = exact.strip()
+    return pins
+
+
+def test_the_numeric_stack_is_locked_and_installed_as_locked(pin):
+    """`make install` uses constraints.txt, which pins the numeric stack exactly; the
+    installed versions are those (a seed's numbers depend on them)."""
+    assert "-c constraints.txt" in (REPO / "Makefile").read_text()
+    pins = constraint_pins()
+    missing = [name for name in NUMERIC_STACK if name not in pins]
+    assert not missing, f"constraints.txt does not pin {missing}"
+    assert pins["flwr"] == pin
+    drift = {name: (pins[name], version(name)) for name in NUMERIC_STACK if version(name) != pins[name]}
+    assert not drift, f"installed versions differ from constraints.txt (locked, installed): {drift}; run make install"
