@@ -93,6 +93,7 @@ def test_decoupled_mode_keeps_classification_gradients_out_of_the_autoencoder():
     assert norms["encoder"] == 0 and norms["decoder"] == 0 and norms["classifier"] > 0
 
 
+@pytest.mark.slow  # a full FusedSpaceFed round, ~10 s on 2 busy cores
 def test_round_replies_with_shared_parts_only_and_persists_the_encoder(fake_root, tmp_path):
     cfg = make_cfg(fake_root, tmp_path)
     arrays, shared = initial_model_arrays(cfg)
@@ -117,6 +118,7 @@ def test_round_replies_with_shared_parts_only_and_persists_the_encoder(fake_root
     assert 0 <= metrics["test_acc"] <= 1 and 0 <= metrics["local_acc"] <= 1
 
 
+@pytest.mark.slow  # two FusedSpaceFed rounds, ~10 s on 2 busy cores
 def test_corrupt_state_file_is_reported_and_kept(fake_root, tmp_path):
     cfg = make_cfg(fake_root, tmp_path)
     arrays, _ = initial_model_arrays(cfg)

@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks.lean import run_lean
 from tests.conftest import write_fake_medmnist
+
+pytestmark = pytest.mark.slow  # a Flower (Ray) simulation and the GPU sweep script, 50-70 s each
 
 VOLATILE = {"round_seconds"}  # wall-clock time
 

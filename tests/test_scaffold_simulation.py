@@ -20,6 +20,8 @@ from server_app.checkpoint import checkpoint_path
 from tests.conftest import simulate_with_recorder
 from tests.fl_harness import write_fake_medmnist
 
+pytestmark = pytest.mark.slow  # one Flower (Ray) simulation shared by the module, ~20 s
+
 
 def recording_mod(log_path: str):
     """The real handlers behind a mod that logs what comes in, what goes out and what stays."""

@@ -18,6 +18,8 @@ from client_app.state import FILE_NAME, forget_node_state, node_private_state, r
 from core.transport import is_packed, unpack
 from tests.conftest import simulate_with_recorder, write_fake_medmnist
 
+pytestmark = pytest.mark.slow  # one Flower (Ray) simulation shared by the module, ~30 s
+
 REQUIRED_ROUND_KEYS = {
     "round",
     "round_seconds",

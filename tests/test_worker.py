@@ -72,6 +72,7 @@ def _same(a, b):
     return all(k in y and np.array_equal(x[k].numpy(), y[k].numpy()) for x, y in zip(a, b) for k in x)
 
 
+@pytest.mark.slow  # starts and restarts a site worker process, ~20 s
 def test_worker_replies_equal_in_process_replies_and_survive_a_restart(tmp_path, short_tmp, caplog):
     cfg = small_config(tmp_path, "fusedspacefed", num_server_rounds=3)
     reference = federation(tmp_path / "ref", cfg.replace(results_dir=str(tmp_path / "ref-results")))
