@@ -23,7 +23,7 @@ run: install
 ## The published protocol: FusedSpaceFed on BloodMNIST, 10 sites, Dirichlet alpha 0.05, 50 rounds,
 ## 3 local epochs, 2 warm-up epochs (hours on a CPU; see README "Devices and GPUs").
 published: install
-	scripts/simulate.sh --run-config "data-root='$(DATA_ROOT)' num-server-rounds=50 warmup-epochs=2 $(RUN_CONFIG)" \
+	scripts/simulate.sh --run-config "data-root='$(DATA_ROOT)' num-server-rounds=50 warmup-epochs=2 batch-size=256 $(RUN_CONFIG)" \
 	  --federation-config "num-supernodes=$(SITES)"
 
 ## Everything (what CI runs; about 15 minutes on 2 cores).

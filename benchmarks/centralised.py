@@ -1,4 +1,5 @@
-"""A centralised reference: the same classifier and optimiser on the pooled training data.
+"""A centralised reference: the same classifier, optimiser and schedule (the project's
+defaults, the learning-rate schedule stretched over the epochs) on the pooled training data.
 
     .venv/bin/python -m benchmarks.centralised --datasets breastmnist,retinamnist --epochs 60
 
@@ -38,7 +39,11 @@ def train_pooled(dataset: str, data_root: str, epochs: int, every: int, seed: in
     train, test = (to_tensors(data[s], spec.multi_label) for s in ("train", "test"))
     torch.manual_seed(seed)
     model = build_model(
-        fused=False, in_channels=spec.channels, num_classes=spec.num_classes, image_size=spec.image_size
+        fused=False,
+        in_channels=spec.channels,
+        num_classes=spec.num_classes,
+        image_size=spec.image_size,
+        norm=cfg["norm"],
     )
     optimiser = torch.optim.SGD(
         model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"]
@@ -56,6 +61,8 @@ def train_pooled(dataset: str, data_root: str, epochs: int, every: int, seed: in
 
     points, steps, started = [], 0, time.time()
     for epoch in range(1, epochs + 1):
+        for group in optimiser.param_groups:  # the run config's schedule, one "round" per epoch
+            group["lr"] = cfg["round_lr"](epoch)
         model.train()
         steps += run_epochs(train, 1, cfg["batch_size"], cpu, generator, step)[1]
         if epoch % every == 0 or epoch == epochs:
@@ -78,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=10, help="evaluate on the test split every N epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=str(DATA))
+    p.add_argument("--batch-size", type=int, default=0, help="default: the project's batch-size")
     args = p.parse_args(argv)
     if args.epochs < 1 or args.every < 1:
         raise SystemExit("--epochs and --every must be at least 1")
@@ -86,18 +94,22 @@ def main(argv: list[str] | None = None) -> int:
     from core.config import RunConfig
     from core.files import atomic_write_bytes
 
-    defaults = RunConfig()
+    defaults = RunConfig(num_server_rounds=args.epochs)
     cfg = {
         "lr": defaults.lr,
+        "lr_schedule": defaults.lr_schedule,
         "momentum": defaults.momentum,
         "weight_decay": defaults.weight_decay,
-        "batch_size": defaults.batch_size,
+        "batch_size": args.batch_size or defaults.batch_size,
+        "norm": defaults.classifier_norm,
     }
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     for dataset in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         results[dataset] = {
             "config": {**cfg, "epochs": args.epochs, "seed": args.seed},
-            **train_pooled(dataset, args.data_root, args.epochs, args.every, args.seed, cfg),
+            **train_pooled(
+                dataset, args.data_root, args.epochs, args.every, args.seed, {**cfg, "round_lr": defaults.round_lr}
+            ),
         }
         atomic_write_bytes(OUT, (json.dumps(results, indent=2) + "\n").encode())
     print(f"wrote {OUT}")

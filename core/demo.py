@@ -1,6 +1,7 @@
 """The demo's settings (`make run`): one place for scripts/demo.sh, the docs and the tests.
 
-    python -m core.demo            prints them as a `--run-config` string
+    python -m core.demo [OVERRIDES]   prints them as one `--run-config` string, with
+                                      OVERRIDES ("key=value ...") replacing or adding keys
 
 A small non-IID federation on which both FusedSpaceFed and FedAvg learn within a few
 minutes on 2 CPU cores: BloodMNIST (8 classes, so "past the majority class" is a real
@@ -18,7 +19,7 @@ DEMO: dict[str, object] = {
     "alpha": 0.5,
     "num-server-rounds": 3,
     "local-epochs": 1,
-    "warmup-epochs": 1,
+    "warmup-epochs": 2,
     "eval-every": 1,
     "num-threads": 1,
     "device": "cpu",
@@ -37,5 +38,15 @@ def run_config_string(values: dict[str, object]) -> str:
     return " ".join(f"{key}={literal(value)}" for key, value in values.items())
 
 
+def with_overrides(overrides: str) -> dict[str, object]:
+    """The demo's settings with `overrides` (a `--run-config` string) laid over them: one
+    key once, since Flower refuses a key given twice."""
+    from flwr.common.config import parse_config_args
+
+    return {**DEMO, **(parse_config_args([overrides]) if overrides.strip() else {})}
+
+
 if __name__ == "__main__":
-    print(run_config_string(DEMO))
+    import sys
+
+    print(run_config_string(with_overrides(" ".join(sys.argv[1:]))))

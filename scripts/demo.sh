@@ -13,15 +13,16 @@ data_root="${1:-data/medmnist}"
 # absolute: the ServerApp writes relative to the local SuperLink's working directory, which is
 # wherever the first `flwr run` on this machine started it
 results="$(mkdir -p "${RESULTS:-results}" && cd "${RESULTS:-results}" && pwd)"
-demo="dataset='bloodmnist' partition='dirichlet-equal' alpha=0.5 num-server-rounds=${DEMO_ROUNDS:-3} \
-local-epochs=1 warmup-epochs=1 batch-size=64 eval-every=1 num-threads=1 device='cpu' \
-data-root='$data_root' results-dir='$results' ${RUN_CONFIG:-}"
-federation="num-supernodes=5 client-resources-num-cpus=1"
+# the demo's settings live in core/demo.py (also read by the docs' figures and the tests)
+python="${VENV:-.venv}/bin/python"
+demo="$("$python" -m core.demo "data-root='$data_root' results-dir='$results' \
+${DEMO_ROUNDS:+num-server-rounds=$DEMO_ROUNDS} ${RUN_CONFIG:-}")"
+federation="num-supernodes=$("$python" -c 'from core.demo import DEMO_SITES; print(DEMO_SITES)') client-resources-num-cpus=1"
 started=$(date +%s)
 for method in fusedspacefed fedavg; do
   echo "== $method"
   scripts/simulate.sh --run-config "$demo method='$method' run-name='demo-$method'" --federation-config "$federation"
 done
-"${VENV:-.venv}/bin/python" -m server_app.compare "$results/demo-fusedspacefed" "$results/demo-fedavg" \
+"$python" -m server_app.compare "$results/demo-fusedspacefed" "$results/demo-fedavg" \
   --out "$results/comparison.png"
 echo "demo finished in $(( $(date +%s) - started )) s; each run's own plots are in $results/demo-*/plots/"

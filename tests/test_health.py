@@ -85,7 +85,7 @@ def test_cosine_schedule_decays_to_one_percent():
     lrs = [cfg.round_lr(r) for r in range(1, 6)]
     assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.001)
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
-    assert RunConfig(lr=0.1).round_lr(3) == 0.1
+    assert RunConfig(lr=0.1, lr_schedule="constant").round_lr(3) == 0.1
 
 
 @pytest.mark.slow
@@ -161,3 +161,17 @@ def test_same_seed_same_metrics_with_health_in_every_row(tmp_path):
     rows = diagnose(tmp_path / "first" / "same", max_images=40)
     assert len(rows) == 3 and all(0 <= row["recalibrated"] <= 1 and 0 <= row["const x_rec"] <= 1 for row in rows)
     assert all(row["as evaluated"] == pytest.approx(row["as evaluated"]) for row in rows)  # no NaN
+
+
+def test_demo_settings_take_overrides_once_each():
+    """`make run RUN_CONFIG="num-server-rounds=10 alpha=0.1"` replaces the demo's own values
+    (Flower refuses a key given twice) and the result is a valid configuration."""
+    from flwr.common.config import parse_config_args
+
+    from core.demo import DEMO, run_config_string, with_overrides
+
+    merged = with_overrides("num-server-rounds=10 alpha=0.1 data-root='/data/med mnist'")
+    assert merged["num-server-rounds"] == 10 and merged["alpha"] == 0.1 and merged["dataset"] == DEMO["dataset"]
+    parsed = parse_config_args([run_config_string(merged)])
+    assert parsed == merged
+    RunConfig.from_mapping(parsed)
