@@ -38,6 +38,7 @@ def evaluate_split(model: nn.Module, data, task: str, device: torch.device) -> d
 # -- health of a run: is the fused space informative, do the BatchNorm statistics fit? ------
 
 HEALTH_IMAGES = 512  # images of a site's training split the reconstruction health is measured on
+RECAL_IMAGES = 1024  # training images whose BatchNorm statistics a site recomputes (more change little)
 
 
 @torch.inference_mode()
@@ -70,10 +71,12 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @contextmanager
-def recalibrated_batchnorm(model: nn.Module, data, device: torch.device, batch_size: int = 256) -> Iterator[None]:
-    """Inside the block the BatchNorm running statistics are recomputed on `data` (a
-    TensorSplit: one forward pass in training mode, no labels, no weight changes; the exact
-    average over the batches, not a momentum one). The model's own statistics come back
+def recalibrated_batchnorm(
+    model: nn.Module, data, device: torch.device, batch_size: int = 256, limit: int = RECAL_IMAGES
+) -> Iterator[None]:
+    """Inside the block the BatchNorm running statistics are recomputed on the first `limit`
+    images of `data` (a TensorSplit: one forward pass in training mode, no labels, no weight
+    changes; the exact average over the batches, not a momentum one). The model's own statistics come back
     after the block, so training and what is sent are unaffected."""
     layers = batchnorm_layers(model)
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum) for m in layers]
@@ -84,8 +87,9 @@ def recalibrated_batchnorm(model: nn.Module, data, device: torch.device, batch_s
             m.momentum = None  # cumulative average
         model.train()
         with torch.no_grad():
-            for x, _ in data.batches(batch_size):
-                model(x.to(device))
+            for start in range(0, min(limit, len(data)), batch_size):
+                images = data.images[start : min(start + batch_size, limit)]  # uint8, as TensorSplit keeps them
+                model(images.to(device).float().div_(255.0))
         model.eval()
         yield
     finally:
