@@ -58,9 +58,39 @@ def comparison(run_dirs: list[Path], majority: float | None = None) -> list[dict
                 "best-val": (summary.get("best_by_val") or {}).get("global_acc_mean"),
                 "past majority": None if majority is None or not rows else final.get("global_acc_mean", 0) > majority,
                 "curve": [(r["round"], r["global_acc_mean"]) for r in rows],
+                **health(_rows(run_dir)),
             }
         )
     return out
+
+
+HEALTH_COLUMNS = ("R2 r1 warm-up", "R2 final", "dependence", "BN gap")
+
+
+def health(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Is the run's evidence sound? The worst site's reconstruction R^2 after round 1's
+    warm-up and in the last round, the worst input dependence of x_rec (FusedSpaceFed), and
+    the BatchNorm gap (recomputed minus averaged statistics, local shards) of the last
+    evaluated round. None where the run has no such metric."""
+
+    def last(key: str) -> Any:
+        return next((r[key] for r in reversed(rows) if isinstance(r.get(key), int | float)), None)
+
+    first = rows[0] if rows else {}
+    return {
+        "R2 r1 warm-up": first.get("rec_r2_warmup_worst"),
+        "R2 final": last("rec_r2_worst"),
+        "dependence": last("rec_dependence_worst"),
+        "BN gap": last("bn_gap"),
+    }
+
+
+def _num(value: Any, scale: float = 1.0, unit: str = "") -> str:
+    return (
+        f"{scale * value:+.1f}{unit}"
+        if unit and isinstance(value, int | float)
+        else (f"{scale * value:.2f}" if isinstance(value, int | float) else "-")
+    )
 
 
 def plot(results: list[dict[str, Any]], out: Path, majority: float | None, title: str) -> Path:
@@ -119,12 +149,28 @@ def main(argv: list[str] | None = None) -> int:
 
     title = f"{config['dataset']}, {config['partition']}, {len(results[0]['curve'])} evaluated rounds"
     table = Table(title=title)
-    for column in ("run", "final", "best-val", "worst site", "local", "past majority"):
+    for column in ("run", "final", "best-val", "worst site", "local", "past majority", *HEALTH_COLUMNS):
         table.add_column(column)
     for r in results:
         past = "-" if r["past majority"] is None else ("yes" if r["past majority"] else "no")
-        table.add_row(r["run"], _pct(r["final"]), _pct(r["best-val"]), _pct(r["worst site"]), _pct(r["local"]), past)
+        table.add_row(
+            r["run"],
+            _pct(r["final"]),
+            _pct(r["best-val"]),
+            _pct(r["worst site"]),
+            _pct(r["local"]),
+            past,
+            _num(r["R2 r1 warm-up"]),
+            _num(r["R2 final"]),
+            _num(r["dependence"]),
+            _num(r["BN gap"], 100, " pts"),
+        )
     console.print(table)
+    console.print(
+        "[dim]health (worst site): R2 of x_rec = D(E_i(x)) after round 1's warm-up and in the last round, and the "
+        "input dependence of x_rec (near 0: a constant image, the fused space carries nothing); BN gap: local "
+        "accuracy with BatchNorm statistics recomputed at the site minus with the averaged ones[/dim]"
+    )
     if majority is not None:
         console.print(f"majority class of the test split: {100 * majority:.2f} % (a model that learnt nothing)")
     out = plot(results, Path(args.out) if args.out else run_dirs[0].parent / "comparison.png", majority, title)

@@ -50,19 +50,29 @@ def context(site: int, num_sites: int = 3, state: RecordDict | None = None) -> C
     )
 
 
-def job(cfg, site_id=0) -> LocalRound:
+def job(cfg, site_id=0, server_round=1) -> LocalRound:
     data = simulation_site_data(cfg, site_id, 3)
-    return LocalRound(cfg, data, torch.device("cpu"), torch.Generator().manual_seed(0), 1, RecordDict())
+    return LocalRound(cfg, data, torch.device("cpu"), torch.Generator().manual_seed(0), server_round, RecordDict())
 
 
-def test_warm_up_changes_only_the_encoder(fake_root, tmp_path):
-    cfg = make_cfg(fake_root, tmp_path)
-    model = build_model(fused=True, in_channels=3, num_classes=8, image_size=28)
+@pytest.mark.parametrize(
+    ("server_round", "protocol", "trained"),
+    [
+        (2, "standard", {"encoder"}),  # re-aligns E_i to the averaged decoder: D and C frozen
+        (1, "standard", {"encoder", "decoder"}),  # no global decoder yet: D trains too (docs/recipe.md)
+        (1, "reference", {"encoder"}),  # the reference code's warm-up, unchanged
+    ],
+)
+def test_warm_up_changes_only_the_encoder_once_a_global_decoder_exists(
+    fake_root, tmp_path, server_round, protocol, trained
+):
+    cfg = make_cfg(fake_root, tmp_path).replace(protocol=protocol)
+    model = build_model(fused=True, in_channels=3, num_classes=8, image_size=28, ae_arch=cfg.ae_arch)
     before = copy.deepcopy(model.state_dict())
-    FusedSpaceFedTrainer().warm_up(model, job(cfg))
+    FusedSpaceFedTrainer().warm_up(model, job(cfg, server_round=server_round))
     after = model.state_dict()
     changed = {part_of(k) for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {"encoder"}
+    assert changed == trained
     assert all(p.requires_grad for p in model.parameters())  # nothing left frozen
 
 

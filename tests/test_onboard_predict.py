@@ -25,6 +25,7 @@ from core.config import RunConfig
 from core.methods import contract_for
 from core.seeds import site_init_seed
 from models import build_run_model
+from models.autoencoders import output_layer
 from partitions.medmnist_data import dataset_spec
 
 RUN = "onboard-test"
@@ -37,6 +38,8 @@ def make_run(folder: Path, method: str = "fusedspacefed", rounds: int = 3) -> Pa
     global_model.pt), plus the checkpoint of round 2."""
     cfg = RunConfig(method=method, dataset="breastmnist", run_name=RUN, num_server_rounds=5, batch_size=16, seed=3)
     model = build_run_model(cfg, dataset_spec("breastmnist", 28), seed=11)
+    if model.fused:  # a trained decoder: a fresh one's output weights are zero (quiet start), a wall for E_i's gradient
+        torch.nn.init.normal_(output_layer(model.decoder).weight, std=0.05)
     state = model.state_dict()
     shared = {k: state[k].clone() for k in contract_for(method).shared_keys(model)}
     folder.mkdir(parents=True)
