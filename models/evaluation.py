@@ -74,8 +74,8 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def recalibrated_batchnorm(
     model: nn.Module, data, device: torch.device, batch_size: int = 256, limit: int = RECAL_IMAGES
 ) -> Iterator[None]:
-    """Inside the block the BatchNorm running statistics are recomputed on the first `limit`
-    images of `data` (a TensorSplit: one forward pass in training mode, no labels, no weight
+    """Inside the block the BatchNorm running statistics are recomputed on `limit` images of
+    `data` chosen at random (the same ones every time) (a TensorSplit: one forward pass in training mode, no labels, no weight
     changes; the exact average over the batches, not a momentum one). The model's own statistics come back
     after the block, so training and what is sent are unaffected."""
     layers = batchnorm_layers(model)
@@ -86,9 +86,11 @@ def recalibrated_batchnorm(
             m.reset_running_stats()
             m.momentum = None  # cumulative average
         model.train()
+        # a fixed random subset: a site's images may be stored grouped by class
+        chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit]
         with torch.no_grad():
-            for start in range(0, min(limit, len(data)), batch_size):
-                images = data.images[start : min(start + batch_size, limit)]  # uint8, as TensorSplit keeps them
+            for start in range(0, len(chosen), batch_size):
+                images = data.images[chosen[start : start + batch_size]]  # uint8, as TensorSplit keeps them
                 model(images.to(device).float().div_(255.0))
         model.eval()
         yield
