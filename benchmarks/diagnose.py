@@ -8,7 +8,8 @@ For every site (its private parts from the run's `site-state/`, the shared parts
 
 | column | the model as ... |
 |---|---|
-| `as evaluated` | the run evaluated it (the received BatchNorm running statistics, or the site's recomputed ones under `norm = "batch-recal"`) |
+| `as evaluated` | the run evaluated it (`averaged stats`, or `recalibrated` under `norm = "batch-recal"`) |
+| `averaged stats` | with the BatchNorm running statistics it received (averaged by the server) |
 | `batch stats` | BatchNorm in batch-statistics mode (each test batch normalised by itself) |
 | `recalibrated` | running statistics recomputed on the site's own training images |
 | `const x_rec` | FusedSpaceFed with x_rec replaced by its mean over the site's training images |
@@ -43,7 +44,7 @@ from models.evaluation import batchnorm_layers, predict_scores, recalibrated_bat
 from partitions.sites import simulation_site_data
 from partitions.tensors import TensorSplit, to_float
 
-COLUMNS = ("as evaluated", "batch stats", "recalibrated", "const x_rec", "x alone")
+COLUMNS = ("as evaluated", "averaged stats", "batch stats", "recalibrated", "const x_rec", "x alone")
 
 
 @contextmanager
@@ -102,7 +103,11 @@ def site_row(model: SiteModel, train: TensorSplit, test: TensorSplit, recalibrat
             return accuracy(module, test)
 
     nan = float("nan")
-    row = {"as evaluated": scored(model, recalibrates), "recalibrated": scored(model, True) if has_bn else nan}
+    row = {
+        "as evaluated": scored(model, recalibrates),
+        "averaged stats": scored(model, False) if has_bn else nan,
+        "recalibrated": scored(model, True) if has_bn else nan,
+    }
     if has_bn:
         with batch_statistics(model) as batch_mode:
             row["batch stats"] = accuracy(model, test, batch_mode)
