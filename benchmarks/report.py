@@ -4,8 +4,10 @@
     .venv/bin/python -m benchmarks.report --results-dir DIR --out benchmarks/RESULTS.md
 
 Only finished runs (summary.json present) enter the tables; runs still going are counted.
-A cell is (dataset, partition, alpha or k, method, variant, rounds, local epochs); its
-numbers are the mean +- sample standard deviation over the seeds it has. Accuracy is the
+A cell is (dataset, partition, alpha or k, method, variant, rounds, local epochs, norm); its
+numbers are the mean +- sample standard deviation over the seeds it has. `norm` (BatchNorm
+handling: "batch-recal", "batch", "group") is named in a cell's title only where it is not
+"batch", which runs older than the key were (their titles stay as they were). Accuracy is the
 global accuracy of method.md section 4 (official test split; FusedSpaceFed through each
 site's own encoder, mean over sites), in percent.
 """
@@ -64,6 +66,10 @@ LABELS = {
 }
 ORDER = list(LABELS)
 FSF, FSF_DEC, FEDAVG = "fusedspacefed", "fusedspacefed-decoupled", "fedavg"
+DEFAULT_NORM = "batch"  # runs older than the `norm` key used plain BatchNorm
+# health of a run, from its last row that has the key (training metrics are in every row,
+# evaluation ones in evaluated rows only): FusedSpaceFed's autoencoder, and BatchNorm's statistics
+R2_WORST, DEPENDENCE, BN_GAP = "rec_r2_worst", "rec_dependence", "bn_gap"
 
 
 @dataclass
@@ -99,10 +105,15 @@ class Run:
         return f"k={self.config['classes-per-client']}" if p == "pathological" else "iid"
 
     @property
+    def norm(self) -> str:
+        return self.config.get("norm") or DEFAULT_NORM
+
+    @property
     def group(self) -> tuple:
-        """Everything but method and seed: the runs compared in one table."""
+        """Everything but method and seed: the runs compared in one table (runs of another
+        BatchNorm recipe never average with the old ones)."""
         c = self.config
-        return (c["dataset"], c["partition"], self.spread, c["num-server-rounds"], c["local-epochs"])
+        return (c["dataset"], c["partition"], self.spread, c["num-server-rounds"], c["local-epochs"], self.norm)
 
     def acc(self, which: str) -> float | None:
         pick = self.summary.get(which) or {}
@@ -111,6 +122,14 @@ class Run:
 
     def final_row(self) -> dict[str, Any]:
         return self.rows[-1] if self.rows else {}
+
+    def last(self, key: str) -> float | None:
+        """The value of `key` in the last row that has it (None where no row has it)."""
+        for row in reversed(self.rows):
+            value = row.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+        return None
 
 
 def load_runs(results_dir: Path) -> tuple[list[Run], list[str]]:
@@ -193,25 +212,50 @@ def cells(runs: list[Run]) -> dict[tuple, dict[str, list[Run]]]:
     return table
 
 
+def norm_suffix(norm: str) -> str:
+    """How a cell names its BatchNorm recipe: nothing for plain BatchNorm (the old runs)."""
+    return "" if norm == DEFAULT_NORM else f", norm {norm}"
+
+
+def norm_slug(norm: str) -> str:
+    """The same in a file name (old runs' figures keep their names)."""
+    return "" if norm == DEFAULT_NORM else f"-norm-{norm}"
+
+
 def group_title(group: tuple) -> str:
-    dataset, partition, spread, rounds, epochs = group
-    return f"{dataset}, {partition} ({spread}), {rounds} rounds x {epochs} local epochs"
+    dataset, partition, spread, rounds, epochs, norm = group
+    return f"{dataset}, {partition} ({spread}), {rounds} rounds x {epochs} local epochs{norm_suffix(norm)}"
+
+
+def health(runs: list[Run] | None) -> dict[str, str]:
+    """The health columns of one method's runs, mean ± sd over seeds ("—" where no run has them):
+    the autoencoder's R² at its worst site, its dependence (near 0 = a constant output image),
+    and the BatchNorm gap in accuracy points (recalibrated − averaged running statistics)."""
+    runs = runs or []
+    gap = mean_std([None if (g := r.last(BN_GAP)) is None else 100.0 * g for r in runs])
+    return {
+        "r2_worst": fmt(*mean_std([r.last(R2_WORST) for r in runs])[:2], digits=3),
+        "dependence": fmt(*mean_std([r.last(DEPENDENCE) for r in runs])[:2], digits=3),
+        "bn_gap": signed(*gap[:2]),
+    }
 
 
 def headline_table(groups: dict[tuple, dict[str, list[Run]]]) -> list[str]:
     lines = [
         "| dataset | partition | seeds | rounds | FusedSpaceFed final | FedAvg final | **difference final** "
         "| FusedSpaceFed best-val | FedAvg best-val | **difference best-val** | decoupled − FedAvg final "
-        "| published FusedSpaceFed | published FedAvg | published difference |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| published FusedSpaceFed | published FedAvg | published difference "
+        "| R² worst site (FusedSpaceFed) | dependence (FusedSpaceFed) | BN gap (pts) FusedSpaceFed "
+        "| BN gap (pts) FedAvg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for group in sorted(groups):
         methods = groups[group]
         if FSF not in methods or FEDAVG not in methods:
             continue
-        dataset, partition, spread, rounds, _ = group
+        dataset, partition, spread, rounds, _, norm = group
         fsf, avg = methods[FSF], methods[FEDAVG]
-        row = [dataset, f"{partition} {spread}", f"{len(fsf)} / {len(avg)}", str(rounds)]
+        row = [dataset, f"{partition} {spread}{norm_suffix(norm)}", f"{len(fsf)} / {len(avg)}", str(rounds)]
         for which in ("final", "best_by_val"):
             a, b = by_seed(fsf, which), by_seed(avg, which)
             row += [fmt(*mean_std(list(a.values()))[:2]), fmt(*mean_std(list(b.values()))[:2])]
@@ -220,6 +264,8 @@ def headline_table(groups: dict[tuple, dict[str, list[Run]]]) -> list[str]:
         row.append(signed(*paired_difference(by_seed(dec, "final"), by_seed(avg, "final"))[:2]) if dec else "—")
         p_fsf, p_avg = (published(dataset, partition, spread, m) for m in (FSF, FEDAVG))
         row += [pub(p_fsf), pub(p_avg), f"{p_fsf - p_avg:+.2f}" if p_fsf is not None and p_avg is not None else "—"]
+        h_fsf, h_avg = health(fsf), health(avg)
+        row += [h_fsf["r2_worst"], h_fsf["dependence"], h_fsf["bn_gap"], h_avg["bn_gap"]]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -230,11 +276,12 @@ def rounds_list(runs: list[Run], which: str) -> str:
 
 
 def cell_table(group: tuple, methods: dict[str, list[Run]]) -> list[str]:
-    dataset, partition, spread, _, _ = group
+    dataset, partition, spread, _, _, _ = group
     lines = [
         "| method | seeds | final acc | best-val acc (round per seed) | best-test acc (optimistic) | worst site (final) "
-        "| local acc (final) | macro-F1 (final) | balanced acc (final) | AUC (final) | Gamma (final round) | published |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| local acc (final) | macro-F1 (final) | balanced acc (final) | AUC (final) | Gamma (final round) | published "
+        "| R² worst site | dependence | BN gap (pts) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label in ORDER:
         runs = methods.get(label)
@@ -246,6 +293,7 @@ def cell_table(group: tuple, methods: dict[str, list[Run]]) -> list[str]:
             return fmt(*mean_std([None if v is None else scale * v for v in values])[:2])
 
         gamma = mean_std([r.final_row().get("gamma") for r in runs])
+        h = health(runs)
         lines.append(
             "| "
             + " | ".join(
@@ -262,6 +310,9 @@ def cell_table(group: tuple, methods: dict[str, list[Run]]) -> list[str]:
                     final("auc"),
                     fmt(*gamma[:2], digits=3),
                     pub(published(dataset, partition, spread, label)),
+                    h["r2_worst"],
+                    h["dependence"],
+                    h["bn_gap"],
                 ]
             )
             + " |"
@@ -315,14 +366,21 @@ PROTOCOL_KEYS = (
     "image-size",
     "device",
     "num-threads",
+    # the recipe's keys (runs older than them show "—")
+    "norm",
+    "lr-schedule",
+    "ae-optimizer",
+    "rec-loss",
 )
+RECIPE_KEYS = ("norm", "lr-schedule", "ae-optimizer", "rec-loss")
 
 
 def protocol(runs: list[Run]) -> list[str]:
     values: dict[str, set] = defaultdict(set)
     for run in runs:
         for key in PROTOCOL_KEYS:
-            values[key].add(json.dumps(run.config.get(key)))
+            absent = key in RECIPE_KEYS and key not in run.config
+            values[key].add("—" if absent else json.dumps(run.config.get(key)))
     sites = {int(r.rows[0].get("num_replies", 0)) for r in runs if r.rows}
     per_dataset_rounds: dict[str, set] = defaultdict(set)
     for run in runs:
@@ -384,8 +442,8 @@ def _curve(runs: list[Run], key: str) -> tuple[list[int], list[float], list[floa
 
 
 def slug(group: tuple) -> str:
-    dataset, partition, spread, rounds, epochs = group
-    return f"{dataset}-{partition}-{spread.replace('=', '')}-r{rounds}-e{epochs}"
+    dataset, partition, spread, rounds, epochs, norm = group
+    return f"{dataset}-{partition}-{spread.replace('=', '')}-r{rounds}-e{epochs}{norm_slug(norm)}"
 
 
 def figures(groups: dict[tuple, dict[str, list[Run]]], out_dir: Path) -> list[tuple[str, Path]]:
@@ -423,13 +481,13 @@ def figures(groups: dict[tuple, dict[str, list[Run]]], out_dir: Path) -> list[tu
     by_dataset: dict[tuple, dict[str, dict[float, list[Run]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
-    for (dataset, partition, spread, rounds, epochs), methods in groups.items():
+    for (dataset, partition, spread, rounds, epochs, norm), methods in groups.items():
         if not partition.startswith("dirichlet"):
             continue
         alpha = float(spread.split("=")[1])
         for label, runs in methods.items():
-            by_dataset[(dataset, partition, rounds, epochs)][label][alpha] += runs
-    for (dataset, partition, rounds, epochs), methods in sorted(by_dataset.items()):
+            by_dataset[(dataset, partition, rounds, epochs, norm)][label][alpha] += runs
+    for (dataset, partition, rounds, epochs, norm), methods in sorted(by_dataset.items()):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for label in ORDER:
             if label not in methods:
@@ -449,12 +507,12 @@ def figures(groups: dict[tuple, dict[str, list[Run]]], out_dir: Path) -> list[tu
                     capsize=3,
                     label=LABELS[label],
                 )
-        title = f"{dataset}, {partition}, {rounds} rounds x {epochs} epochs"
+        title = f"{dataset}, {partition}, {rounds} rounds x {epochs} epochs{norm_suffix(norm)}"
         axes[0].set(xlabel="Dirichlet alpha", ylabel="final global test accuracy (%)", xscale="log", title=title)
         axes[1].set(xlabel="Dirichlet alpha", ylabel="Gamma (final round)", xscale="log", title="Gamma vs alpha")
         axes[0].legend(fontsize=7)
         fig.tight_layout()
-        path = out_dir / f"vs-alpha-{dataset}-{partition}-r{rounds}-e{epochs}.png"
+        path = out_dir / f"vs-alpha-{dataset}-{partition}-r{rounds}-e{epochs}{norm_slug(norm)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         alphas_seen = {a for runs_by_alpha in methods.values() for a in runs_by_alpha}
@@ -515,7 +573,7 @@ def reference_table(groups: dict[tuple, dict[str, list[Run]]]) -> list[str]:
         methods = groups[group]
         if not any(label.split("-")[1:2] == ["ref"] for label in methods):
             continue
-        dataset, partition, spread, rounds, _ = group
+        dataset, partition, spread, rounds, _, norm = group
         for label in ORDER:
             runs = methods.get(label)
             if not runs:
@@ -525,7 +583,7 @@ def reference_table(groups: dict[tuple, dict[str, list[Run]]]) -> list[str]:
                 "| "
                 + " | ".join(
                     [
-                        f"{dataset} {partition} {spread}, {rounds} rounds",
+                        f"{dataset} {partition} {spread}, {rounds} rounds{norm_suffix(norm)}",
                         LABELS[label],
                         "reference" if "-ref" in label else "standard",
                         f"{len(runs)} ({seeds})",

@@ -17,6 +17,8 @@ Resumable: a run whose summary.json exists is skipped; an interrupted run contin
 last checkpoint (`resume-from = "latest"`; the sites' private state is in its folder too),
 and one without a checkpoint is redone from scratch. Run names are
 deterministic: `<method>[-decoupled]-<dataset>-<partition>-<a<alpha>|k<k>|iid>-n<sites>-r<rounds>-e<epochs>-s<seed>`.
+They carry neither batch size nor warm-up epochs: a finished run whose config.json differs from
+the grid's is still skipped, but `--dry-run` and the sweep name it (use another `--results-dir`).
 
 The `protocols` axis (`standard`, `reference`: method.md section 7) and the `variant` axis,
 which only applies to fusedspacefed: under `standard` `task-aware` (joint loss, the default)
@@ -262,6 +264,38 @@ def run_state(results_dir: Path, spec: RunSpec) -> str:
     return "partial" if run_dir.exists() else "new"
 
 
+# where and how a run executes, not what it computes: not compared with a finished run's config
+EXECUTION_KEYS = frozenset(
+    {
+        "results-dir",
+        "run-name",
+        "data-root",
+        "resume-from",
+        "keep-checkpoints",
+        "track-tensorboard",
+        "device",
+        "num-threads",
+    }
+)
+
+
+def config_differences(results_dir: Path, spec: RunSpec) -> dict[str, tuple[Any, Any]]:
+    """Keys whose value in a finished run's config.json is not what the grid asks for
+    (`{key: (stored, wanted)}`). Run names carry neither batch size nor warm-up epochs, so a
+    folder can hold a run of another recipe under the grid's name: it is skipped as done, and
+    this says so. Keys the stored config lacks are not compared (older runs)."""
+    path = results_dir / spec.name / "config.json"
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {
+        key: (stored[key], wanted)
+        for key, wanted in spec.run_config(results_dir).items()
+        if key not in EXECUTION_KEYS and key in stored and stored[key] != wanted
+    }
+
+
 def clear_partial(results_dir: Path, spec: RunSpec) -> None:
     """An interrupted run is redone from scratch: its folder (and site state) goes."""
     run_dir = results_dir / spec.name
@@ -378,6 +412,12 @@ def sweep(
 
     todo = [s for s in runs if run_state(results_dir, s) != "done"]
     skipped = len(runs) - len(todo)
+    other = [s.name for s in runs if run_state(results_dir, s) == "done" and config_differences(results_dir, s)]
+    if other:
+        console.print(
+            f"[yellow]{len(other)} finished runs in {results_dir} have another configuration than the grid's "
+            "(skipped as done all the same; --dry-run lists the keys):[/yellow] " + ", ".join(other)
+        )
     if max_runs is not None:
         todo = todo[:max_runs]
     console.print(
@@ -543,7 +583,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.dry_run:
         for spec in runs:
-            print(f"{run_state(results_dir, spec):8s} {spec.name}")
+            state = run_state(results_dir, spec)
+            differs = config_differences(results_dir, spec) if state == "done" else {}
+            note = "  (another config: " + ", ".join(f"{k} {a!r} != {b!r}" for k, (a, b) in differs.items()) + ")"
+            print(f"{state:8s} {spec.name}{note if differs else ''}")
         print(f"{len(runs)} runs, {sum(s.rounds for s in runs)} rounds")
         return 0
     deadline = time.time() + args.stop_after if args.stop_after else None

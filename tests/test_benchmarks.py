@@ -200,7 +200,8 @@ def test_report_tables_from_runs(tmp_path):
     assert cells[6] == "**+4.00 ± 2.83**"  # paired by seed: +2 and +6
     assert cells[7] == "70.00 ± 0.00" and cells[9] == "**-5.00 ± 0.00**"  # best-val picks round 1
     assert cells[10] == "-2.00"  # decoupled (seed 0 only) - FedAvg
-    assert cells[11:] == ["81.61", "80.25", "+1.36"]
+    assert cells[11:14] == ["81.61", "80.25", "+1.36"]
+    assert cells[14:] == ["—", "—", "—", "—"]  # runs without the health metrics
     assert "FusedSpaceFed (decoupled)" in text
     assert "Centralised reference" not in text
     pooled = {
@@ -213,6 +214,129 @@ def test_report_tables_from_runs(tmp_path):
     }
     text = report.render(runs, unfinished, [], out, "", pooled)
     assert "| breastmnist | 546 | 73.08 | 10 (30): 75.0, 20 (60): 82.7 | 82.69 (epoch 20) | 12 |" in text
+
+
+def _write_recipe_run(root: Path, method: str, seed: int, rows: list[dict], norm: str | None = "batch-recal") -> None:
+    """A run folder as a sweep of the recipe leaves it: config.json (with `norm` unless None),
+    metrics.jsonl (one row per round, evaluation metrics in evaluated rounds only), summary.json."""
+    run = root / f"{method}-recipe-{norm}-s{seed}"
+    run.mkdir(parents=True)
+    config = {
+        "method": method,
+        "task-aware": True,
+        "dataset": "breastmnist",
+        "partition": "dirichlet-equal",
+        "alpha": 0.05,
+        "classes-per-client": 2,
+        "num-server-rounds": len(rows),
+        "local-epochs": 1,
+        "seed": seed,
+    }
+    if norm is not None:
+        config["norm"] = norm
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from server_app.results import summarise
+
+    (run / "summary.json").write_text(json.dumps(summarise(rows)))
+
+
+def test_report_renders_the_health_columns_and_keeps_recipes_apart(tmp_path):
+    def rows(method: str, seed: int) -> list[dict]:
+        train = {"num_replies": 5}
+        if method == "fusedspacefed":  # every trained round
+            train = {**train, "rec_r2": 0.5, "rec_dependence": 0.1 * seed, "rec_r2_worst": -0.1 * seed}
+        evaluated = {"global_acc_mean": 0.7, "val_acc_mean": 0.7}
+        bn = {"bn_acc_running": 0.6, "bn_acc_recal": 0.6 + 0.01 * seed, "bn_gap": 0.01 * seed}
+        return [
+            {"round": 1, **train, **evaluated, **bn},  # evaluated: the last row with bn_gap
+            {"round": 2, **train},  # trained, not evaluated
+            {"round": 3, **train, "rec_r2_worst": None},  # the key present but empty: look further back
+        ]
+
+    for seed in (1, 2):
+        for method in ("fusedspacefed", "fedavg"):
+            _write_recipe_run(tmp_path, method, seed, rows(method, seed))
+    for seed in (1, 2):  # the old recipe, no norm key and no health metrics: a cell of its own
+        for method in ("fusedspacefed", "fedavg"):
+            _write_recipe_run(tmp_path, method, seed, [{"round": i, "global_acc_mean": 0.5} for i in (1, 2, 3)], None)
+    runs, _ = report.load_runs(tmp_path)
+    assert len(runs) == 8
+    groups = report.cells(runs)
+    assert len(groups) == 2 and {g[-1] for g in groups} == {"batch", "batch-recal"}
+    fsf1 = next(r for r in runs if r.name == "fusedspacefed-recipe-batch-recal-s1")
+    assert fsf1.last("bn_gap") == 0.01 and fsf1.last("rec_r2_worst") == -0.1 and fsf1.last("missing") is None
+
+    text = report.render(runs, [], [], tmp_path / "RESULTS.md", "")
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| dataset |"))
+    assert header.rstrip(" |").endswith(
+        "R² worst site (FusedSpaceFed) | dependence (FusedSpaceFed) | BN gap (pts) FusedSpaceFed | BN gap (pts) FedAvg"
+    )
+    headline = [line for line in lines if line.startswith("| breastmnist |")]
+    new = next(line for line in headline if "norm batch-recal" in line)
+    old = next(line for line in headline if "norm" not in line)
+    # rec_r2_worst of rounds 2 (-0.1, -0.2): round 3's is None; dependence of round 3 (0.1, 0.2);
+    # bn_gap of round 1, the evaluated one, in points and signed (+1, +2)
+    assert [c.strip() for c in new.strip("|").split("|")][14:] == [
+        "-0.150 ± 0.071",
+        "0.150 ± 0.071",
+        "+1.50 ± 0.71",
+        "+1.50 ± 0.71",
+    ]
+    assert [c.strip() for c in old.strip("|").split("|")][14:] == ["—", "—", "—", "—"]
+
+    # the old recipe's title is what it always was; the new one names its norm
+    assert "### breastmnist, dirichlet-equal (alpha=0.05), 3 rounds x 1 local epochs" in lines
+    assert "### breastmnist, dirichlet-equal (alpha=0.05), 3 rounds x 1 local epochs, norm batch-recal" in lines
+    assert "| R² worst site | dependence | BN gap (pts) |" in text
+    fsf = [line for line in lines if line.startswith("| FusedSpaceFed (task-aware) | 2 (1,2)")]
+    avg = [line for line in lines if line.startswith("| FedAvg | 2 (1,2)")]
+    health = sorted(tuple(c.strip() for c in line.strip("|").split("|")[-3:]) for line in fsf + avg)
+    assert health == [
+        ("-0.150 ± 0.071", "0.150 ± 0.071", "+1.50 ± 0.71"),  # FusedSpaceFed, new recipe
+        ("—", "—", "+1.50 ± 0.71"),  # FedAvg, new recipe: no autoencoder
+        ("—", "—", "—"),
+        ("—", "—", "—"),
+    ]
+    assert '- `norm`: "batch-recal", —' in text  # the protocol list: old runs lack the key
+
+
+def test_the_recipe_grid_expands_in_its_priority_order(tmp_path):
+    args = sweep.build_parser().parse_args(["--grid", str(Path(sweep.ROOT) / "benchmarks" / "recipe-grid.toml")])
+    runs = sweep.all_runs(sweep.load_plans(args))
+    assert len(runs) == 4 * 2 * 3 * 5 + 2 * 3 * 5  # dirichlet: datasets x alphas x seeds x methods; pathological
+    assert all(
+        (r.sites, r.local_epochs, r.warmup_epochs, r.batch_size, r.eval_every, r.variant)
+        == (5, 1, 1, 64, r.rounds, "task-aware")
+        for r in runs
+    )
+    assert {(r.dataset, r.rounds) for r in runs} == {
+        ("breastmnist", 10),
+        ("retinamnist", 8),
+        ("pneumoniamnist", 4),
+        ("bloodmnist", 3),
+    }
+    # FusedSpaceFed and FedAvg on all four datasets, 3 seeds, before any other run
+    first = runs[: 4 * 2 * 3 * 2]
+    assert {r.method for r in first} == {"fusedspacefed", "fedavg"} and {r.partition for r in first} == {
+        "dirichlet-equal"
+    }
+    assert [r.dataset for r in first][::12] == ["breastmnist", "retinamnist", "pneumoniamnist", "bloodmnist"]
+    assert {r.seed for r in first} == {1, 2, 3} and {r.alpha for r in first} == {0.5, 0.05}
+    assert {(r.dataset, r.classes_per_client) for r in runs if r.partition == "pathological"} == {
+        ("retinamnist", 2),
+        ("bloodmnist", 2),
+    }
+
+    # a finished run of another recipe under the same name is named, not silently taken
+    spec = runs[0]
+    (tmp_path / spec.name).mkdir()
+    (tmp_path / spec.name / "config.json").write_text(
+        json.dumps({**spec.run_config(tmp_path), "batch-size": 32, "results-dir": "/elsewhere", "device": "cuda"})
+    )
+    assert sweep.config_differences(tmp_path, spec) == {"batch-size": (32, 64)}
+    assert sweep.config_differences(tmp_path, runs[1]) == {}
 
 
 def test_performance_report_keeps_one_overhead_measurement_per_dataset():
