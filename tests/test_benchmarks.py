@@ -302,13 +302,15 @@ def test_report_renders_the_health_columns_and_keeps_recipes_apart(tmp_path):
     assert '- `norm`: "batch-recal", —' in text  # the protocol list: old runs lack the key
 
 
-def test_the_recipe_grid_expands_in_its_priority_order(tmp_path):
-    args = sweep.build_parser().parse_args(["--grid", str(Path(sweep.ROOT) / "benchmarks" / "recipe-grid.toml")])
+def test_the_evidence_grid_expands_in_its_priority_order(tmp_path):
+    args = sweep.build_parser().parse_args(["--grid", str(Path(sweep.ROOT) / "benchmarks" / "evidence-grid.toml")])
     runs = sweep.all_runs(sweep.load_plans(args))
-    assert len(runs) == 4 * 2 * 3 * 5 + 2 * 3 * 5  # dirichlet: datasets x alphas x seeds x methods; pathological
+    # FusedSpaceFed and FedAvg on 4 datasets x 2 alphas x 3 seeds; FedBN, FedProx, SCAFFOLD on breast and
+    # retina; pathological-2 retina and blood for FusedSpaceFed and FedAvg
+    assert len(runs) == 4 * 2 * 3 * 2 + 2 * 2 * 3 * 3 + 2 * 3 * 2
     assert all(
         (r.sites, r.local_epochs, r.warmup_epochs, r.batch_size, r.eval_every, r.variant)
-        == (5, 1, 1, 64, r.rounds, "task-aware")
+        == (5, 1, 2, 32, r.rounds, "task-aware")
         for r in runs
     )
     assert {(r.dataset, r.rounds) for r in runs} == {
@@ -333,9 +335,9 @@ def test_the_recipe_grid_expands_in_its_priority_order(tmp_path):
     spec = runs[0]
     (tmp_path / spec.name).mkdir()
     (tmp_path / spec.name / "config.json").write_text(
-        json.dumps({**spec.run_config(tmp_path), "batch-size": 32, "results-dir": "/elsewhere", "device": "cuda"})
+        json.dumps({**spec.run_config(tmp_path), "batch-size": 64, "results-dir": "/elsewhere", "device": "cuda"})
     )
-    assert sweep.config_differences(tmp_path, spec) == {"batch-size": (32, 64)}
+    assert sweep.config_differences(tmp_path, spec) == {"batch-size": (64, 32)}
     assert sweep.config_differences(tmp_path, runs[1]) == {}
 
 
