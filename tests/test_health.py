@@ -97,7 +97,7 @@ def test_default_fusedspacefed_warm_up_carries_information_at_every_demo_site(re
     from client_app.trainers.fusedspacefed import FusedSpaceFedTrainer, health_images
     from models import build_run_model
     from partitions.sites import simulation_site_data
-    from tests.demo_setting import DEMO
+    from core.demo import DEMO
 
     torch.set_num_threads(1)
     cfg = RunConfig.from_mapping({**DEMO, "data-root": str(real_data_root)})

@@ -153,7 +153,7 @@ def test_resume_refuses_a_different_configuration(cfg, tmp_path):
     with pytest.raises(CheckpointError, match="has no checkpoint"):
         run(cfg.replace(resume_from="latest"), LocalGrid(tmp_path / "site-state"))
     run(cfg.replace(num_server_rounds=1), LocalGrid(tmp_path / "site-state"))
-    with pytest.raises(ConfigError, match=r"configuration differs \(lr: checkpoint 0.1, now 0.2\)"):
+    with pytest.raises(ConfigError, match=rf"configuration differs \(lr: checkpoint {cfg.lr}, now 0.2\)"):
         run(cfg.replace(resume_from="latest", lr=0.2), LocalGrid(tmp_path / "site-state"))
     path = list_checkpoints(cfg.results_dir, cfg.run_name)[-1][1]
     with pytest.raises(ConfigError, match="differs from the checkpoint's run 'resume'"):
