@@ -94,12 +94,15 @@ class RunSpec:
     @property
     def name(self) -> str:
         """Standard-protocol names are what they always were (committed runs stay valid);
-        reference-protocol runs say `-ref-<variant>`."""
+        reference-protocol runs say `-ref-<variant>`, runs with a `norm` set say `-<norm>`."""
         method = self.method
         if self.protocol == "reference":
             method += "-ref" + (f"-{self.variant}" if self.method == "fusedspacefed" else "")
         elif self.method == "fusedspacefed" and self.variant == "decoupled":
             method += "-decoupled"
+        norm = dict(self.extra).get("norm")
+        if norm:  # a grid that compares normalisations (`set = {norm = ...}`) names them
+            method += f"-{norm}"
         if self.partition.startswith("dirichlet"):
             spread = f"a{self.alpha:g}"
         elif self.partition == "pathological":

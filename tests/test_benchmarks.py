@@ -306,12 +306,21 @@ def test_the_evidence_grid_expands_in_its_priority_order(tmp_path):
     args = sweep.build_parser().parse_args(["--grid", str(Path(sweep.ROOT) / "benchmarks" / "evidence-grid.toml")])
     runs = sweep.all_runs(sweep.load_plans(args))
     # FusedSpaceFed and FedAvg on 4 datasets x 2 alphas x 3 seeds; FedBN, FedProx, SCAFFOLD on breast and
-    # retina; pathological-2 retina and blood for FusedSpaceFed and FedAvg
-    assert len(runs) == 4 * 2 * 3 * 2 + 2 * 2 * 3 * 3 + 2 * 3 * 2
+    # retina; both under the reference protocol on breast and retina; both with averaged BatchNorm and
+    # GroupNorm on pneumonia and blood; pathological-2 retina and blood for FusedSpaceFed and FedAvg
+    assert len(runs) == 4 * 2 * 3 * 2 + 2 * 2 * 3 * 3 + 2 * 2 * 3 * 2 + 2 * 2 * 2 * 3 * 2 + 2 * 3 * 2
+    assert len({r.name for r in runs}) == len(runs)
     assert all(
-        (r.sites, r.local_epochs, r.warmup_epochs, r.batch_size, r.eval_every, r.variant)
-        == (5, 1, 2, 32, r.rounds, "task-aware")
-        for r in runs
+        (r.sites, r.local_epochs, r.warmup_epochs, r.batch_size, r.eval_every) == (5, 1, 2, 32, r.rounds) for r in runs
+    )
+    reference = [r for r in runs if r.protocol == "reference"]
+    assert {r.variant for r in reference if r.method == "fusedspacefed"} == {"no-warmup"}
+    assert {r.variant for r in runs if r.protocol == "standard" and r.method == "fusedspacefed"} == {"task-aware"}
+    norms = {(r.dataset, dict(r.extra).get("norm")) for r in runs}
+    assert {n for d, n in norms if d in ("pneumoniamnist", "bloodmnist")} == {None, "batch", "group"}
+    assert {n for d, n in norms if d in ("breastmnist", "retinamnist")} == {None}
+    assert "fedavg-group-pneumoniamnist-" in next(
+        r.name for r in runs if dict(r.extra).get("norm") == "group" and r.method == "fedavg"
     )
     assert {(r.dataset, r.rounds) for r in runs} == {
         ("breastmnist", 10),
