@@ -21,6 +21,11 @@ federation="num-supernodes=$("$python" -c 'from core.demo import DEMO_SITES; pri
 started=$(date +%s)
 for method in fusedspacefed fedavg; do
   echo "== $method"
+  # the demo starts afresh each time: its previous results (and simulated site state) go
+  if [[ -d "$results/demo-$method" ]]; then
+    echo "replacing the previous demo run in $results/demo-$method"
+    rm -rf "$results/demo-$method"
+  fi
   scripts/simulate.sh --run-config "$demo method='$method' run-name='demo-$method'" --federation-config "$federation"
 done
 "$python" -m server_app.compare "$results/demo-fusedspacefed" "$results/demo-fedavg" \

@@ -15,12 +15,13 @@ the sites evaluate only their own local shard.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from core.config import RunConfig
+from core.config import ConfigError, RunConfig
 from core.console import console
 from core.methods import EVALUATE_KEY, EVALUATION_RECORD, SPLITS_KEY, contract_for
 from models import build_run_model
@@ -80,6 +81,17 @@ def progress_line(row: dict[str, Any], num_rounds: int, eta: str = "") -> str:
     return "  ".join(parts) + (f"  [dim]{eta}[/dim]" if eta else "")
 
 
+def refuse_to_overwrite(run_dir: Path) -> None:
+    """A fresh start never writes over an earlier run's metrics, checkpoints or site state
+    (they would be lost, and simulated sites would refuse to go back to round 1)."""
+    held = [name for name in ("metrics.jsonl", "checkpoints", "site-state") if (run_dir / name).exists()]
+    if held:
+        raise ConfigError(
+            f"{run_dir} already holds a run ({', '.join(held)}): resume it with resume-from = 'latest', "
+            "give this one another run-name, or remove that folder"
+        )
+
+
 class FederatedRun:
     """One run: `start()` drives the rounds and returns the summary."""
 
@@ -90,6 +102,7 @@ class FederatedRun:
             cfg = resumed_config(cfg, self.checkpoint)
         else:
             cfg = cfg.replace(run_name=cfg.run_name or cfg.default_run_name())
+            refuse_to_overwrite(Path(cfg.results_dir) / cfg.run_name)
         self.cfg = cfg
         self.contract = contract_for(cfg.method)
         self.results = RunResults(cfg.results_dir, cfg.run_name)

@@ -201,7 +201,10 @@ class SharedModelStrategy(FedAvg):
     ) -> MetricRecord | None:
         """The round's evaluation metrics from the sites' `evaluation` records; `central`:
         the server's own `test_*`/`val_*` of a model that is the same at every site."""
-        records = [m.content[EVALUATION_RECORD] for m in replies if EVALUATION_RECORD in m.content.metric_records]
+        # in site order, as in aggregate_train: float sums depend on the order of replies,
+        # which is the order they happened to arrive in
+        ordered = sorted(replies, key=_reply_order)
+        records = [m.content[EVALUATION_RECORD] for m in ordered if EVALUATION_RECORD in m.content.metric_records]
         if not records and not central:
             return None
         metrics = mean_metrics(records, [1.0] * len(records), skip=BOOKKEEPING) if records else {}

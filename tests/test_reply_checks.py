@@ -5,6 +5,7 @@ reply counts as a failed site for that round and the others are aggregated."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -117,3 +118,32 @@ def test_too_many_bad_replies_stop_the_run_resumably(tmp_path):
     cfg = small_config(tmp_path, "fedavg", run_name="poisoned-stop", min_replies=3)
     with pytest.raises(TooFewReplies, match=r"round 1: 2 of 3 sites replied.*NaN or Inf.*resume-from"):
         run(cfg, PoisonedGrid(tmp_path / "site-state"))
+
+
+def test_evaluation_metrics_do_not_depend_on_the_order_replies_arrive_in(tmp_path):
+    """Float sums depend on their order and replies arrive in any order: the round's
+    evaluation metrics are aggregated in site order, so the same seed gives the same
+    metrics.jsonl (it did not: a resumed run differed in the last digit)."""
+    import itertools
+    from types import SimpleNamespace
+
+    from flwr.app import RecordDict
+
+    from core.methods import EVALUATION_RECORD, SITE_ID_KEY
+
+    values = [0.1, 0.7, 0.2, 0.3, 1e-17 + 0.6]
+    orders = list(itertools.permutations(range(len(values))))
+    assert len({sum(values[i] for i in order) for order in orders}) > 1  # the order matters to a plain sum
+    replies = [
+        SimpleNamespace(
+            content=RecordDict({EVALUATION_RECORD: MetricRecord({SITE_ID_KEY: site, "test_acc": v, "val_acc": v})}),
+            metadata=SimpleNamespace(src_node_id=1000 + site),
+        )
+        for site, v in enumerate(values)
+    ]
+    strategy = federation(tmp_path, small_config(tmp_path, "fedavg")).strategy
+    results = {  # as text: NaN (metrics no site reported) equals itself there
+        json.dumps(dict(strategy.aggregate_evaluate(1, [replies[i] for i in order])), sort_keys=True)
+        for order in orders
+    }
+    assert len(results) == 1

@@ -162,3 +162,15 @@ def test_resume_refuses_a_different_configuration(cfg, tmp_path):
     with pytest.raises(CheckpointError, match="unreadable"):
         run(cfg.replace(resume_from=str(path)), LocalGrid(tmp_path / "site-state"))
     assert path.read_bytes() == b"broken"
+
+
+def test_a_fresh_start_never_writes_over_an_earlier_run(cfg, tmp_path):
+    """Starting a run (no resume-from) under the name of a finished one stops with one line
+    that says what to do, and the finished run's files are untouched."""
+    run(cfg.replace(num_server_rounds=1), LocalGrid(tmp_path / "site-state"))
+    run_dir = Path(cfg.results_dir) / cfg.run_name
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"already holds a run \(metrics.jsonl, checkpoints\).*resume-from"):
+        run(cfg.replace(num_server_rounds=2), LocalGrid(tmp_path / "site-state"))
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    run(cfg.replace(num_server_rounds=1, run_name="another"), LocalGrid(tmp_path / "site-state"))
