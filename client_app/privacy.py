@@ -23,9 +23,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
 
-NORM_KEY = "dp_update_norm"  # metric: L2 norm of the site's shared update before clipping
-CLIPPED_KEY = "dp_clipped"  # metric: 1 when the update was scaled down (its mean: the fraction clipped)
-
 
 def is_clipped_array(values: np.ndarray) -> bool:
     return np.issubdtype(values.dtype, np.floating)

@@ -26,7 +26,7 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from client_app.privacy import CLIPPED_KEY, NORM_KEY, clip_shared_update
+from client_app.privacy import clip_shared_update
 from client_app.state import PrivateArrays, PrivateState
 from client_app.timeline import Timeline
 from client_app.trainers import LocalRound, Trainer
@@ -57,11 +57,32 @@ from partitions.sites import SiteData, site_data_for
 from partitions.tensors import TensorSplit
 
 ALLOW_GRADIENTS = "allow-gradients"  # node config of a deployed site: opt in to sending gradients
+MIN_DP_NOISE = "min-dp-noise-multiplier"  # node config: take part only in runs with at least this much DP noise
 IMPORTED = time.time()
 
 
 def _flag(value: object) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes")
+
+
+class PrivacyRequired(RuntimeError):
+    """This site's node config asks for more differential privacy than the run gives."""
+
+
+def require_privacy(cfg: RunConfig, node: dict) -> None:
+    """A site whose node config sets `min-dp-noise-multiplier = m > 0` takes part only in
+    runs that clip (dp-clip-norm > 0) and noise with dp-noise-multiplier >= m. The server
+    adds the noise, so this guards against a misconfigured run, not a dishonest server."""
+    try:
+        minimum = float(node.get(MIN_DP_NOISE, 0.0) or 0.0)
+    except (TypeError, ValueError):
+        raise PrivacyRequired(f"node config {MIN_DP_NOISE} must be a number, got {node.get(MIN_DP_NOISE)!r}") from None
+    if minimum > 0 and not (cfg.dp_clip_norm > 0 and cfg.dp_noise_multiplier >= minimum):
+        raise PrivacyRequired(
+            f"this site takes part only with differential privacy of noise multiplier >= {minimum:g} "
+            f"({MIN_DP_NOISE} in its node config); this run has dp-clip-norm = {cfg.dp_clip_norm:g}, "
+            f"dp-noise-multiplier = {cfg.dp_noise_multiplier:g}"
+        )
 
 
 class Site:
@@ -79,6 +100,7 @@ class Site:
         self.evaluate_splits = str(config.get(SPLITS_KEY, "all"))
         self.contract: MethodContract = contract_for(self.cfg.method)
         node = context.node_config
+        require_privacy(self.cfg, node)  # before the site reads any of its data
         self.deployed = bool(str(node.get("data-path", "") or ""))
         self.allows_gradients = not self.deployed or _flag(node.get(ALLOW_GRADIENTS, False))
         self.data: SiteData
@@ -216,16 +238,15 @@ def train_round(incoming: RecordDict, context: Context, timeline: Timeline | Non
     site.state.save(site.private_arrays(result.extras), site.server_round)
     site.timeline.mark("state_saved")
     content[ARRAYS_RECORD] = site.shared_arrays()
-    privacy: dict[str, float] = {}
     if site.cfg.dp:
         content[ARRAYS_RECORD], norm = clip_shared_update(
             content[ARRAYS_RECORD], incoming[ARRAYS_RECORD], site.cfg.dp_clip_norm
         )
-        privacy = {NORM_KEY: norm, CLIPPED_KEY: float(norm > site.cfg.dp_clip_norm)}
+        # the norm before clipping stays here: sent in clear it would leak what the noise hides
+        log(INFO, "site %s: shared update norm %.4g before clipping to %g", site.name, norm, site.cfg.dp_clip_norm)
     content[METRICS_RECORD] = MetricRecord(
         {
             **result.metrics,
-            **privacy,
             WEIGHT_KEY: len(site.data.train),
             SITE_ID_KEY: site.site_id,
             RESTORED_KEY: int(site.restored),

@@ -87,6 +87,7 @@ class RunConfig:
     l2sp_lambda: float = 0.0
     dp_clip_norm: float = 0.0
     dp_noise_multiplier: float = 0.0
+    dp_delta: float = 1e-5
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> RunConfig:
@@ -163,6 +164,7 @@ class RunConfig:
                 self.dp_noise_multiplier >= 0,
                 f"dp-noise-multiplier must be >= 0 (0 = no noise), got {self.dp_noise_multiplier}",
             ),
+            (0 < self.dp_delta < 1, f"dp-delta must be between 0 and 1 (exclusive), got {self.dp_delta}"),
             (
                 self.dp_noise_multiplier == 0 or self.dp_clip_norm > 0,
                 f"dp-noise-multiplier = {self.dp_noise_multiplier} needs dp-clip-norm > 0: the noise is "

@@ -22,12 +22,6 @@ def round_seed(seed: int, server_round: int, site_id: int, purpose: int = BATCH_
     return (seed * 1_000_003 + server_round * 1009 + site_id * 17 + purpose) % 2**63
 
 
-def dp_noise_seed(seed: int, server_round: int) -> int:
-    """The server's Gaussian noise for differential privacy in one round (numpy's stream,
-    so a resumed run adds the same noise)."""
-    return (seed * 1_000_003 + server_round * 1009 + 999_983) % 2**63
-
-
 def local_shard_seed(seed: int, site_id: int, offset: int = 0) -> int:
     """A site's personalised held-out shard (offset 0: test shard, 500: validation shard)."""
     return seed * 1000 + site_id + offset

@@ -97,8 +97,9 @@ SUMMARY_KEYS = (
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Final round, best round on the test split (optimistic) and on the validation split."""
     evaluated = [r for r in rows if r.get("global_acc_mean") is not None]
+    privacy = privacy_spent(rows)
     if not evaluated:
-        return {"rounds": len(rows), "final": None, "best_by_test": None, "best_by_val": None}
+        return {"rounds": len(rows), "final": None, "best_by_test": None, "best_by_val": None, **privacy}
 
     def pick(row: dict[str, Any], how: str) -> dict[str, Any]:
         return {"round": row["round"], "selected_by": how, **{k: row.get(k) for k in SUMMARY_KEYS}}
@@ -114,7 +115,14 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ),
         "best_by_val": pick(max(evaluated, key=score("val_acc_mean")), "highest val_acc_mean on the validation split"),
         "reference_selection": reference_selection(evaluated),
+        **privacy,
     }
+
+
+def privacy_spent(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """`{"dp_epsilon": ...}` after the last noised round (strategies/privacy.py), or nothing."""
+    spent = [r["dp_epsilon"] for r in rows if isinstance(r.get("dp_epsilon"), int | float)]
+    return {"dp_epsilon": spent[-1], "dp_noised_rounds": len(spent)} if spent else {}
 
 
 def reference_selection(evaluated: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -204,9 +204,10 @@ class FederatedRun:
 
     def finish(self) -> dict[str, Any]:
         self.results.write_model(self.arrays.to_torch_state_dict())
-        summary = self.results.write_summary(
-            self.rows, {"run_name": self.cfg.run_name, "method": self.cfg.method, "dataset": self.cfg.dataset}
-        )
+        extra = {"run_name": self.cfg.run_name, "method": self.cfg.method, "dataset": self.cfg.dataset}
+        if self.cfg.dp_noise_multiplier > 0:  # the delta that summary.json's dp_epsilon holds at
+            extra["dp_delta"] = self.cfg.dp_delta
+        summary = self.results.write_summary(self.rows, extra)
         console.print(f"results written to {self.results.dir}")
         return summary
 

@@ -21,7 +21,7 @@ def build_strategy(cfg: RunConfig, initial_arrays: ArrayRecord) -> SharedModelSt
         min_available_nodes=cfg.min_replies,  # a round goes on without sites that are down
         dp_clip_norm=cfg.dp_clip_norm,
         dp_noise_multiplier=cfg.dp_noise_multiplier,
-        seed=cfg.seed,
+        dp_delta=cfg.dp_delta,
     )
 
 

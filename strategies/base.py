@@ -30,7 +30,7 @@ from core.methods import (
 from core.metrics import HEALTH_WORST_OF
 from strategies.aggregation import average_arrays, mean_metrics, worst_metrics
 from strategies.gamma import gamma, gamma_decomposition
-from strategies.privacy import NOISE_STD_KEY, add_noise, noise_std
+from strategies.privacy import EPSILON_KEY, NOISE_STD_KEY, STATE_PREFIX, NoiseSource, PrivacyLedger, noise_std
 
 
 class BadReply(ValueError):
@@ -65,7 +65,7 @@ class SharedModelStrategy(FedAvg):
         min_available_nodes: int = 1,
         dp_clip_norm: float = 0.0,
         dp_noise_multiplier: float = 0.0,
-        seed: int = 0,
+        dp_delta: float = 1e-5,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -82,19 +82,33 @@ class SharedModelStrategy(FedAvg):
         # differential privacy (strategies/privacy.py): the noise is calibrated to the plain mean
         self.dp_clip_norm = dp_clip_norm
         self.dp_noise_multiplier = dp_noise_multiplier
-        self.seed = seed
+        noised = dp_clip_norm > 0 and dp_noise_multiplier > 0
+        self.noise = NoiseSource() if noised else None
+        self.ledger = PrivacyLedger(dp_noise_multiplier, dp_delta) if noised else None
         self.weighted = weighted and dp_clip_norm <= 0
 
     # -- strategy state (server checkpoints) -------------------------------------
     def checkpoint_state(self) -> dict[str, np.ndarray]:
-        """Server-side state beyond the global arrays that a resumed run needs (e.g.
-        SCAFFOLD's control variate). Stateless strategies return an empty dict."""
-        return {}
+        """Server-side state beyond the global arrays that a resumed run needs: the DP noise
+        generator and accountant here (they never leave the server), SCAFFOLD's control
+        variate in its subclass."""
+        state: dict[str, np.ndarray] = {}
+        if self.noise is not None:
+            state[STATE_PREFIX + "noise"] = self.noise.state()
+            ledger = self.ledger.state()
+            if ledger is not None:
+                state[STATE_PREFIX + "accountant"] = ledger
+        return state
 
     def restore_state(self, state: dict[str, np.ndarray]) -> None:
         """Inverse of `checkpoint_state`."""
-        if state:
-            raise ValueError(f"{type(self).__name__} keeps no state, but was given {sorted(state)[:3]}")
+        unknown = sorted(k for k in state if not k.startswith(STATE_PREFIX) or self.noise is None)
+        if unknown:
+            raise ValueError(f"{type(self).__name__} keeps no such state, but was given {unknown[:3]}")
+        if STATE_PREFIX + "noise" in state:
+            self.noise.restore(state[STATE_PREFIX + "noise"])
+        if STATE_PREFIX + "accountant" in state:
+            self.ledger.restore(state[STATE_PREFIX + "accountant"])
 
     # -- reply checks -------------------------------------------------------------
     def check_reply(self, msg: Message) -> None:
@@ -174,7 +188,9 @@ class SharedModelStrategy(FedAvg):
         metrics["num_replies"] = len(valid)
         if self.dp_clip_norm > 0:
             std = noise_std(self.dp_noise_multiplier, self.dp_clip_norm, len(valid))
-            arrays = add_noise(arrays, std, self.seed, server_round)
+            if self.noise is not None:
+                arrays = self.noise.add_noise(arrays, std)
+                metrics[EPSILON_KEY] = self.ledger.spend_round(len(valid))
             metrics[NOISE_STD_KEY] = std
         metrics.update(self.gradient_dissimilarity(valid))
         return arrays, MetricRecord(metrics)

@@ -5,22 +5,22 @@ nothing."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from client_app.privacy import CLIPPED_KEY, NORM_KEY, clip_shared_update
+from client_app.privacy import clip_shared_update
 from core.config import ConfigError, RunConfig
 from core.methods import ARRAYS_RECORD, METRICS_RECORD
+from strategies import build_strategy
 from strategies.aggregation import average_arrays
-from strategies.privacy import NOISE_STD_KEY, add_noise
+from strategies.privacy import EPSILON_KEY, NOISE_STD_KEY, NoiseSource, PrivacyLedger
 from tests.fl_harness import federation, server_identity, small_config
 
 CLIP = 0.5
 NOISE = 1.0
 NUM_SITES = 3
+NOT_SENT = {"dp_update_norm", "dp_clipped"}  # what sites once sent in clear beside the clipped update
 
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -64,8 +64,10 @@ def test_every_sent_update_respects_the_clip_norm(private_run):
             arrays = reply.content[ARRAYS_RECORD]
             metrics = reply.content[METRICS_RECORD]
             assert _update_norm(arrays, received) <= CLIP + 1e-5
-            # the update was really clipped: the site reports its norm before clipping
-            assert metrics[NORM_KEY] > CLIP and metrics[CLIPPED_KEY] == 1.0
+            # the update was really clipped (scaled to the clip norm), and its norm before
+            # clipping stayed at the site
+            assert _update_norm(arrays, received) >= CLIP * (1 - 1e-3)
+            assert not NOT_SENT & set(metrics.keys())
             for key, values in _numpy(arrays).items():
                 if not _floating(values):  # integer counters go back as they came
                     np.testing.assert_array_equal(values, received[key])
@@ -101,7 +103,7 @@ def test_without_noise_the_aggregate_is_the_plain_mean(tmp_path):
     plain = average_arrays([m.content[ARRAYS_RECORD] for m in replies], [1.0] * len(replies))
     got, want = _numpy(fed.arrays), _numpy(plain)
     assert all(np.array_equal(got[k], want[k]) for k in want)
-    assert 0 < fed.metrics[0][CLIPPED_KEY] <= 1 and fed.metrics[0][NORM_KEY] > 0
+    assert not NOT_SENT & set(fed.metrics[0]) and EPSILON_KEY not in fed.metrics[0]  # no noise, no epsilon
 
 
 def test_dp_off_changes_nothing(tmp_path):
@@ -127,7 +129,7 @@ def test_dp_off_changes_nothing(tmp_path):
     for a, b in zip(replies_a, replies_b, strict=True):
         ra, rb = _numpy(a.content[ARRAYS_RECORD]), _numpy(b.content[ARRAYS_RECORD])
         assert all(np.array_equal(ra[k], rb[k]) for k in ra)
-        assert not {NORM_KEY, CLIPPED_KEY} & set(a.content[METRICS_RECORD].keys())
+        assert not NOT_SENT & set(a.content[METRICS_RECORD].keys())
     assert all(np.array_equal(x, y) for x, y in zip(_numpy(arrays_a).values(), _numpy(arrays_b).values()))
     weights = [float(m.content[METRICS_RECORD]["num-examples"]) for m in replies_a]
     weighted = _numpy(average_arrays([m.content[ARRAYS_RECORD] for m in replies_a], weights))
@@ -174,16 +176,65 @@ def test_the_sent_update_respects_the_clip_norm_after_float32_rounding():
         assert norm > 1.0 and _update_norm(sent, received) <= 1.0
 
 
-def test_noise_is_seeded_by_run_and_round_and_keeps_variances_valid():
+def test_noise_comes_from_os_entropy_resumes_exactly_and_keeps_variances_valid():
     arrays = ArrayRecord(
         {"w": Array(np.zeros(1000, np.float32)), "bn.running_var": Array(np.full(1000, 0.01, np.float32))}
     )
-    first = _numpy(add_noise(arrays, 0.5, seed=0, server_round=1))
-    again = _numpy(add_noise(copy.deepcopy(arrays), 0.5, seed=0, server_round=1))
-    other = _numpy(add_noise(arrays, 0.5, seed=0, server_round=2))
-    assert np.array_equal(first["w"], again["w"]) and not np.array_equal(first["w"], other["w"])
-    assert first["w"].dtype == np.float32 and (first["bn.running_var"] >= 0).all()
-    assert add_noise(arrays, 0.0, seed=0, server_round=1) is arrays
+    first, second = NoiseSource(), NoiseSource()  # two runs, whatever their configuration
+    a, b = _numpy(first.add_noise(arrays, 0.5)), _numpy(second.add_noise(arrays, 0.5))
+    assert not np.array_equal(a["w"], b["w"])
+    saved = first.state()  # what the server's checkpoint keeps
+    assert saved.dtype == np.uint8
+    resumed = NoiseSource()
+    resumed.restore(saved)
+    np.testing.assert_array_equal(
+        _numpy(first.add_noise(arrays, 0.5))["w"], _numpy(resumed.add_noise(arrays, 0.5))["w"]
+    )
+    assert a["w"].dtype == np.float32 and (a["bn.running_var"] >= 0).all()
+    assert first.add_noise(arrays, 0.0) is arrays
+
+
+def _seeded_noise_guess(seed: int, server_round: int, like: dict[str, np.ndarray], std: float) -> dict[str, np.ndarray]:
+    """The noise as the old server drew it: from the run's seed and the round, which every
+    site receives with the run configuration."""
+    rng = np.random.default_rng((seed * 1_000_003 + server_round * 1009 + 999_983) % 2**63)
+    return {k: rng.normal(0.0, std, v.shape) if _floating(v) else np.zeros(v.shape) for k, v in like.items()}
+
+
+def test_a_site_holding_the_run_config_cannot_recover_the_un_noised_mean(private_run):
+    """Replaying the noise from the run's seed recovered the mean to within 2e-8; now what is
+    left after subtracting the replayed noise is as far from the mean as the noise itself."""
+    fed, _ = private_run
+    std = NOISE * CLIP / NUM_SITES
+    for server_round, (replies, aggregate) in enumerate(zip(fed.round_replies, fed.history, strict=True), 1):
+        mean = _numpy(average_arrays([m.content[ARRAYS_RECORD] for m in replies], [1.0] * len(replies)))
+        noised = _numpy(aggregate)
+        guess = _seeded_noise_guess(fed.cfg.seed, server_round, noised, std)
+        left = np.concatenate(
+            [
+                (noised[k].astype(np.float64) - guess[k] - mean[k].astype(np.float64)).ravel()
+                for k in mean
+                if _floating(mean[k]) and not k.endswith("running_var")
+            ]
+        )
+        assert left.std() > 0.5 * std  # the replay removed nothing: noise of std ~ sqrt(2) * std is left
+
+
+def test_epsilon_is_reported_every_round_by_flowers_accountant(private_run):
+    fed, _ = private_run
+    spent = [row[EPSILON_KEY] for row in fed.metrics]
+    assert 0 < spent[0] < spent[1] and all(np.isfinite(spent))
+    ledger = PrivacyLedger(NOISE, fed.cfg.dp_delta)
+    assert [ledger.spend_round(NUM_SITES) for _ in spent] == pytest.approx(spent)
+    state = fed.strategy.checkpoint_state()  # generator and accountant, both in the server's checkpoint
+    assert set(state) == {"dp:noise", "dp:accountant"}
+    resumed = build_strategy(fed.cfg, fed.arrays)
+    resumed.restore_state(state)
+    assert resumed.ledger.spend_round(NUM_SITES) == pytest.approx(ledger.spend_round(NUM_SITES))
+    arrays = ArrayRecord({"w": Array(np.zeros(100, np.float32))})
+    np.testing.assert_array_equal(
+        resumed.noise.add_noise(arrays, 0.1)["w"].numpy(), fed.strategy.noise.add_noise(arrays, 0.1)["w"].numpy()
+    )
 
 
 def test_config_checks():
@@ -201,3 +252,29 @@ def test_config_checks():
         RunConfig.from_mapping({"method": "fedavg", "dp-clip-norm": 1.0, "measure-gamma": True})
     with pytest.raises(ConfigError, match="method must be one of"):  # an unknown method is reported as such
         RunConfig.from_mapping({"method": "fedsgd", "dp-clip-norm": 1.0})
+
+
+def test_a_site_can_require_dp_and_refuses_runs_with_less(tmp_path):
+    """`min-dp-noise-multiplier` in a site's node config: the site takes part in runs with at
+    least that noise and refuses the others before it reads its data."""
+    from client_app.site import PrivacyRequired, require_privacy
+
+    noised = RunConfig.from_mapping({"method": "fedavg", "dp-clip-norm": 1.0, "dp-noise-multiplier": 1.0})
+    require_privacy(noised, {"min-dp-noise-multiplier": 1.0})
+    require_privacy(RunConfig(), {})  # a site that asks for nothing takes part in any run
+    for cfg, node in (
+        (noised, {"min-dp-noise-multiplier": 1.5}),
+        (RunConfig(), {"min-dp-noise-multiplier": 0.1}),
+        (RunConfig.from_mapping({"dp-clip-norm": 1.0}), {"min-dp-noise-multiplier": 0.1}),  # clipping alone
+    ):
+        with pytest.raises(PrivacyRequired, match="noise multiplier >= .*min-dp-noise-multiplier"):
+            require_privacy(cfg, node)
+    with pytest.raises(PrivacyRequired, match="must be a number"):
+        require_privacy(noised, {"min-dp-noise-multiplier": "lots"})
+
+    cfg = small_config(tmp_path, "fedavg", dp_clip_norm=CLIP, dp_noise_multiplier=NOISE)
+    fed = federation(tmp_path, cfg, num_sites=2, **{"min-dp-noise-multiplier": NOISE})
+    assert len(fed.run_round(1)) == 2  # enough noise: both sites train
+    strict = federation(tmp_path / "strict", cfg, num_sites=2, **{"min-dp-noise-multiplier": 2 * NOISE})
+    with server_identity(), pytest.raises(PrivacyRequired):  # in Flower: an error reply, a failed site
+        strict.run_round(1)

@@ -3,6 +3,8 @@ FusedSpaceFed options usable in either protocol (no warm-up, L2-SP)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -115,9 +117,9 @@ def test_first5_is_the_mean_over_sites_0_to_4(tmp_path):
 
     content = RecordDict({"arrays": fed.arrays, "config": ConfigRecord({**cfg.to_mapping(), "server-round": 1})})
     replies = []
-    for ctx in fed.grid.contexts.values():
+    for node, ctx in fed.grid.contexts.items():
         reply = evaluate_round(content, ctx)
-        replies.append(type("Reply", (), {"content": reply})())
+        replies.append(SimpleNamespace(content=reply, metadata=SimpleNamespace(src_node_id=node)))
     metrics = fed.strategy.aggregate_evaluate(1, replies)
     accs = {int(r.content["evaluation"]["site-id"]): r.content["evaluation"]["test_acc"] for r in replies}
     assert metrics["global_acc_first5"] == pytest.approx(np.mean([accs[i] for i in range(5)]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -94,6 +95,10 @@ def test_a_resumed_run_continues_the_events_and_the_plots(tmp_path: Path, monkey
 
     plotted: list[list[dict]] = []
     monkeypatch.setattr(tracking, "write_plots", lambda run_dir, rows: plotted.append(rows) or [])
+    # A resumed run is a later process: its event file's name (seconds, host, pid, a per-process
+    # counter) sorts after the first one's. In one process within one second it need not
+    # (counter 10 sorts before 9), and TensorBoard would read the purge before the old events.
+    time.sleep(1.05 - time.time() % 1)
     second = RunTracker(tmp_path, num_rounds=3)  # resumed from the checkpoint of round 1
     second.log_round({"round": 2, "global_acc_mean": 0.9})
     second.log_round({"round": 3, "global_acc_mean": 0.95})
