@@ -149,12 +149,20 @@ class PrivateState:
             return before_round is None or server_round < before_round
 
         in_memory = node_private_state(self.node_state)
+        memory_round = 0
         if in_memory is not None:
-            server_round = int(self.node_state.config_records.get(ROUND_KEY, {}).get("round", 0))
-            if fits(server_round):
-                self.source, self.loaded_round = "memory", server_round
+            remembered = self.node_state.config_records.get(ROUND_KEY, {})
+            memory_round = int(remembered.get("round", 0))
+            # another process serving this site (the warm worker, or the in-process path while
+            # the worker was down) may have saved a newer state since: then the disk decides
+            disk_unchanged = list(remembered.get("file", [])) == self._file_stamp()
+            if fits(memory_round) and disk_unchanged:
+                self.source, self.loaded_round = "memory", memory_round
                 return in_memory
         if not self.path.exists():
+            if in_memory is not None and fits(memory_round):
+                self.source, self.loaded_round = "memory", memory_round
+                return in_memory
             return None
         arrays, server_round = read_state_file(self.path)
         path = self.path
@@ -169,9 +177,20 @@ class PrivateState:
                 )
             server_round, path = older[-1]
             arrays, server_round = read_state_file(path)
+        if in_memory is not None and fits(memory_round) and memory_round > server_round:
+            arrays, server_round, path = in_memory, memory_round, "memory"  # the newest by round wins
         self._remember(arrays, server_round)
         self.source, self.loaded_round = str(path), server_round
         return arrays
+
+    def _file_stamp(self) -> list[int]:
+        """The state file's identity (inode, modification time): it changes with every save,
+        by whichever process saves."""
+        try:
+            info = self.path.stat()
+        except FileNotFoundError:
+            return []
+        return [int(info.st_ino), int(info.st_mtime_ns)]
 
     def history(self) -> list[tuple[int, Path]]:
         """Kept earlier states as (round, path), oldest first."""
@@ -180,17 +199,17 @@ class PrivateState:
     def save(self, arrays: PrivateArrays, server_round: int) -> None:
         """Keep in memory and write atomically to disk (the previous file goes to history)."""
         arrays = arrays.cpu()
-        self._remember(arrays, server_round)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._archive_current(server_round)
         buffer = io.BytesIO()
         torch.save({"format": FORMAT, "round": server_round, "model": arrays.model, "extras": arrays.extras}, buffer)
         atomic_write_bytes(self.path, buffer.getvalue())
+        self._remember(arrays, server_round)  # after the write: memory knows the file it matches
 
     def _remember(self, arrays: PrivateArrays, server_round: int) -> None:
         self.node_state.array_records[MODEL_RECORD] = ArrayRecord(arrays.model)
         self.node_state.array_records[EXTRAS_RECORD] = ArrayRecord(arrays.extras)
-        self.node_state.config_records[ROUND_KEY] = ConfigRecord({"round": server_round})
+        self.node_state.config_records[ROUND_KEY] = ConfigRecord({"round": server_round, "file": self._file_stamp()})
 
     def _archive_current(self, new_round: int) -> None:
         """Keep the file about to be replaced as history/round-<N>.pt (a hard link, or a

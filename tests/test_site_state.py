@@ -108,3 +108,25 @@ def test_sections_stay_apart_and_format_1_files_are_read(tmp_path):
     torch.save({"arrays": flat, "round": 3}, state.path)
     loaded, server_round = read_state_file(state.path)
     assert server_round == 3 and same(loaded, old)
+
+
+def test_the_newest_state_wins_whichever_process_served_the_last_rounds(tmp_path):
+    """In-process round, then rounds served by the warm worker (its own memory, the same
+    disk), then the worker down and the in-process path again: the in-process memory is
+    from round 1, the disk from round 3, and round 4 must start from round 3 (it started
+    from round 1: a silent roll-back of the site's encoder)."""
+    in_process = PrivateState(RecordDict(), tmp_path, "run", "site")  # Flower's context.state
+    in_process.save(arrays(1), 1)
+    worker = PrivateState(RecordDict(), tmp_path, "run", "site")  # the worker's own memory
+    assert same(worker.load(before_round=2), arrays(1))
+    worker.save(arrays(2), 2)
+    assert same(worker.load(before_round=3), arrays(2)) and worker.source == "memory"
+    worker.save(arrays(3), 3)
+    # the worker is down; the in-process path serves round 4
+    loaded = in_process.load(before_round=4)
+    assert same(loaded, arrays(3)) and in_process.loaded_round == 3 and in_process.source == str(in_process.path)
+    in_process.save(arrays(4), 4)
+    # and back to the worker, whose memory (round 3) is older than the disk (round 4)
+    assert same(worker.load(before_round=5), arrays(4)) and worker.loaded_round == 4
+    # nothing changed on disk since: memory serves, without reading the file
+    assert same(worker.load(before_round=5), arrays(4)) and worker.source == "memory"
