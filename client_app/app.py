@@ -14,7 +14,8 @@ consent, gradients for Gamma.
 from __future__ import annotations
 
 import time
-from logging import WARNING
+import traceback
+from logging import ERROR, WARNING
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -43,10 +44,21 @@ def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     return site.HANDLERS[kind](content, context, Timeline(site.IMPORTED, app_loaded=IMPORTED))
 
 
+class SiteFailure(RuntimeError):
+    """What a deployed site tells the server when a message fails: the kind of failure only."""
+
+
 def reply(kind: str, msg: Message, context: Context) -> Message:
     """Arrays arrive packed into one array (core.transport) and the reply goes back the
     same way, so Flower moves two objects per message instead of one per array."""
-    content = handle(kind, unpack(msg.content), context)
+    try:
+        content = handle(kind, unpack(msg.content), context)
+    except Exception as exc:
+        if not str(context.node_config.get("data-path", "") or ""):
+            raise  # a simulated site: its log is the operator's own console
+        # a deployed site: the details (local paths, data, state) stay in the SuperNode's log
+        log(ERROR, "%s message failed at this site:\n%s", kind, traceback.format_exc())
+        raise SiteFailure(f"{type(exc).__name__} at the site during {kind} (details in the site's own log)") from None
     return Message(content=pack(content) if is_packed(msg.content) else content, reply_to=msg)
 
 

@@ -200,6 +200,7 @@ class PrivateState:
         """Keep in memory and write atomically to disk (the previous file goes to history)."""
         arrays = arrays.cpu()
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.chmod(0o700)  # the site's encoder and optimiser state: for the site's own user only
         self._archive_current(server_round)
         buffer = io.BytesIO()
         torch.save({"format": FORMAT, "round": server_round, "model": arrays.model, "extras": arrays.extras}, buffer)
@@ -223,7 +224,7 @@ class PrivateState:
             return
         if old_round != new_round:
             history = self.dir / HISTORY_DIR
-            history.mkdir(exist_ok=True)
+            history.mkdir(mode=0o700, exist_ok=True)
             target = round_file(history, old_round)
             tmp = history / f".tmp-{os.getpid()}-{old_round}.pt"
             tmp.unlink(missing_ok=True)

@@ -188,6 +188,9 @@ def validate_split(
         raise DataError(f"{path}: {split}_images has dtype {images.dtype}, expected uint8")
     if len(labels) != len(images):
         raise DataError(f"{path}: {len(images)} {split} images but {len(labels)} labels")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+        # a float label such as 2.7 would be truncated to class 2 without a word
+        raise DataError(f"{path}: {split}_labels has dtype {labels.dtype}, expected integers (class indices)")
     labels = labels.reshape(len(labels), -1).astype(np.int64)
     if multi_label:
         if labels.shape[1] != num_classes or not np.isin(labels, (0, 1)).all():

@@ -63,6 +63,7 @@ def test_truncated_file_is_reported(tmp_path):
         (lambda a: a.update(train_labels=a["train_labels"] + 10), "outside 0..7"),
         (lambda a: a.update(test_images=a["test_images"].astype(np.float32)), "dtype float32"),
         (lambda a: a.update(test_labels=a["test_labels"][:5]), "80 test images but 5 labels"),
+        (lambda a: a.update(val_labels=a["val_labels"] + 0.7), "val_labels has dtype float64, expected integers"),
     ],
 )
 def test_wrong_contents_are_named(tmp_path, mutate, message):

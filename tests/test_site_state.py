@@ -130,3 +130,11 @@ def test_the_newest_state_wins_whichever_process_served_the_last_rounds(tmp_path
     assert same(worker.load(before_round=5), arrays(4)) and worker.loaded_round == 4
     # nothing changed on disk since: memory serves, without reading the file
     assert same(worker.load(before_round=5), arrays(4)) and worker.source == "memory"
+
+
+def test_state_folders_are_the_site_users_only(tmp_path):
+    state = PrivateState(RecordDict(), tmp_path, "run", "site")
+    state.save(arrays(1), 1)
+    state.save(arrays(2), 2)
+    assert state.dir.stat().st_mode & 0o777 == 0o700
+    assert (state.dir / HISTORY_DIR).stat().st_mode & 0o777 == 0o700

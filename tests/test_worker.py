@@ -16,7 +16,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client_app import worker
-from tests.fl_harness import federation, small_config, state_dict
+from tests.fl_harness import federation, server_identity, small_config, state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,3 +113,31 @@ def test_a_worker_refuses_messages_from_different_site_code(short_tmp, monkeypat
         proc.wait(30)
     with pytest.raises(worker.WorkerUnavailable, match="no site worker"):
         worker.call(str(sock), "train", RecordDict(), {}, 1, timeout=5)
+
+
+def test_a_deployed_site_tells_the_server_the_kind_of_failure_only(tmp_path, monkeypatch, caplog):
+    """A failing message at a deployed site (node config `data-path`) reaches the server as
+    the exception's class; its text (local paths, what the data looks like) stays in the
+    site's log. A simulated site's error keeps its text: its log is the operator's console."""
+    from flwr.app import Context, Message, RecordDict
+
+    from client_app import app
+
+    secret = "/srv/hospital-a/private/site.npz is corrupt at byte 1234"
+
+    def broken(kind, content, context):
+        raise ValueError(secret)
+
+    monkeypatch.setattr(app, "handle", broken)
+    with server_identity():
+        msg = Message(content=RecordDict(), dst_node_id=1, message_type="train")
+
+    def context(node_config):
+        return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+    with pytest.raises(app.SiteFailure) as failure:
+        app.reply("train", msg, context({"data-path": "/srv/hospital-a/private/site.npz"}))
+    assert "ValueError" in str(failure.value) and secret not in str(failure.value)
+    assert failure.value.__cause__ is None and secret in caplog.text  # the details, in the site's log only
+    with pytest.raises(ValueError, match="corrupt at byte"):
+        app.reply("train", msg, context({"partition-id": 0, "num-partitions": 2}))
