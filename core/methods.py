@@ -14,6 +14,9 @@ and, when its server does more than example-weighted averaging, `strategies/<met
 from __future__ import annotations
 
 import importlib
+import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,6 +45,43 @@ WEIGHT_KEY = "num-examples"
 SITE_ID_KEY = "site-id"
 RESTORED_KEY = "restored"
 BOOKKEEPING = frozenset({WEIGHT_KEY, SITE_ID_KEY, RESTORED_KEY})
+
+# -- what a site's metric records may hold (checked before the server reads a reply) -----
+#: names the server writes into metrics.jsonl and timeline.jsonl itself: a site's metric of
+#: that name would overwrite them (so would any name ending in `_worst`, the server's worst-site figures)
+SERVER_FIELDS = frozenset(
+    {
+        "round", "round_seconds", "num_replies", "num_evaluated", "failed_sites", "failed_eval_sites",
+        "global_acc_mean", "global_acc_worst", "global_acc_first5", "local_acc_mean", "macro_f1",
+        "balanced_acc", "auc", "val_acc_mean", "gamma", "gamma_orig", "gamma_r", "gamma_phi",
+        "control_norm", "dp_noise_std", "dp_epsilon", "resumed", "run_name", "method", "dataset",
+        "phase", "node", "push_start", "push_done", "pulled",
+    }
+)  # fmt: skip
+METRIC_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+
+
+class BadRecord(ValueError):
+    """A site's metric record that the server must not read."""
+
+
+def check_site_metrics(name: str, record: Mapping[str, object]) -> None:
+    """Every entry of a site's metric record is a finite number under a plain name that is
+    not one of the server's own fields; `site-id` is a non-negative integer."""
+    if len(record) > 512:
+        raise BadRecord(f"{name} record has {len(record)} entries")
+    for key, value in record.items():
+        if not isinstance(key, str) or not METRIC_NAME.fullmatch(key):
+            raise BadRecord(f"{name} record has a metric named {str(key)[:80]!r}")
+        if key.lower() in SERVER_FIELDS or key.endswith("_worst"):
+            raise BadRecord(f"{name} record has a metric named {key!r}, which is the server's own field")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise BadRecord(f"{name} record has {key!r} = {type(value).__name__}, expected a number")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadRecord(f"{name} record has a non-finite {key!r}")
+    site = record.get(SITE_ID_KEY)
+    if site is not None and (not isinstance(site, int) or site < 0):
+        raise BadRecord(f"{name} record has {SITE_ID_KEY} = {site!r}, expected a non-negative integer")
 
 
 class PartedModel(Protocol):

@@ -50,17 +50,65 @@ def pack(content: RecordDict) -> RecordDict:
     return out
 
 
+class PackingError(ValueError):
+    """A packed message whose layout does not describe its buffer."""
+
+
+NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats: what model arrays are
+
+
+def _checked_layout(content: RecordDict) -> tuple[np.ndarray, list[tuple[str, str | None, np.dtype, tuple, int, int]]]:
+    """The buffer and its layout, every entry checked: a known numeric dtype, a shape whose
+    size matches its byte count, inside the buffer, no two entries overlapping. A layout
+    that fails says so (PackingError) instead of making the receiver allocate or crash."""
+    try:
+        record = content[PACKED_RECORD]
+        buffer = record["bytes"].numpy()
+        layout = json.loads(str(content[LAYOUT_RECORD]["layout"]))
+    except Exception as exc:
+        raise PackingError(f"packed content unreadable ({type(exc).__name__})") from None
+    if buffer.dtype != np.uint8 or buffer.ndim != 1 or not isinstance(layout, list):
+        raise PackingError("packed content is not one byte buffer with a list layout")
+    entries, spans = [], []
+    for entry in layout:
+        if not isinstance(entry, list) or len(entry) != 6:
+            raise PackingError(f"layout entry {str(entry)[:80]} is not [record, key, dtype, shape, offset, bytes]")
+        name, key, dtype, shape, offset, nbytes = entry
+        if not isinstance(name, str) or not (key is None or isinstance(key, str)):
+            raise PackingError(f"layout entry {str(entry)[:80]} has a bad record or array name")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, nbytes)):
+            raise PackingError(f"layout entry for {name}/{key} has a bad offset or size")
+        if key is None:
+            entries.append((name, None, None, (), offset, 0))
+            continue
+        try:
+            kind = np.dtype(dtype)
+        except (TypeError, ValueError):
+            raise PackingError(f"layout entry for {name}/{key} has dtype {str(dtype)[:20]!r}") from None
+        if kind.kind not in NUMERIC_KINDS or not isinstance(shape, list):
+            raise PackingError(f"layout entry for {name}/{key} has dtype {kind} or shape {str(shape)[:40]}")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise PackingError(f"layout entry for {name}/{key} has shape {str(shape)[:40]}")
+        if int(np.prod(shape, dtype=np.int64)) * kind.itemsize != nbytes or offset + nbytes > buffer.size:
+            raise PackingError(f"layout entry for {name}/{key} does not fit the buffer ({nbytes} bytes at {offset})")
+        entries.append((name, key, kind, tuple(shape), offset, nbytes))
+        spans.append((offset, nbytes))
+    spans.sort()
+    if any(start < prev_start + prev_size for (prev_start, prev_size), (start, _) in zip(spans, spans[1:])):
+        raise PackingError("layout entries overlap")
+    return buffer, entries
+
+
 def unpack(content: RecordDict) -> RecordDict:
     """Inverse of `pack` (content that is not packed comes back as it is)."""
     if not is_packed(content):
         return content
-    buffer = content[PACKED_RECORD]["bytes"].numpy()
-    layout = json.loads(str(content[LAYOUT_RECORD]["layout"]))
+    buffer, layout = _checked_layout(content)
     arrays: dict[str, dict[str, Array]] = {}
     for name, key, dtype, shape, offset, nbytes in layout:
         record = arrays.setdefault(name, {})
         if key is not None:
-            values = buffer[offset : offset + nbytes].copy().view(np.dtype(dtype)).reshape(shape)
+            values = buffer[offset : offset + nbytes].copy().view(dtype).reshape(shape)
             record[key] = Array(values)
     out = RecordDict()
     for name, record in content.items():

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from core.methods import EVALUATION_RECORD, METRICS_RECORD, SITE_ID_KEY
-from core.transport import pack, unpack
+from core.methods import EVALUATION_RECORD, METRICS_RECORD, SITE_ID_KEY, BadRecord, check_site_metrics
+from core.transport import PackingError, pack, unpack
 
 # Replies are pulled every POLL_START seconds at first, backing off to POLL_MAX: a fast
 # round is noticed within tens of milliseconds, a slow one costs a few requests a second
@@ -83,10 +83,15 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: Site
                 node = msg.metadata.src_node_id
                 waiting = {k: v for k, v in waiting.items() if v != node}
             result.arrived[node] = time.time()
-            if not msg.has_error():
-                msg.content = unpack(msg.content)
             if msg.has_error():
-                result.failed.append(f"{book.label(node)}: {msg.error.reason}")
+                result.failed.append(f"{book.label(node)}: {str(msg.error.reason)[:2000]}")
+                continue
+            try:  # nothing a site sends may stop the ServerApp: a malformed reply is a failed site
+                msg.content = unpack(msg.content)
+                for name, record in msg.content.metric_records.items():
+                    check_site_metrics(name, record)
+            except (PackingError, BadRecord) as exc:
+                result.failed.append(f"{book.label(node)}: malformed reply ({exc})")
             else:
                 result.replies.append(msg)
         if not waiting or time.monotonic() >= deadline:

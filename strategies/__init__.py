@@ -22,6 +22,7 @@ def build_strategy(cfg: RunConfig, initial_arrays: ArrayRecord) -> SharedModelSt
         dp_clip_norm=cfg.dp_clip_norm,
         dp_noise_multiplier=cfg.dp_noise_multiplier,
         dp_delta=cfg.dp_delta,
+        expects_gradients=cfg.measure_gamma,
     )
 
 

@@ -66,6 +66,7 @@ class SharedModelStrategy(FedAvg):
         dp_clip_norm: float = 0.0,
         dp_noise_multiplier: float = 0.0,
         dp_delta: float = 1e-5,
+        expects_gradients: bool = False,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -86,6 +87,7 @@ class SharedModelStrategy(FedAvg):
         self.noise = NoiseSource() if noised else None
         self.ledger = PrivacyLedger(dp_noise_multiplier, dp_delta) if noised else None
         self.weighted = weighted and dp_clip_norm <= 0
+        self.expects_gradients = expects_gradients  # measure-gamma: only then may replies carry gradients
 
     # -- strategy state (server checkpoints) -------------------------------------
     def checkpoint_state(self) -> dict[str, np.ndarray]:
@@ -131,11 +133,23 @@ class SharedModelStrategy(FedAvg):
             raise BadReply(f"site (node {node}) is missing shared arrays {sorted(self.shared_keys - keys)[:3]}")
         self.check_arrays(node, ARRAYS_RECORD, records[ARRAYS_RECORD], self.specs)
         if GRADIENTS_RECORD in records:
-            self.check_arrays(node, GRADIENTS_RECORD, records[GRADIENTS_RECORD], None)
+            self.check_gradients(node, records[GRADIENTS_RECORD])
         metrics = msg.content.metric_records.get(METRICS_RECORD)
         count = None if metrics is None else metrics.get(WEIGHT_KEY)
         if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
             raise BadReply(f"site (node {node}) claims {count!r} training examples; expected a positive integer")
+
+    def check_gradients(self, node: int, record: ArrayRecord) -> None:
+        """Gradients only when the run measures Gamma: `orig` (and, for FusedSpaceFed,
+        `fused` of the same shape), finite."""
+        if not self.expects_gradients:
+            raise BadReply(f"site (node {node}) sent gradients, which this run (measure-gamma off) did not ask for")
+        keys = set(record.keys())
+        if "orig" not in keys or not keys <= {"orig", "fused"}:
+            raise BadReply(f"site (node {node}) sent gradients {sorted(keys)[:3]}, expected 'orig' (and 'fused')")
+        if "fused" in keys and record["fused"].shape != record["orig"].shape:
+            raise BadReply(f"site (node {node}) sent fused and original gradients of different shapes")
+        self.check_arrays(node, GRADIENTS_RECORD, record, None)
 
     @staticmethod
     def check_arrays(node: int, name: str, record: ArrayRecord, specs: Mapping[str, ArraySpec] | None) -> None:

@@ -99,7 +99,22 @@ class Scaffold(SharedModelStrategy):
                 f"site (node {node}) sent control variate updates outside the shared parameters, "
                 f"e.g. {sorted(outside)[:3]}"
             )
+        expected = set(self.control) or self.parameter_keys()
+        if set(record.keys()) != expected:
+            raise BadReply(
+                f"site (node {node}) sent control variate updates over {len(record.keys())} parameters, "
+                f"expected {len(expected)} (missing e.g. {sorted(expected - set(record.keys()))[:3]})"
+            )
         self.check_arrays(node, CONTROL_UPDATE_RECORD, record, self.specs)
+
+    def parameter_keys(self) -> set[str]:
+        """The shared arrays that are trained parameters (BatchNorm's running statistics and
+        counters are buffers): what dc_i covers."""
+        return {
+            k
+            for k, spec in self.specs.items()
+            if np.issubdtype(spec.dtype, np.floating) and not k.endswith(("running_mean", "running_var"))
+        }
 
     @staticmethod
     def control_update(msg: Message) -> dict[str, np.ndarray]:

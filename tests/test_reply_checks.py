@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from core.transport import unpack
 from strategies import BadReply, PrivacyViolation
@@ -147,3 +147,106 @@ def test_evaluation_metrics_do_not_depend_on_the_order_replies_arrive_in(tmp_pat
         for order in orders
     }
     assert len(results) == 1
+
+
+def _repacked(change):
+    """A mutation of a reply's records (the reply travels packed)."""
+    from core.transport import pack
+
+    def mutate(content):
+        content = unpack(content)
+        change(content)
+        return pack(content)
+
+    return mutate
+
+
+def _layout(change):
+    """A mutation of a packed reply's layout."""
+    from core.transport import LAYOUT_RECORD
+
+    def mutate(content):
+        if LAYOUT_RECORD not in content.config_records:
+            return content  # (a reply without arrays travels unpacked)
+        layout = json.loads(str(content[LAYOUT_RECORD]["layout"]))
+        change(layout)
+        content[LAYOUT_RECORD] = ConfigRecord({"layout": json.dumps(layout)})
+        return content
+
+    return mutate
+
+
+def _metric(name, value, record="metrics"):
+    def change(content):
+        if record in content.metric_records:
+            content[record] = MetricRecord({**dict(content[record]), name: value})
+
+    return _repacked(change)
+
+
+MALFORMED = {
+    "site-id not an integer": _metric("site-id", 1.5),
+    "negative site-id": _metric("site-id", -3),
+    "list-valued metric": _metric("train_loss", [1.0, 2.0]),
+    "metric named like a server field": _metric("round", 99),
+    "metric named like the server's worst-site figure": _metric("rec_r2_worst", 1.0),
+    "non-finite evaluation metric": _metric("test_acc", float("nan"), record="evaluation"),
+    "metric with an odd name": _metric("Test Acc; DROP", 1.0),
+    "overlapping layout": _layout(lambda lay: lay[1].__setitem__(4, lay[0][4])),
+    "layout past the buffer": _layout(lambda lay: lay[-1].__setitem__(4, 10**9)),
+    "layout forcing a huge allocation": _layout(lambda lay: lay[0].__setitem__(3, [10**6, 10**6])),
+    "layout with an object dtype": _layout(lambda lay: lay[0].__setitem__(2, "|O")),
+    "layout entry of the wrong length": _layout(lambda lay: lay.append(["arrays", "x"])),
+    "gradients nobody asked for": _repacked(
+        lambda c: c.__setitem__("gradients", ArrayRecord({"orig": Array(np.zeros(4, np.float32))}))
+    ),
+}
+
+
+class MangledGrid(LocalGrid):
+    """Node 2 answers every message with `mutate` applied to its reply."""
+
+    mutate: object = None
+
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        for mid in ids:
+            reply = self.outbox.get(mid)
+            if reply is not None and reply.metadata.src_node_id == 2:
+                reply.content = self.mutate(reply.content)
+        return ids
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_no_malformed_reply_stops_the_server(tmp_path, kind):
+    """Issue "trust": each of these once raised inside the ServerApp. Now the reply is a
+    failed site, named with the reason, and the round goes on with the others."""
+    write_fake_medmnist(tmp_path / "data")
+    cfg = small_config(tmp_path, "fedavg", run_name="mangled", num_server_rounds=1, min_replies=2)
+    grid = MangledGrid(tmp_path / "site-state")
+    grid.mutate = MALFORMED[kind]
+    run(cfg, grid)
+    (row,) = rows(cfg)
+    failures = row["failed_sites"] + row["failed_eval_sites"]
+    assert failures and all(f.startswith("node 2") for f in failures), failures
+    assert row["round"] == 1 and row["num_replies"] == 3 - len(row["failed_sites"])
+    assert row["num_evaluated"] == 3 - len(row["failed_eval_sites"])
+
+
+def test_a_scaffold_update_over_missing_parameters_is_a_failed_site(tmp_path):
+    """SCAFFOLD's dc_i must cover every trained parameter (a missing key once raised in the
+    server's aggregation)."""
+    write_fake_medmnist(tmp_path / "data")
+    cfg = small_config(tmp_path, "scaffold", run_name="mangled-dc", num_server_rounds=1, min_replies=2)
+
+    def drop_one(content):
+        if "scaffold-dc" not in content.array_records:
+            return  # the final evaluate reply
+        dc = content["scaffold-dc"]
+        content["scaffold-dc"] = ArrayRecord({k: dc[k] for k in list(dc.keys())[1:]})
+
+    grid = MangledGrid(tmp_path / "site-state")
+    grid.mutate = _repacked(drop_one)
+    run(cfg, grid)
+    (row,) = rows(cfg)
+    assert row["num_replies"] == 2 and "control variate updates over" in row["failed_sites"][0]
