@@ -25,7 +25,7 @@ from client_app.worker import WORKER_KEY, WorkerUnavailable, call
 from core.transport import is_packed, pack, unpack
 
 IMPORTED = time.time()
-WORKER_TIMEOUT = 24 * 3600.0  # a round may train for hours; the server's round-timeout governs
+WORKER_TIMEOUT = 24 * 3600.0  # at most; `call` waits no longer than the message's round-timeout
 
 app = ClientApp()
 

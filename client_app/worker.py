@@ -38,6 +38,14 @@ WORKER_KEY = "site-worker"  # node config: the worker's socket path
 PROTOCOL = 1
 _LENGTH = struct.Struct("!Q")
 CODE_PACKAGES = ("client_app", "core", "models", "partitions")
+#: the largest frame either side accepts (a message of this project is a few MB): a bigger
+#: length prefix is refused before anything is allocated
+MAX_FRAME = int(os.environ.get("FSF_WORKER_MAX_FRAME", str(1 << 30)))
+RECEIVE_TIMEOUT = float(os.environ.get("FSF_WORKER_RECEIVE_TIMEOUT", "120"))  # s a client may take to send
+
+
+class FrameError(ConnectionError):
+    """A frame that is too large or malformed."""
 
 
 class WorkerUnavailable(RuntimeError):
@@ -107,9 +115,13 @@ def _send(sock: socket.socket, frame: bytes) -> None:
     sock.sendall(_LENGTH.pack(len(frame)) + frame)
 
 
-def _receive(sock: socket.socket) -> bytes:
+def _receive(sock: socket.socket, limit: int | None = None) -> bytes:
+    limit = MAX_FRAME if limit is None else limit
     head = _exactly(sock, _LENGTH.size)
-    return _exactly(sock, _LENGTH.unpack(head)[0])
+    (size,) = _LENGTH.unpack(head)
+    if size > limit:
+        raise FrameError(f"a frame of {size} bytes is over the limit of {limit} (FSF_WORKER_MAX_FRAME)")
+    return _exactly(sock, size)
 
 
 def _exactly(sock: socket.socket, count: int) -> bytes:
@@ -131,13 +143,18 @@ def call(
     """Hand one message to the worker at `path`; its reply content, or WorkerUnavailable."""
     header = {"protocol": PROTOCOL, "kind": kind, "node_config": node_config, "run_id": run_id}
     header["code"] = code_digest()
+    try:  # no longer than the server waits for this round's reply
+        config = content.config_records.get("config")
+        timeout = min(timeout, float(config["round-timeout"])) if config and "round-timeout" in config else timeout
+    except (TypeError, ValueError):
+        pass
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
             _send(sock, encode(header, content))
             reply_header, reply = decode(_receive(sock))
-    except (OSError, ConnectionError) as exc:
+    except (OSError, ConnectionError, ValueError) as exc:  # (socket.timeout is an OSError)
         raise WorkerUnavailable(f"no site worker at {path} ({type(exc).__name__}: {exc})") from exc
     if reply_header.get("error"):
         if reply_header.get("refused"):
@@ -187,6 +204,25 @@ class Worker:
         return encode({}, reply)
 
 
+def serve_one(worker: Worker, connection: socket.socket) -> None:
+    """One message. Whatever the client does (hangs up, stalls, sends garbage or too much),
+    the worker logs it and goes on to the next connection."""
+    started = time.time()
+    try:
+        connection.settimeout(RECEIVE_TIMEOUT)
+        frame = _receive(connection)
+        connection.settimeout(None)  # training takes as long as it takes
+        try:
+            reply = worker.handle(frame)
+        except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:  # a malformed frame
+            reply = encode({"error": f"malformed message ({type(exc).__name__})"}, None)
+        connection.settimeout(RECEIVE_TIMEOUT)
+        _send(connection, reply)
+        print(f"served a message in {time.time() - started:.2f} s", flush=True)
+    except (OSError, ConnectionError) as exc:  # socket.timeout is an OSError
+        print(f"dropped a connection after {time.time() - started:.2f} s ({type(exc).__name__}: {exc})", flush=True)
+
+
 def serve(path: str) -> None:
     socket_path = Path(path).expanduser()
     socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,14 +241,7 @@ def serve(path: str) -> None:
         while True:
             connection, _ = server.accept()
             with connection:
-                try:
-                    frame = _receive(connection)
-                except ConnectionError:
-                    continue
-                started = time.time()
-                reply = worker.handle(frame)
-                _send(connection, reply)
-                print(f"served a message in {time.time() - started:.2f} s", flush=True)
+                serve_one(worker, connection)
     finally:
         server.close()
         socket_path.unlink(missing_ok=True)

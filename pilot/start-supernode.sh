@@ -71,14 +71,28 @@ export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0
 # The warm site worker: one process that keeps PyTorch, the data and the model code
 # loaded; each message's fresh ClientApp process hands it the message over a Unix
 # socket (mode 0600) in the state folder. Its private state is on disk as always, so
-# the worker may be restarted at any time; if it is down, messages run in-process.
+# the worker may be restarted at any time (this script restarts it when it dies); while it
+# is down, messages run in-process.
 node_config="data-path=\"$data\" site-name=\"$name\" state-dir=\"$state\" allow-gradients=$gradients"
 worker_pid=""
 if [[ "$worker" == true ]]; then
   sock="$state/worker.sock"
   rm -f "$sock"
-  PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$python" -m client_app.worker --socket "$sock" \
-    >>"$state/worker.log" 2>&1 &
+  # supervised: a worker that dies (killed, out of memory) is started again; a TERM to the
+  # supervisor stops it and its worker
+  supervise_worker() {
+    local child="" code
+    trap '[[ -n "$child" ]] && kill -TERM "$child" 2>/dev/null; wait; exit 0' TERM INT
+    while true; do
+      PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$python" -m client_app.worker --socket "$sock" &
+      child=$!
+      wait "$child" && code=0 || code=$?
+      child=""
+      echo "site worker exited with status $code; starting it again in 2 s" >&2
+      sleep 2
+    done
+  }
+  supervise_worker >>"$state/worker.log" 2>&1 &
   worker_pid=$!
   for _ in $(seq 1 600); do
     [[ -S "$sock" ]] && break

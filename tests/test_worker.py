@@ -141,3 +141,74 @@ def test_a_deployed_site_tells_the_server_the_kind_of_failure_only(tmp_path, mon
     assert failure.value.__cause__ is None and secret in caplog.text  # the details, in the site's log only
     with pytest.raises(ValueError, match="corrupt at byte"):
         app.reply("train", msg, context({"partition-id": 0, "num-partitions": 2}))
+
+
+class EchoWorker:
+    """Stands in for Worker: replies with the message's records."""
+
+    def handle(self, frame: bytes) -> bytes:
+        header, content = worker.decode(frame)
+        return worker.encode({}, content)
+
+
+def _serve_in_thread(connection):
+    import threading
+
+    thread = threading.Thread(target=worker.serve_one, args=(EchoWorker(), connection), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_the_worker_survives_clients_that_stall_hang_up_send_garbage_or_too_much(monkeypatch, capsys):
+    import socket
+    import struct
+
+    monkeypatch.setattr(worker, "RECEIVE_TIMEOUT", 0.5)
+    monkeypatch.setattr(worker, "MAX_FRAME", 10_000)
+    good = worker.encode({"kind": "train"}, RecordDict({"m": MetricRecord({"x": 1.0})}))
+
+    def exchange(send: bytes, close: bool = False) -> bytes | None:
+        client, server = socket.socketpair()
+        thread = _serve_in_thread(server)
+        client.sendall(send)
+        if close:
+            client.close()
+            thread.join(5)
+            server.close()
+            return None
+        client.settimeout(5)
+        try:
+            return worker._receive(client)
+        except (ConnectionError, OSError):
+            return None
+        finally:
+            thread.join(5)
+            assert not thread.is_alive()
+            client.close()
+            server.close()
+
+    assert exchange(b"") is None  # a client that connects and stalls: dropped after the timeout
+    assert exchange(struct.pack("!Q", 10**12)) is None  # a length far over the limit: refused unread
+    assert exchange(struct.pack("!Q", 100) + b"abc", close=True) is None  # hangs up mid-frame
+    garbage = struct.pack("!Q", 20) + b"\x00" * 20
+    header, _ = worker.decode(exchange(garbage))
+    assert "malformed message" in header["error"]
+    reply_header, reply = worker.decode(exchange(struct.pack("!Q", len(good)) + good))  # and it still serves
+    assert reply_header == {} and reply["m"]["x"] == 1.0
+    log = capsys.readouterr().out
+    assert log.count("dropped a connection") == 3 and "over the limit" in log
+
+
+def test_the_thin_app_waits_no_longer_than_the_rounds_timeout(tmp_path, monkeypatch):
+    import socket
+
+    path = tmp_path / "w.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)  # a worker that accepts and never answers
+    content = RecordDict({"config": ConfigRecord({"round-timeout": 0.5})})
+    started = time.time()
+    with pytest.raises(worker.WorkerUnavailable):
+        worker.call(str(path), "train", content, {}, 1, timeout=3600.0)
+    assert time.time() - started < 5
+    listener.close()
