@@ -24,6 +24,7 @@ NORMS = ("batch-recal", "batch", "group")
 AE_OPTIMIZERS = ("adam", "sgd")
 REC_LOSSES = ("image-sum", "pixel-mean")
 LR_SCHEDULES = ("constant", "cosine")
+AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum")  # strategies/robust.py
 # What the reference protocol fixes (method.md section 7): averaged BatchNorm, the plain SGD
 # autoencoder at lr 0.01, the per-pixel MSE and a constant learning rate. A run that asks for
 # `protocol = "reference"` gets these whatever else it sets.
@@ -88,6 +89,11 @@ class RunConfig:
     dp_clip_norm: float = 0.0
     dp_noise_multiplier: float = 0.0
     dp_delta: float = 1e-5
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2
+    krum_byzantine: int = 1
+    max_update_norm: float = 0.0
+    max_examples: int = 0
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> RunConfig:
@@ -165,6 +171,24 @@ class RunConfig:
                 f"dp-noise-multiplier must be >= 0 (0 = no noise), got {self.dp_noise_multiplier}",
             ),
             (0 < self.dp_delta < 1, f"dp-delta must be between 0 and 1 (exclusive), got {self.dp_delta}"),
+            (
+                self.aggregation in AGGREGATIONS,
+                f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}",
+            ),
+            (0 <= self.trim_fraction < 0.5, f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}"),
+            (self.krum_byzantine >= 0, f"krum-byzantine must be >= 0, got {self.krum_byzantine}"),
+            (self.max_update_norm >= 0, f"max-update-norm must be >= 0 (0 = off), got {self.max_update_norm}"),
+            (self.max_examples >= 0, f"max-examples must be >= 0 (0 = off), got {self.max_examples}"),
+            (
+                self.aggregation == "mean" or not self.dp,
+                f"aggregation = {self.aggregation!r} with differential privacy: the noise is calibrated to the "
+                "plain mean; use aggregation = 'mean'",
+            ),
+            (
+                self.aggregation == "mean" or self.method != "scaffold",
+                f"aggregation = {self.aggregation!r} with scaffold: its control variate is a mean of the sites' "
+                "dc_i, which a robust rule for the arrays would not protect",
+            ),
             (
                 self.dp_noise_multiplier == 0 or self.dp_clip_norm > 0,
                 f"dp-noise-multiplier = {self.dp_noise_multiplier} needs dp-clip-norm > 0: the noise is "

@@ -23,6 +23,11 @@ def build_strategy(cfg: RunConfig, initial_arrays: ArrayRecord) -> SharedModelSt
         dp_noise_multiplier=cfg.dp_noise_multiplier,
         dp_delta=cfg.dp_delta,
         expects_gradients=cfg.measure_gamma,
+        aggregation=cfg.aggregation,
+        trim_fraction=cfg.trim_fraction,
+        krum_byzantine=cfg.krum_byzantine,
+        max_update_norm=cfg.max_update_norm,
+        max_examples=cfg.max_examples,
     )
 
 

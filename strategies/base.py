@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from core.methods import (
@@ -31,6 +32,7 @@ from core.metrics import HEALTH_WORST_OF
 from strategies.aggregation import average_arrays, mean_metrics, worst_metrics
 from strategies.gamma import gamma, gamma_decomposition
 from strategies.privacy import EPSILON_KEY, NOISE_STD_KEY, STATE_PREFIX, NoiseSource, PrivacyLedger, noise_std
+from strategies.robust import bound_update, robust_arrays, update_norm
 
 
 class BadReply(ValueError):
@@ -67,6 +69,11 @@ class SharedModelStrategy(FedAvg):
         dp_noise_multiplier: float = 0.0,
         dp_delta: float = 1e-5,
         expects_gradients: bool = False,
+        aggregation: str = "mean",
+        trim_fraction: float = 0.2,
+        krum_byzantine: int = 1,
+        max_update_norm: float = 0.0,
+        max_examples: int = 0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -88,6 +95,11 @@ class SharedModelStrategy(FedAvg):
         self.ledger = PrivacyLedger(dp_noise_multiplier, dp_delta) if noised else None
         self.weighted = weighted and dp_clip_norm <= 0
         self.expects_gradients = expects_gradients  # measure-gamma: only then may replies carry gradients
+        # one site must not steer the model (strategies/robust.py)
+        self.aggregation, self.trim_fraction, self.krum_byzantine = aggregation, trim_fraction, krum_byzantine
+        self.max_update_norm, self.max_examples = max_update_norm, max_examples
+        self.first_counts: dict[int, int] = {}  # node -> the example count of its first reply
+        self.sent: dict[str, np.ndarray] | None = None  # the global arrays of this round's train messages
 
     # -- strategy state (server checkpoints) -------------------------------------
     def checkpoint_state(self) -> dict[str, np.ndarray]:
@@ -132,6 +144,12 @@ class SharedModelStrategy(FedAvg):
         if keys != self.shared_keys:
             raise BadReply(f"site (node {node}) is missing shared arrays {sorted(self.shared_keys - keys)[:3]}")
         self.check_arrays(node, ARRAYS_RECORD, records[ARRAYS_RECORD], self.specs)
+        if self.dp_clip_norm > 0 and self.sent is not None:  # DP holds only if every update is within the clip
+            norm = update_norm(records[ARRAYS_RECORD], self.sent)
+            if norm > self.dp_clip_norm * (1 + 1e-6) + 1e-9:
+                raise BadReply(
+                    f"site (node {node}) sent an update of norm {norm:.6g} > dp-clip-norm {self.dp_clip_norm:g}"
+                )
         if GRADIENTS_RECORD in records:
             self.check_gradients(node, records[GRADIENTS_RECORD])
         metrics = msg.content.metric_records.get(METRICS_RECORD)
@@ -179,10 +197,24 @@ class SharedModelStrategy(FedAvg):
         # A fixed order makes float sums, and so whole runs, repeatable whatever the arrival order.
         return sorted(good, key=_reply_order), bad
 
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's, remembering the global arrays sent: updates are measured against them."""
+        self.sent = {k: np.array(arrays[k].numpy()) for k in arrays.keys()}
+        return super().configure_train(server_round, arrays, config, grid)
+
     def weights(self, replies: list[Message]) -> list[float]:
+        """Example counts, each bounded by the site's first claim of the run and by
+        `max-examples` (a claim of 10^12 would otherwise take all the weight)."""
         if not self.weighted:
             return [1.0] * len(replies)
-        return [float(m.content[METRICS_RECORD][WEIGHT_KEY]) for m in replies]
+        out = []
+        for msg in replies:
+            count = int(msg.content[METRICS_RECORD][WEIGHT_KEY])
+            count = min(count, self.first_counts.setdefault(msg.metadata.src_node_id, count))
+            out.append(float(min(count, self.max_examples) if self.max_examples > 0 else count))
+        return out
 
     # -- training ---------------------------------------------------------------
     def aggregate_train(
@@ -210,7 +242,12 @@ class SharedModelStrategy(FedAvg):
         return arrays, MetricRecord(metrics)
 
     def aggregate_arrays(self, server_round: int, replies: list[Message], weights: list[float]) -> ArrayRecord:
-        return average_arrays([m.content[ARRAYS_RECORD] for m in replies], weights)
+        records = [m.content[ARRAYS_RECORD] for m in replies]
+        if self.max_update_norm > 0 and self.sent is not None:
+            records = [bound_update(r, self.sent, self.max_update_norm) for r in records]
+        if self.aggregation == "mean":
+            return average_arrays(records, weights)
+        return robust_arrays(records, self.aggregation, self.trim_fraction, self.krum_byzantine)
 
     @staticmethod
     def gradient_dissimilarity(replies: list[Message]) -> dict[str, float]:
