@@ -66,8 +66,9 @@ class BadRecord(ValueError):
 
 
 def check_site_metrics(name: str, record: Mapping[str, object]) -> None:
-    """Every entry of a site's metric record is a finite number under a plain name that is
-    not one of the server's own fields; `site-id` is a non-negative integer."""
+    """Every entry of a site's metric record is a number (NaN for "undefined", never
+    infinite) under a plain name that is not one of the server's own fields; `site-id` is a
+    non-negative integer."""
     if len(record) > 512:
         raise BadRecord(f"{name} record has {len(record)} entries")
     for key, value in record.items():
@@ -77,8 +78,8 @@ def check_site_metrics(name: str, record: Mapping[str, object]) -> None:
             raise BadRecord(f"{name} record has a metric named {key!r}, which is the server's own field")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise BadRecord(f"{name} record has {key!r} = {type(value).__name__}, expected a number")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise BadRecord(f"{name} record has a non-finite {key!r}")
+        if isinstance(value, float) and math.isinf(value):  # NaN is allowed: "undefined here" (an AUC on one class)
+            raise BadRecord(f"{name} record has an infinite {key!r}")
     site = record.get(SITE_ID_KEY)
     if site is not None and (not isinstance(site, int) or site < 0):
         raise BadRecord(f"{name} record has {SITE_ID_KEY} = {site!r}, expected a non-negative integer")

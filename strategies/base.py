@@ -275,8 +275,9 @@ class SharedModelStrategy(FedAvg):
         if not records and not central:
             return None
         metrics = mean_metrics(records, [1.0] * len(records), skip=BOOKKEEPING) if records else {}
-        site_test = [float(r["test_acc"]) for r in records if "test_acc" in r]
-        first5 = [float(r["test_acc"]) for r in records if "test_acc" in r and int(r.get(SITE_ID_KEY, 0)) < 5]
+        tested = [r for r in records if "test_acc" in r and not np.isnan(float(r["test_acc"]))]
+        site_test = [float(r["test_acc"]) for r in tested]
+        first5 = [float(r["test_acc"]) for r in tested if int(r.get(SITE_ID_KEY, 0)) < 5]
         if not site_test and central:
             metrics.update(central)
             site_test = first5 = [float(central["test_acc"])]

@@ -190,7 +190,7 @@ MALFORMED = {
     "list-valued metric": _metric("train_loss", [1.0, 2.0]),
     "metric named like a server field": _metric("round", 99),
     "metric named like the server's worst-site figure": _metric("rec_r2_worst", 1.0),
-    "non-finite evaluation metric": _metric("test_acc", float("nan"), record="evaluation"),
+    "infinite evaluation metric": _metric("test_acc", float("inf"), record="evaluation"),
     "metric with an odd name": _metric("Test Acc; DROP", 1.0),
     "overlapping layout": _layout(lambda lay: lay[1].__setitem__(4, lay[0][4])),
     "layout past the buffer": _layout(lambda lay: lay[-1].__setitem__(4, 10**9)),
@@ -250,3 +250,14 @@ def test_a_scaffold_update_over_missing_parameters_is_a_failed_site(tmp_path):
     run(cfg, grid)
     (row,) = rows(cfg)
     assert row["num_replies"] == 2 and "control variate updates over" in row["failed_sites"][0]
+
+
+def test_an_undefined_metric_is_not_a_malformed_reply():
+    """A site whose local shard holds one class reports its AUC as NaN (undefined): that
+    reply is fine, and an infinite or non-numeric value is not."""
+    from core.methods import BadRecord, check_site_metrics
+
+    check_site_metrics("evaluation", {"site-id": 2, "local_auc": float("nan"), "local_acc": 0.7})
+    for bad in ({"local_auc": float("inf")}, {"local_acc": [0.7]}, {"site-id": 1.0}):
+        with pytest.raises(BadRecord):
+            check_site_metrics("evaluation", bad)
