@@ -10,8 +10,21 @@
 #      (/volumes/site-N/data/site-N.npz) with the pilot's splitter
 #      (python -m partitions.split), unless it is already there;
 #   3. gives the volumes and the SuperLink's key to the containers' user (uid 49999).
-# Environment: DATASET, NUM_SITES, PARTITION, ALPHA, SEED, SUPERLINK_NAMES.
+# Environment: DATASET, NUM_SITES, PARTITION, ALPHA, SEED, SUPERLINK_NAMES, SUPERLINK_BIND.
+# It refuses (and so the SuperLink never starts) when SUPERLINK_BIND is not a loopback
+# address: this demo federation has no SuperNode authentication, so on any other address
+# every machine that can reach the port could join as a site (use the pilot, docs/pilot.md).
 set -euo pipefail
+
+bind="${SUPERLINK_BIND:-127.0.0.1}"
+case "$bind" in
+  127.* | localhost | ::1 | "[::1]") ;;
+  *)
+    echo "init: refusing SUPERLINK_BIND=$bind: the demo federation has no SuperNode authentication, so it" \
+      "listens on loopback only; for sites on other machines use the pilot (docs/pilot.md)" >&2
+    exit 1
+    ;;
+esac
 
 APP_UID=49999
 dataset="${DATASET:-breastmnist}"
