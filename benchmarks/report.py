@@ -540,20 +540,27 @@ def centralised_table(centralised: dict[str, Any]) -> list[str]:
         "## Centralised reference (pooled training data, same model and optimiser)",
         "",
         "`.venv/bin/python -m benchmarks.centralised`: the pre-activation ResNet-20 trained on all training images "
-        "of a dataset at once, SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 256, no autoencoder; test "
-        "accuracy (%) after the epochs shown. A check that the model, data and evaluation learn, and how many SGD "
-        "steps that takes; not a federated result.",
+        "of a dataset at once with SGD (the settings per row), no autoencoder; test accuracy (%) after the epochs "
+        "shown. A check that the model, data and evaluation learn, and how many SGD steps that takes; not a "
+        "federated result.",
         "",
-        "| dataset | training images | majority share | test accuracy by epoch (SGD steps) | best | seconds |",
-        "|---|---|---|---|---|---|",
+        "| dataset | settings | training images | majority share | test accuracy by epoch (SGD steps) | best | seconds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for dataset, result in sorted(centralised.items()):
         points = result["points"]
         curve = ", ".join(f"{p['epoch']} ({p['steps']}): {100 * p['acc']:.1f}" for p in points)
         best = max(points, key=lambda p: p["acc"])
         share = result.get("majority_share")
+        c = result.get("config")
+        settings = (
+            f"lr {c.get('lr')} {c.get('lr_schedule', 'constant')}, batch {c.get('batch_size')}, "
+            f"{c.get('norm', 'batch')} norm, {c.get('epochs')} epochs"
+            if c
+            else "—"
+        )
         lines.append(
-            f"| {dataset} | {result['train_samples']} | {'—' if share is None else f'{100 * share:.2f}'} | {curve} "
+            f"| {dataset} | {settings} | {result['train_samples']} | {'—' if share is None else f'{100 * share:.2f}'} | {curve} "
             f"| {100 * best['acc']:.2f} (epoch {best['epoch']}) | {result['seconds']:.0f} |"
         )
     return lines

@@ -210,10 +210,14 @@ def test_report_tables_from_runs(tmp_path):
             "majority_share": 0.7308,
             "seconds": 12.0,
             "points": [{"epoch": 10, "steps": 30, "acc": 0.75}, {"epoch": 20, "steps": 60, "acc": 0.8269}],
+            "config": {"lr": 0.05, "lr_schedule": "cosine", "batch_size": 32, "epochs": 20},
         }
     }
     text = report.render(runs, unfinished, [], out, "", pooled)
-    assert "| breastmnist | 546 | 73.08 | 10 (30): 75.0, 20 (60): 82.7 | 82.69 (epoch 20) | 12 |" in text
+    assert (
+        "| breastmnist | lr 0.05 cosine, batch 32, batch norm, 20 epochs | 546 | 73.08 | 10 (30): 75.0, 20 (60): 82.7 "
+        "| 82.69 (epoch 20) | 12 |"
+    ) in text
 
 
 def _write_recipe_run(root: Path, method: str, seed: int, rows: list[dict], norm: str | None = "batch-recal") -> None:
