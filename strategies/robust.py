@@ -25,6 +25,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
+from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
 
 from core.config import AGGREGATIONS
 
@@ -57,27 +58,30 @@ def robust_arrays(records: Sequence[ArrayRecord], rule: str, trim_fraction: floa
     return ArrayRecord(out)
 
 
+def _float_pairs(record: ArrayRecord, sent: Mapping[str, np.ndarray]) -> tuple[list[str], list, list]:
+    """The floating-point keys and their (sent, received) values in float64."""
+    keys = [k for k in record.keys() if _floating(record[k].numpy())]
+    return keys, [record[k].numpy().astype(np.float64) for k in keys], [sent[k].astype(np.float64) for k in keys]
+
+
 def update_norm(record: ArrayRecord, sent: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of `record - sent` over the floating-point arrays (float64)."""
-    total = 0.0
-    for key in record.keys():
-        values = record[key].numpy()
-        if _floating(values):
-            total += float(((values.astype(np.float64) - sent[key].astype(np.float64)) ** 2).sum())
-    return float(np.sqrt(total))
+    """L2 norm of `record - sent` over the floating-point arrays (float64; Flower's `get_norm`,
+    as the sites measure it in client_app/privacy.py)."""
+    _, values, base = _float_pairs(record, sent)
+    return float(get_norm([v - b for v, b in zip(values, base)]))
 
 
 def bound_update(record: ArrayRecord, sent: Mapping[str, np.ndarray], max_norm: float) -> ArrayRecord:
-    """`record` with its update scaled to L2 norm <= max_norm (unchanged when within it)."""
-    norm = update_norm(record, sent)
-    if norm <= max_norm:
+    """`record` with its update scaled to L2 norm <= max_norm (unchanged when within it), with
+    Flower's `compute_clip_model_update`."""
+    if update_norm(record, sent) <= max_norm:
         return record
-    scale = max_norm / norm
-    out: dict[str, Array] = {}
-    for key in record.keys():
-        values = record[key].numpy()
-        if _floating(values):
-            base = sent[key].astype(np.float64)
-            values = (base + (values.astype(np.float64) - base) * scale).astype(values.dtype)
-        out[key] = Array(np.array(values))
-    return ArrayRecord(out)
+    keys, values, base = _float_pairs(record, sent)
+    compute_clip_model_update(values, base, max_norm)
+    clipped = dict(zip(keys, values))
+    return ArrayRecord(
+        {
+            k: Array(clipped[k].astype(record[k].numpy().dtype) if k in clipped else np.array(record[k].numpy()))
+            for k in record.keys()
+        }
+    )
