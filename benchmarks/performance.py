@@ -197,7 +197,7 @@ def plain_rounds(cfg: dict[str, Any], sites: int, threads: int) -> dict[str, Any
 
     torch.manual_seed(rc.seed)
     template = fresh(0)
-    keys = contract_for(rc.method).shared_keys(template)
+    keys = contract_for(rc.method).shared_keys(template, rc.head_blocks)
     global_state = {k: v.clone() for k, v in template.state_dict().items() if k in keys}
     private: dict[int, dict[str, torch.Tensor]] = {}
     seconds, cpu_seconds = [], []

@@ -40,6 +40,7 @@ from client_app.state import PrivateArrays, PrivateState, StateError, read_state
 from client_app.trainers.base import LocalRound
 from client_app.trainers.fusedspacefed import FusedSpaceFedTrainer, reconstruction_loss
 from core.device import resolve_device, set_threads
+from core.methods import contract_for
 from core.seeds import BATCH_ORDER, round_seed
 from models import SiteModel
 from partitions.sites import SiteData
@@ -86,11 +87,12 @@ def onboard(
     run = load_run_model(model)
     cfg = run.cfg
     if not cfg.fused:
+        contract = contract_for(cfg.method)
+        kept = f" — {contract.private} is learnt in its first round" if contract.private != "nothing" else ""
         raise SiteModelError(
-            f"run {cfg.run_name!r} trains {cfg.method}: only FusedSpaceFed has a private encoder to warm up, so a new "
-            f"{cfg.method} site needs no onboarding; start its SuperNode (or use python -m client_app.predict) "
-            "directly"
-            + (" — its private BatchNorm layers are learnt in its first round" if cfg.method == "fedbn" else "")
+            f"run {cfg.run_name!r} trains {cfg.method}: only a method with a private encoder has one to warm up, so a "
+            f"new {cfg.method} site needs no onboarding; start its SuperNode (or use python -m client_app.predict) "
+            "directly" + kept
         )
     if not site_name:
         raise SiteModelError("--site-name is empty; use the site-name of the site's SuperNode node config")
@@ -146,7 +148,7 @@ def onboard(
     log(f"reconstruction loss after: {after:.5f} (before: {before:.5f})")
 
     state_dict = net.state_dict()
-    private = {k: state_dict[k] for k in private_keys(net, cfg.method)}
+    private = {k: state_dict[k] for k in private_keys(net, cfg)}
     state.save(PrivateArrays(model=private, extras={}), server_round=run.server_round)
     log(
         f"private state written to {state.path} (run {cfg.run_name!r}, round {run.server_round}); a SuperNode "

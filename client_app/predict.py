@@ -3,10 +3,11 @@
     python -m client_app.predict --model results/<run-name> --state-dir /path/state \\
         --site-name hospital-d --images new-scans/ --out predictions.csv
 
-FusedSpaceFed predicts C(x + D(E_i(x))) with the site's own encoder E_i (from its
-private state: written by its SuperNode after each round, or by
-`python -m client_app.onboard`); FedBN uses the site's private BatchNorm layers; for
-FedAvg, FedProx and SCAFFOLD the global classifier alone decides and no state is needed.
+A site predicts with the global arrays and whatever its method contract says it keeps
+(`private`): FusedSpaceFed's encoder E_i (from its private state: written by its SuperNode
+after each round, or by `python -m client_app.onboard`), FedBN's BatchNorm layers, a
+personalised head or body, Ditto's personal model. Where nothing is private the global
+classifier alone decides and no state is needed.
 
 The CSV has one row per image: `index` (npz row) or `file` (path relative to the
 folder), then `prediction` (class index) and `label` (class name) and one probability
@@ -38,8 +39,10 @@ from client_app.site_model import (
     run_cli,
 )
 from client_app.state import PrivateState
+from core.config import RunConfig
 from core.device import resolve_device, set_threads
 from core.files import atomic_write_bytes
+from core.methods import contract_for
 from models import SiteModel
 from models.evaluation import predict_scores
 from partitions.medmnist_data import DatasetSpec
@@ -49,17 +52,19 @@ THRESHOLD = 0.5  # multi-label: a label is predicted when its sigmoid score reac
 
 
 def load_private_state(
-    net: SiteModel, method: str, run_name: str, state_dir: str | Path | None, site_name: str | None, log
-) -> int | None:
-    """Load the site's private parts into `net`; the round of the state, or None when the
-    method keeps nothing private."""
-    private = private_keys(net, method)
-    if not private:
+    net: SiteModel, cfg: RunConfig, state_dir: str | Path | None, site_name: str | None, log
+) -> tuple[SiteModel, int | None]:
+    """The site's model: `net` with its private parts loaded (or, for a method that keeps a
+    personal model, that model), and the round of the state (None when the method keeps
+    nothing private)."""
+    method, contract = cfg.method, contract_for(cfg.method)
+    private = private_keys(net, cfg)
+    if not private and not contract.personal_model:
         if state_dir or site_name:
             log(f"note: a {method} model has no private parts; the site's state is not needed")
-        return None
-    what = "its own encoder" if method == "fusedspacefed" else "its own BatchNorm layers"
-    if method == "fusedspacefed":
+        return net, None
+    what = contract.private
+    if contract.uses_encoder:
         how = (
             "its SuperNode writes it after each round it trains; a new site writes it with "
             "python -m client_app.onboard --model ... --images ... --state-dir ... --site-name ..."
@@ -68,12 +73,12 @@ def load_private_state(
         how = "its SuperNode writes it after each round it trains (node config state-dir and site-name)"
     if not state_dir or not site_name:
         raise SiteModelError(f"a {method} site predicts with {what}: pass --state-dir and --site-name of the site")
-    state = PrivateState(RecordDict(), state_dir, run_name, site_name)
+    state = PrivateState(RecordDict(), state_dir, cfg.run_name, site_name)
     saved = state.load()
     if saved is None:
         raise SiteModelError(
-            f"no private state of site {site_name!r} for run {run_name!r}: expected {state.path}. A {method} site "
-            f"predicts with {what}; {how}"
+            f"no private state of site {site_name!r} for run {cfg.run_name!r}: expected {state.path}. A {method} "
+            f"site predicts with {what}; {how}"
         )
     expected = net.state_dict()
     missing = [k for k in private if k not in saved.model]
@@ -84,7 +89,12 @@ def load_private_state(
             f"other shapes {wrong[:4]}); is it from another run or dataset?"
         )
     net.load_state_dict({**expected, **{k: saved.model[k] for k in private}})
-    return state.loaded_round
+    if contract.personal_model:
+        try:
+            net = contract.load_trainer().personal(net, saved.extras)
+        except ValueError as exc:
+            raise SiteModelError(f"the private state {state.path} holds no usable {what}: {exc}") from exc
+    return net, state.loaded_round
 
 
 def write_predictions(out: Path, scores: np.ndarray, spec: DatasetSpec, images: SiteImages) -> None:
@@ -129,7 +139,7 @@ def predict(
     run = load_run_model(model)
     cfg, spec = run.cfg, run.spec
     net = build_site_model(run, site_name or "")
-    state_round = load_private_state(net, cfg.method, cfg.run_name, state_dir, site_name, log)
+    net, state_round = load_private_state(net, cfg, state_dir, site_name, log)
     site_images = read_unlabeled_images(images, spec, array, reference=cfg.reference)
     if state_round is not None and state_round != run.server_round:
         log(
@@ -167,8 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--images", required=True, help="an npz (array 'images' or 'train_images') or an image folder")
     parser.add_argument("--out", required=True, help="the CSV file to write")
-    parser.add_argument("--state-dir", default=None, help="the site's state-dir (FusedSpaceFed and FedBN)")
-    parser.add_argument("--site-name", default=None, help="the site's site-name (FusedSpaceFed and FedBN)")
+    parser.add_argument("--state-dir", default=None, help="the site's state-dir (methods that keep private parts)")
+    parser.add_argument("--site-name", default=None, help="the site's site-name (methods that keep private parts)")
     add_common_arguments(parser, 256, "images per batch")
     return parser.parse_args(argv)
 

@@ -118,7 +118,7 @@ class Site:
 
     def _build_model(self, global_arrays: ArrayRecord) -> SiteModel:
         model = build_run_model(self.cfg, self.data.spec, seed=site_init_seed(self.cfg.seed, self.site_id))
-        self.shared_keys = self.contract.shared_keys(model)
+        self.shared_keys = self.contract.shared_keys(model, self.cfg.head_blocks)
         incoming = global_arrays.to_torch_state_dict()
         if set(incoming) != set(self.shared_keys):
             raise ValueError(

@@ -199,7 +199,7 @@ def build_site_model(run: RunModel, site_name: str) -> SiteModel:
     cfg = run.cfg
     model = build_run_model(cfg, run.input_spec, seed=site_init_seed(cfg.seed, site_number(site_name)))
     expected = model.state_dict()
-    shared = contract_for(cfg.method).shared_keys(model)
+    shared = contract_for(cfg.method).shared_keys(model, cfg.head_blocks)
     missing, unexpected = sorted(set(shared) - set(run.shared)), sorted(set(run.shared) - set(shared))
     if missing or unexpected:
         raise SiteModelError(
@@ -217,9 +217,9 @@ def build_site_model(run: RunModel, site_name: str) -> SiteModel:
     return model
 
 
-def private_keys(model: SiteModel, method: str) -> list[str]:
-    """State_dict keys that stay at the site (the encoder; FedBN's BatchNorm layers)."""
-    shared = set(contract_for(method).shared_keys(model))
+def private_keys(model: SiteModel, cfg: RunConfig) -> list[str]:
+    """State_dict keys that stay at the site (the method contract's complement of what it shares)."""
+    shared = set(contract_for(cfg.method).shared_keys(model, cfg.head_blocks))
     return [k for k in model.state_dict() if k not in shared]
 
 

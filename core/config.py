@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from core.methods import METHODS
+from core.methods import DEFAULT_METHOD, METHODS
 
 DEVICES = ("auto", "cpu", "cuda")
 PROTOCOLS = ("standard", "reference")
@@ -43,7 +43,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    method: str = "fusedspacefed"
+    method: str = DEFAULT_METHOD
     dataset: str = "bloodmnist"
     data_root: str = "data/medmnist"
     image_size: int = 28
@@ -70,6 +70,10 @@ class RunConfig:
     task_aware: bool = True
     weighted: bool = True
     proximal_mu: float = 0.01
+    head_blocks: int = 0
+    fedrep_head_epochs: int = 1
+    ditto_mu: float = 0.1
+    ditto_personal_epochs: int = 1
     measure_gamma: bool = False
     gamma_batch_size: int = 256
     eval_every: int = 1
@@ -120,7 +124,8 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> None:
-        unprotected = METHODS[self.method].records_to_server if self.method in METHODS else ()
+        contract = METHODS.get(self.method)
+        unprotected = [e.name for e in contract.to_server] if contract else []
         checks = [
             (self.method in METHODS, f"method must be one of {tuple(METHODS)}, got {self.method!r}"),
             (
@@ -151,11 +156,21 @@ class RunConfig:
                 f"lr-schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}",
             ),
             (
-                self.method != "fedbn" or self.norm != "group",
-                "method 'fedbn' keeps BatchNorm layers private; norm = 'group' has none (use norm = 'batch' "
-                "or 'batch-recal')",
+                contract is None or contract.share_batchnorm or self.norm != "group",
+                f"method {self.method!r} keeps BatchNorm layers private; norm = 'group' has none (use norm = "
+                "'batch' or 'batch-recal')",
             ),
             (self.proximal_mu >= 0, f"proximal-mu must be >= 0, got {self.proximal_mu}"),
+            (
+                0 <= self.head_blocks <= 9,
+                f"head-blocks must be in 0..9 (the classifier's blocks), got {self.head_blocks}",
+            ),
+            (self.fedrep_head_epochs >= 1, f"fedrep-head-epochs must be >= 1, got {self.fedrep_head_epochs}"),
+            (self.ditto_mu >= 0, f"ditto-mu must be >= 0, got {self.ditto_mu}"),
+            (
+                self.ditto_personal_epochs >= 1,
+                f"ditto-personal-epochs must be >= 1, got {self.ditto_personal_epochs}",
+            ),
             (self.gamma_batch_size >= 1, f"gamma-batch-size must be >= 1, got {self.gamma_batch_size}"),
             (self.eval_every >= 1, f"eval-every must be >= 1, got {self.eval_every}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
@@ -185,9 +200,9 @@ class RunConfig:
                 "plain mean; use aggregation = 'mean'",
             ),
             (
-                self.aggregation == "mean" or self.method != "scaffold",
-                f"aggregation = {self.aggregation!r} with scaffold: its control variate is a mean of the sites' "
-                "dc_i, which a robust rule for the arrays would not protect",
+                self.aggregation == "mean" or not unprotected,
+                f"aggregation = {self.aggregation!r} with {self.method}: it also aggregates {unprotected} as a "
+                "mean, which a robust rule for the arrays would not protect",
             ),
             (
                 self.dp_noise_multiplier == 0 or self.dp_clip_norm > 0,

@@ -6,9 +6,11 @@ learns here which model parts a method averages, the site which parts it may sen
 A method's strategy and trainer are named as `module:Class` strings, loaded only when
 a run asks for that method (so nothing here imports a layer above `core`).
 
-Adding a method: one `MethodContract` entry below, `client_app/trainers/<method>.py`
-and, when its server does more than example-weighted averaging, `strategies/<method>.py`
-(see docs/adding-a-method.md).
+Adding a method: one `MethodContract` entry below, at most one trainer
+(`client_app/trainers/<method>.py`; a method that trains like FedAvg and only shares
+differently needs none) and, when its server does more than example-weighted averaging,
+one strategy (`strategies/<method>.py`); see docs/adding-a-method.md. A method's name
+appears nowhere else in the code (tests/test_contract.py).
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ from __future__ import annotations
 import importlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-# -- model parts (the first dotted component of every state_dict key) ---------------
+import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
+
+# -- model parts (the first dotted component of every state_dict key; a method shares
+#    keys by prefix, see KeySet) ---------------------------------------------------------
 ENCODER, DECODER, CLASSIFIER = "encoder", "decoder", "classifier"
 PARTS = (ENCODER, DECODER, CLASSIFIER)
 
@@ -31,8 +37,6 @@ METRICS_RECORD = "metrics"  # site -> server: training metrics and bookkeeping
 EVALUATION_RECORD = "evaluation"  # site -> server: metrics of the model it received (previous round)
 TIMELINE_RECORD = "timeline"  # site -> server: wall-clock marks of the message (client_app/timeline.py)
 GRADIENTS_RECORD = "gradients"  # site -> server: classifier gradients for Gamma (opt-in at a deployed site)
-SCAFFOLD_C_RECORD = "scaffold-c"  # server -> site: SCAFFOLD's server control variate c
-SCAFFOLD_DC_RECORD = "scaffold-dc"  # site -> server: dc_i = c_i+ - c_i (never c_i itself)
 
 # -- keys of the config record beyond the run configuration --------------------------
 ROUND_KEY = "server-round"  # Flower's FedAvg adds it to every message
@@ -85,40 +89,135 @@ def check_site_metrics(name: str, record: Mapping[str, object]) -> None:
         raise BadRecord(f"{name} record has {SITE_ID_KEY} = {site!r}, expected a non-negative integer")
 
 
+# -- which state_dict keys a method shares ------------------------------------------
+
+#: stands for the classifier's head in a `KeySet`: its linear layer and, with `head-blocks`
+#: = k > 0, also the final norm and the last k residual blocks (where the split lies)
+HEAD = "@head"
+_STAGE = re.compile(r"classifier\.stages\.(\d+)\.")
+
+
+def head_prefixes(keys: Iterable[str], head_blocks: int) -> tuple[str, ...]:
+    """The key prefixes of the classifier's head for a model with `keys`."""
+    prefixes = [f"{CLASSIFIER}.head"]
+    if head_blocks > 0:
+        blocks = sorted({int(m.group(1)) for k in keys if (m := _STAGE.match(k))})
+        if head_blocks > len(blocks):
+            raise ValueError(f"head-blocks = {head_blocks}, but the classifier has {len(blocks)} blocks")
+        prefixes += [f"{CLASSIFIER}.bn"] + [f"{CLASSIFIER}.stages.{i}" for i in blocks[len(blocks) - head_blocks :]]
+    return tuple(prefixes)
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """State_dict keys by dotted prefix: those under any of `include` and under none of
+    `exclude` (so a classifier's body and head can be shared differently). `HEAD` in
+    either stands for the head's prefixes (`head_prefixes`)."""
+
+    include: tuple[str, ...]
+    exclude: tuple[str, ...] = ()
+
+    def select(self, keys: Iterable[str], head_blocks: int = 0) -> list[str]:
+        keys = list(keys)
+
+        def expand(prefixes: tuple[str, ...]) -> tuple[str, ...]:
+            out: list[str] = []
+            for prefix in prefixes:
+                out += head_prefixes(keys, head_blocks) if prefix == HEAD else [prefix]
+            return tuple(out)
+
+        include, exclude = expand(self.include), expand(self.exclude)
+        return [k for k in keys if any(_under(k, p) for p in include) and not any(_under(k, p) for p in exclude)]
+
+
+# -- records a method exchanges beyond the shared arrays ---------------------------------
+
+
+class RecordMismatch(ValueError):
+    """An exchanged record that does not hold what the method's contract says."""
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """An array record a method adds to its messages, over the shared arrays' trained
+    parameters (SCAFFOLD's c to the sites, dc_i back). Both ends build and check it here,
+    so its name and contents are written once."""
+
+    name: str
+    meaning: str
+    may_be_empty: bool = False  # e.g. c before the server has aggregated anything (read as zeros)
+
+    def build(self, arrays: Mapping[str, Any]) -> ArrayRecord:
+        """The record from a mapping of key -> array (numpy or torch)."""
+        if not arrays and not self.may_be_empty:
+            raise RecordMismatch(f"record {self.name!r} ({self.meaning}) cannot be empty")
+        if arrays and isinstance(next(iter(arrays.values())), np.ndarray):
+            return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        return ArrayRecord(dict(arrays))
+
+    def read(self, content: RecordDict, expected: Iterable[str]) -> ArrayRecord:
+        """The record from a message's content, checked to cover exactly `expected` keys
+        (or to be empty where that is allowed)."""
+        if self.name not in content.array_records:
+            raise RecordMismatch(f"no {self.meaning} (record {self.name!r}) in the message")
+        record = content.array_records[self.name]
+        keys, wanted = set(record.keys()), set(expected)
+        if not keys and self.may_be_empty:
+            return record
+        if keys != wanted:
+            raise RecordMismatch(
+                f"record {self.name!r} ({self.meaning}) covers {len(keys)} arrays, expected {len(wanted)} (missing "
+                f"e.g. {sorted(wanted - keys)[:3]}, unexpected e.g. {sorted(keys - wanted)[:3]})"
+            )
+        return record
+
+
 class PartedModel(Protocol):
     """What the contract needs of a model (models.SiteModel provides it)."""
 
-    def keys_of(self, parts: tuple[str, ...], *, batchnorm: bool = True) -> list[str]: ...
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    def batchnorm_keys(self) -> set[str]: ...
 
 
 @dataclass(frozen=True)
 class MethodContract:
-    """One method: what leaves a site, what arrives, and where its code lives."""
+    """One method: what leaves a site, what arrives, what the site evaluates, and where its
+    code lives."""
 
     name: str
-    summary: str
+    label: str  # how tables and plots name it
+    summary: str  # one line: what the method does
+    private: str  # what a site keeps to itself, in words (for onboarding, prediction and docs)
     uses_encoder: bool  # the model has a private encoder E_i and the shared decoder D
-    shared_parts: tuple[str, ...]  # model parts averaged by the server
+    shared: KeySet  # state_dict keys the server averages; everything else stays at the site
     trainer: str  # "module:Class" of the site's trainer
     strategy: str = "strategies.base:SharedModelStrategy"  # "module:Class" of the server's strategy
-    share_batchnorm: bool = True  # FedBN keeps BatchNorm layers private
-    records_to_site: tuple[str, ...] = ()  # array records beyond the shared arrays
-    records_to_server: tuple[str, ...] = ()  # array records beyond the shared arrays (and opt-in gradients)
-    private_extras: tuple[str, ...] = ()  # names of non-model private state (saved at the site, never sent)
+    share_batchnorm: bool = True  # False keeps BatchNorm layers private (FedBN)
+    to_site: tuple[Exchange, ...] = ()  # array records the server adds to train messages
+    to_server: tuple[Exchange, ...] = ()  # array records every reply carries besides the shared arrays
+    personal_model: bool = False  # the site evaluates a personal model it keeps beside the global one (Ditto)
 
-    @property
-    def same_model_everywhere(self) -> bool:
-        """True when every site evaluates the same model (nothing private changes the
-        prediction): then the official test and validation splits need one evaluation
-        per round, not one per site."""
-        return not self.uses_encoder and self.share_batchnorm
-
-    def shared_keys(self, model: PartedModel) -> list[str]:
+    def shared_keys(self, model: PartedModel, head_blocks: int = 0) -> list[str]:
         """State_dict keys sent to and received from the server; all others stay private."""
-        return model.keys_of(self.shared_parts, batchnorm=self.share_batchnorm)
+        keys = self.shared.select(model.state_dict().keys(), head_blocks)
+        if not self.share_batchnorm:
+            batchnorm = model.batchnorm_keys()
+            keys = [k for k in keys if k not in batchnorm]
+        return keys
+
+    def same_model_everywhere(self, model: PartedModel, head_blocks: int = 0) -> bool:
+        """True when every site evaluates the same model: every key is shared and no
+        personal model is kept. Then the official test and validation splits need one
+        evaluation per round, not one per site."""
+        return not self.personal_model and len(self.shared_keys(model, head_blocks)) == len(model.state_dict())
 
     def allowed_reply_records(self) -> frozenset[str]:
-        return frozenset({ARRAYS_RECORD, GRADIENTS_RECORD, *self.records_to_server})
+        return frozenset({ARRAYS_RECORD, GRADIENTS_RECORD, *(e.name for e in self.to_server)})
 
     def load_trainer(self) -> Any:
         return _load(self.trainer)()
@@ -132,48 +231,99 @@ def _load(target: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+CLASSIFIER_ONLY = KeySet((CLASSIFIER,))
+BASELINE = "fedavg"  # the method every comparison is made against
+DEFAULT_METHOD = "fusedspacefed"
+FEDAVG_TRAINER = "client_app.trainers.fedavg:FedAvgTrainer"
+
 METHODS: dict[str, MethodContract] = {
     contract.name: contract
     for contract in (
         MethodContract(
             name="fusedspacefed",
+            label="FusedSpaceFed",
             summary="private encoder E_i; D and C averaged; C sees x + D(E_i(x))",
+            private="its own encoder E_i",
             uses_encoder=True,
-            shared_parts=(DECODER, CLASSIFIER),
+            shared=KeySet((DECODER, CLASSIFIER)),
             trainer="client_app.trainers.fusedspacefed:FusedSpaceFedTrainer",
         ),
         MethodContract(
             name="fedavg",
+            label="FedAvg",
             summary="the classifier averaged",
+            private="nothing",
             uses_encoder=False,
-            shared_parts=(CLASSIFIER,),
-            trainer="client_app.trainers.fedavg:FedAvgTrainer",
+            shared=CLASSIFIER_ONLY,
+            trainer=FEDAVG_TRAINER,
         ),
         MethodContract(
             name="fedprox",
+            label="FedProx",
             summary="FedAvg with a proximal term at the site",
+            private="nothing",
             uses_encoder=False,
-            shared_parts=(CLASSIFIER,),
+            shared=CLASSIFIER_ONLY,
             trainer="client_app.trainers.fedprox:FedProxTrainer",
         ),
         MethodContract(
             name="scaffold",
+            label="SCAFFOLD",
             summary="control variates correct the local drift; c_i private, dc_i sent",
+            private="its control variate c_i",
             uses_encoder=False,
-            shared_parts=(CLASSIFIER,),
+            shared=CLASSIFIER_ONLY,
             trainer="client_app.trainers.scaffold:ScaffoldTrainer",
             strategy="strategies.scaffold:Scaffold",
-            records_to_site=(SCAFFOLD_C_RECORD,),
-            records_to_server=(SCAFFOLD_DC_RECORD,),
-            private_extras=("c_i",),
+            to_site=(Exchange("scaffold-c", "SCAFFOLD's server control variate c", may_be_empty=True),),
+            to_server=(Exchange("scaffold-dc", "SCAFFOLD's control variate update dc_i = c_i+ - c_i"),),
         ),
         MethodContract(
             name="fedbn",
+            label="FedBN",
             summary="the classifier averaged except its BatchNorm layers, which stay at each site",
+            private="its own BatchNorm layers",
             uses_encoder=False,
-            shared_parts=(CLASSIFIER,),
-            trainer="client_app.trainers.fedavg:FedAvgTrainer",
+            shared=CLASSIFIER_ONLY,
+            trainer=FEDAVG_TRAINER,
             share_batchnorm=False,
+        ),
+        MethodContract(
+            name="lg-fedavg",
+            label="LG-FedAvg",
+            summary="private lower layers (the body), the head averaged (Liang et al. 2020)",
+            private="its own body (all but the classifier's head)",
+            uses_encoder=False,
+            shared=KeySet((HEAD,)),
+            trainer=FEDAVG_TRAINER,
+        ),
+        MethodContract(
+            name="fedper",
+            label="FedPer",
+            summary="the body averaged, a private head; body and head trained together (Arivazhagan et al. 2019)",
+            private="its own head",
+            uses_encoder=False,
+            shared=KeySet((CLASSIFIER,), exclude=(HEAD,)),
+            trainer=FEDAVG_TRAINER,
+        ),
+        MethodContract(
+            name="fedrep",
+            label="FedRep",
+            summary="the body averaged, a private head trained first with the body frozen (Collins et al. 2021)",
+            private="its own head",
+            uses_encoder=False,
+            shared=KeySet((CLASSIFIER,), exclude=(HEAD,)),
+            trainer="client_app.trainers.fedrep:FedRepTrainer",
+        ),
+        MethodContract(
+            name="ditto",
+            label="Ditto",
+            summary="FedAvg, plus a private model v pulled towards the global w by mu/2 ||v - w||^2 (Li et al. 2021)",
+            private="its own personal model v",
+            uses_encoder=False,
+            shared=CLASSIFIER_ONLY,
+            trainer="client_app.trainers.ditto:DittoTrainer",
+            personal_model=True,
         ),
     )
 }

@@ -44,6 +44,10 @@ class SiteModel(nn.Module):
         wanted = set(parts)
         return [k for k in self.state_dict() if part_of(k) in wanted and (batchnorm or not is_batchnorm_key(self, k))]
 
+    def batchnorm_keys(self) -> set[str]:
+        """State_dict keys of BatchNorm layers (FedBN keeps them private)."""
+        return {k for k in self.state_dict() if is_batchnorm_key(self, k)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """logits = C(x + D(E_i(x))) for FusedSpaceFed, C(x) otherwise."""
         if self.fused:

@@ -45,9 +45,16 @@ EVALUATED_KEY = "num_evaluated"  # present in a row once the round's model was e
 def initial_model_arrays(cfg: RunConfig) -> tuple[ArrayRecord, list[str]]:
     """The shared part of a freshly initialised model (seeded), and its keys."""
     model = build_run_model(cfg, input_spec(cfg.dataset, cfg.image_size, cfg.reference), seed=cfg.seed)
-    keys = contract_for(cfg.method).shared_keys(model)
+    keys = contract_for(cfg.method).shared_keys(model, cfg.head_blocks)
     state = model.state_dict()
     return ArrayRecord({k: state[k] for k in keys}), keys
+
+
+def same_model_everywhere(cfg: RunConfig) -> bool:
+    """Every site evaluates the same model (method contract), so the official splits need
+    one evaluation per round."""
+    model = build_run_model(cfg, input_spec(cfg.dataset, cfg.image_size, cfg.reference), seed=cfg.seed)
+    return contract_for(cfg.method).same_model_everywhere(model, cfg.head_blocks)
 
 
 def wait_for_nodes(grid: Grid, timeout: float = 600.0, minimum: int = 1) -> int:
@@ -137,7 +144,7 @@ class FederatedRun:
         console.rule(f"{cfg.method} on {cfg.dataset} ({cfg.partition}) -> {self.results.dir}")
         num_nodes = wait_for_nodes(self.grid, minimum=cfg.min_replies)
         partition_summary(cfg, num_nodes, self.results.dir)
-        self.evaluator = central_evaluator(cfg, self.contract.same_model_everywhere and not cfg.recalibrate_bn)
+        self.evaluator = central_evaluator(cfg, same_model_everywhere(cfg) and not cfg.recalibrate_bn)
         self.arrays, shared_keys = initial_model_arrays(cfg)
         self.strategy = build_strategy(cfg, self.arrays)
         if self.checkpoint is None:

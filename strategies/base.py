@@ -26,7 +26,9 @@ from core.methods import (
     METRICS_RECORD,
     SITE_ID_KEY,
     WEIGHT_KEY,
+    Exchange,
     MethodContract,
+    RecordMismatch,
 )
 from core.metrics import HEALTH_WORST_OF
 from strategies.aggregation import average_arrays, mean_metrics, worst_metrics
@@ -150,12 +152,42 @@ class SharedModelStrategy(FedAvg):
                 raise BadReply(
                     f"site (node {node}) sent an update of norm {norm:.6g} > dp-clip-norm {self.dp_clip_norm:g}"
                 )
+        for exchange in self.contract.to_server:
+            self.check_exchange(node, msg, exchange)
         if GRADIENTS_RECORD in records:
             self.check_gradients(node, records[GRADIENTS_RECORD])
         metrics = msg.content.metric_records.get(METRICS_RECORD)
         count = None if metrics is None else metrics.get(WEIGHT_KEY)
         if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
             raise BadReply(f"site (node {node}) claims {count!r} training examples; expected a positive integer")
+
+    def check_exchange(self, node: int, msg: Message, exchange: Exchange) -> None:
+        """A record the contract says every reply carries: over exactly `exchange_keys`
+        (never beyond the shared arrays), with their shapes and dtypes, finite."""
+        record = msg.content.array_records.get(exchange.name)
+        outside = set(record.keys()) - self.shared_keys if record is not None else set()
+        if outside:
+            raise PrivacyViolation(
+                f"site (node {node}) sent {exchange.meaning} outside the shared parameters, e.g. {sorted(outside)[:3]}"
+            )
+        try:
+            record = exchange.read(msg.content, self.exchange_keys())
+        except RecordMismatch as exc:
+            raise BadReply(f"site (node {node}): {exc}") from None
+        self.check_arrays(node, exchange.name, record, self.specs)
+
+    def exchange_keys(self) -> set[str]:
+        """The keys the contract's exchanged records cover: the shared trained parameters."""
+        return self.parameter_keys()
+
+    def parameter_keys(self) -> set[str]:
+        """The shared arrays that are trained parameters (BatchNorm's running statistics and
+        counters are buffers)."""
+        return {
+            k
+            for k, spec in self.specs.items()
+            if np.issubdtype(spec.dtype, np.floating) and not k.endswith(("running_mean", "running_var"))
+        }
 
     def check_gradients(self, node: int, record: ArrayRecord) -> None:
         """Gradients only when the run measures Gamma: `orig` (and, for FusedSpaceFed,

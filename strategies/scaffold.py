@@ -3,7 +3,7 @@
 State: the server control variate c, one array per classifier parameter, zeros at the
 start (kept empty until the first replies, which sites read as zeros).
 
-- configure_train: every train message also carries c in the `scaffold-c` record.
+- configure_train: every train message also carries c (the contract's `to_site` record).
 - aggregate_train: the model is `w_global += mean_i(dw_i)` with global step 1, which
   is the mean of the sites' models since they all start from w_global; the mean is
   example-weighted when `weighted` is true (the default, as for every method here)
@@ -12,8 +12,10 @@ start (kept empty until the first replies, which sites read as zeros).
   of the sites' c_i): `c += (|S| / N) * mean_{i in S}(dc_i)`, |S| = sites that
   replied, N = sites connected when the round was configured.
 
-Sites send dc_i (`scaffold-dc`), never c_i; a reply with any other extra record, or a
-dc_i over keys other than the shared parameters, is refused.
+Sites send dc_i, never c_i; a reply with any other extra record, or a dc_i over keys other
+than the shared parameters, is refused. Both records are the method contract's exchanges
+(`to_site`: c, `to_server`: dc_i), built and checked there; the base strategy checks every
+reply's exchanges (`exchange_keys` says which keys they cover).
 """
 
 from __future__ import annotations
@@ -21,12 +23,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from core.methods import SCAFFOLD_C_RECORD as CONTROL_RECORD
-from core.methods import SCAFFOLD_DC_RECORD as CONTROL_UPDATE_RECORD
-from strategies.base import BadReply, PrivacyViolation, SharedModelStrategy
+from strategies.base import SharedModelStrategy
 
 STATE_PREFIX = "control/"
 
@@ -34,6 +34,8 @@ STATE_PREFIX = "control/"
 class Scaffold(SharedModelStrategy):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        (self.control_out,) = self.contract.to_site  # c, to every site
+        (self.control_in,) = self.contract.to_server  # dc_i, from every site
         self.control: dict[str, np.ndarray] = {}
         self.num_nodes = 0
 
@@ -59,7 +61,7 @@ class Scaffold(SharedModelStrategy):
         # RecordDict with c added, leaving the caller's records untouched.
         if messages:
             content = RecordDict(dict(messages[0].content.items()))
-            content[CONTROL_RECORD] = ArrayRecord({k: Array(v) for k, v in self.control.items()})
+            content[self.control_out.name] = self.control_out.build(self.control)
             for msg in messages:
                 msg.content = content
         return messages
@@ -71,7 +73,8 @@ class Scaffold(SharedModelStrategy):
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None:
             return arrays, metrics
-        updates = [self.control_update(m) for m in replies]
+        keys = self.exchange_keys()
+        updates = [_numpy(self.control_in.read(m.content, keys)) for m in replies]
         keys = set(updates[0])
         if any(set(u) != keys for u in updates):
             raise ValueError("sites sent control variate updates over different parameters")
@@ -86,37 +89,10 @@ class Scaffold(SharedModelStrategy):
         metrics["control_norm"] = norm
         return arrays, metrics
 
-    def check_reply(self, msg: Message) -> None:
-        """The base checks, and a dc_i over shared parameters with their shapes, all finite."""
-        super().check_reply(msg)
-        node = msg.metadata.src_node_id
-        if CONTROL_UPDATE_RECORD not in msg.content.array_records:
-            raise BadReply(f"site (node {node}) sent no SCAFFOLD control variate update ({CONTROL_UPDATE_RECORD!r})")
-        record = msg.content[CONTROL_UPDATE_RECORD]
-        outside = set(record.keys()) - self.shared_keys
-        if outside:
-            raise PrivacyViolation(
-                f"site (node {node}) sent control variate updates outside the shared parameters, "
-                f"e.g. {sorted(outside)[:3]}"
-            )
-        expected = set(self.control) or self.parameter_keys()
-        if set(record.keys()) != expected:
-            raise BadReply(
-                f"site (node {node}) sent control variate updates over {len(record.keys())} parameters, "
-                f"expected {len(expected)} (missing e.g. {sorted(expected - set(record.keys()))[:3]})"
-            )
-        self.check_arrays(node, CONTROL_UPDATE_RECORD, record, self.specs)
+    def exchange_keys(self) -> set[str]:
+        """dc_i covers the keys of c once it exists, the shared parameters before."""
+        return set(self.control) or self.parameter_keys()
 
-    def parameter_keys(self) -> set[str]:
-        """The shared arrays that are trained parameters (BatchNorm's running statistics and
-        counters are buffers): what dc_i covers."""
-        return {
-            k
-            for k, spec in self.specs.items()
-            if np.issubdtype(spec.dtype, np.floating) and not k.endswith(("running_mean", "running_var"))
-        }
 
-    @staticmethod
-    def control_update(msg: Message) -> dict[str, np.ndarray]:
-        record = msg.content[CONTROL_UPDATE_RECORD]
-        return {k: np.array(record[k].numpy()) for k in record.keys()}
+def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: np.array(record[k].numpy()) for k in record.keys()}

@@ -11,8 +11,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from client_app.state import FILE_NAME, node_private_state, read_state_file
 from client_app.trainers import LocalRound, trainer_for
-from client_app.trainers.scaffold import CONTROL_RECORD, CONTROL_UPDATE_RECORD, control_keys
+from client_app.trainers.scaffold import control_keys
 from client_app.training import classification_loss, classifier_gradient
+from core.methods import contract_for
 from models import build_model
 from partitions.sites import simulation_site_data
 from strategies import PrivacyViolation
@@ -26,6 +27,9 @@ from tests.fl_harness import (
     state_dict,
     write_fake_medmnist,
 )
+
+CONTROL_RECORD = contract_for("scaffold").to_site[0].name  # c, server -> site
+CONTROL_UPDATE_RECORD = contract_for("scaffold").to_server[0].name  # dc_i, site -> server
 
 
 def _assert_same_arrays(a: ArrayRecord, b: ArrayRecord, atol: float = 1e-6) -> None:

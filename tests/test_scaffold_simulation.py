@@ -14,13 +14,16 @@ import torch
 from flwr.app import Context, Message
 
 from client_app.state import node_private_state
-from client_app.trainers.scaffold import CONTROL_RECORD, CONTROL_UPDATE_RECORD
+from core.methods import contract_for
 from core.transport import is_packed, unpack
 from server_app.checkpoint import checkpoint_path
 from tests.conftest import simulate_with_recorder
 from tests.fl_harness import write_fake_medmnist
 
 pytestmark = pytest.mark.slow  # one Flower (Ray) simulation shared by the module, ~20 s
+
+CONTROL_RECORD = contract_for("scaffold").to_site[0].name  # c, server -> site
+CONTROL_UPDATE_RECORD = contract_for("scaffold").to_server[0].name  # dc_i, site -> server
 
 
 def recording_mod(log_path: str):

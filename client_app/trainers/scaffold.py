@@ -1,12 +1,12 @@
 """SCAFFOLD's local round (Karimireddy et al. 2020, option II; method.md section 2).
 
 Every local step is `w <- w - lr * (g(w) - c_i + c)` over the classifier's
-parameters: c is the server control variate (it arrives in the `scaffold-c` record;
-an empty record means zeros, as in the first round), c_i the site's private one (in
+parameters: c is the server control variate (it arrives in the contract's `to_site`
+record; an empty record means zeros, as in the first round), c_i the site's private one (in
 `job.extras`; zeros the first time). After K local steps (K = the steps actually
 taken): `c_i+ = c_i - c + (w_global - w_local) / (K * lr)`. c_i+ stays on the site
 (persisted by the ClientApp like any private state); only `dc_i = c_i+ - c_i` goes
-back, in the `scaffold-dc` record.
+back, in the contract's `to_server` record.
 
 Optimiser: the paper's plain SGD step, so `momentum` is ignored (0) for SCAFFOLD.
 Weight decay is kept: it is part of g(w) (the gradient of the regularised local
@@ -18,15 +18,13 @@ statistics are buffers, averaged like FedAvg's.
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 
 from client_app.trainers.base import LocalRound, RoundResult
 from client_app.trainers.fedavg import FedAvgTrainer
 from client_app.training import own_extras
 from core.config import RunConfig
-from core.methods import CLASSIFIER
-from core.methods import SCAFFOLD_C_RECORD as CONTROL_RECORD
-from core.methods import SCAFFOLD_DC_RECORD as CONTROL_UPDATE_RECORD
+from core.methods import CLASSIFIER, RecordMismatch, contract_for
 from models import SiteModel
 
 
@@ -39,13 +37,15 @@ class ScaffoldTrainer(FedAvgTrainer):
     def start(self, model: SiteModel, job: LocalRound) -> None:
         self.keys = control_keys(model)
         self.params = dict(zip(self.keys, model.classifier.parameters()))
-        if CONTROL_RECORD not in job.incoming.array_records:
-            raise ValueError(f"SCAFFOLD needs the server control variate (record {CONTROL_RECORD!r}); none was sent")
-        server = job.incoming.array_records[CONTROL_RECORD].to_torch_state_dict()
+        contract = contract_for(job.cfg.method)
+        (control,), (self.control_update,) = contract.to_site, contract.to_server
+        try:
+            server = control.read(job.incoming, self.keys).to_torch_state_dict()
+        except RecordMismatch as exc:
+            raise ValueError(f"the server's message does not fit this model: {exc}") from None
         c_i = own_extras(job.extras)
-        for name, values in (("server control variate c", server), ("site control variate c_i", c_i)):
-            if values and set(values) != set(self.keys):
-                raise ValueError(f"the {name} does not match the classifier's parameters")
+        if c_i and set(c_i) != set(self.keys):
+            raise ValueError("the site control variate c_i does not match the classifier's parameters")
         zeros = {k: torch.zeros_like(p) for k, p in self.params.items()}
         self.c = {k: server[k].to(p.device) if server else zeros[k] for k, p in self.params.items()}
         self.c_i = {k: c_i[k].to(p.device) if c_i else zeros[k] for k, p in self.params.items()}
@@ -72,5 +72,5 @@ class ScaffoldTrainer(FedAvgTrainer):
         return RoundResult(
             metrics={"local_steps": float(steps)},
             extras={k: v.detach().cpu() for k, v in c_plus.items()},
-            outgoing=RecordDict({CONTROL_UPDATE_RECORD: ArrayRecord(dc)}),
+            outgoing=RecordDict({self.control_update.name: self.control_update.build(dc)}),
         )
