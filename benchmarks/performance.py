@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.methods import BASELINE, DEFAULT_METHOD
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "medmnist"
 OUT = ROOT / "benchmarks" / "PERFORMANCE.md"
@@ -96,7 +98,7 @@ def run_child(payload: dict[str, Any], sample_memory: bool = False, module: str 
 
     from benchmarks.sweep import RunSpec, child_env
 
-    env = child_env(RunSpec("fedavg", "x", "iid", 1.0, 0, 1))
+    env = child_env(RunSpec(BASELINE, "x", "iid", 1.0, 0, 1))
     threads = str(payload["run_config"].get("num-threads") or 1)
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     metrics = Path(payload["run_config"]["results-dir"]) / payload["run_config"]["run-name"] / "metrics.jsonl"
@@ -339,7 +341,7 @@ def profiling_client_app(log_path: str):
     def timer(msg, ctx, call_next):
         timed(site_module.Site, "__init__", "site_setup")
         timed(state_module.PrivateState, "save", "state_save")
-        for trainer_cls in {type(trainer_for(m)) for m in ("fedavg", "fusedspacefed")}:
+        for trainer_cls in {type(trainer_for(m)) for m in (BASELINE, DEFAULT_METHOD)}:
             timed(trainer_cls, "train", "local_training")
         parts = store()
         parts.clear()
@@ -418,7 +420,7 @@ def profile(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
 def memory(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="perf-mem-") as tmp:
         cfg = {
-            "method": "fusedspacefed",
+            "method": DEFAULT_METHOD,
             "dataset": args.memory_dataset,
             "data-root": str(args.data_root),
             "download": False,
@@ -596,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("overhead", "memory", "profile"))
     p.add_argument("--dataset", default="retinamnist")
-    p.add_argument("--method", default="fedavg")
+    p.add_argument("--method", default=BASELINE)
     p.add_argument("--sites", type=int, default=10)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--parallel-too", action="store_true", help="also time Flower with 1 CPU per site (parallel sites)")

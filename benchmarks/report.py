@@ -25,47 +25,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.methods import BASELINE, DEFAULT_METHOD, METHODS, PUBLISHED, PUBLISHED_ROUNDS
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = ROOT / "benchmarks" / "runs"
 DEFAULT_OUT = ROOT / "benchmarks" / "RESULTS.md"
 DEFAULT_FIGURES = ROOT / "benchmarks" / "figures"
 
-# method.md section 6: accuracy %, Dirichlet alpha = 0.05, and pathological with 2 classes per site
-PUBLISHED_ROUNDS = 50
-PUBLISHED_DIRICHLET = {
-    "pathmnist": {"fedavg": 53.45, "fedprox": 48.11, "scaffold": 39.90, "fusedspacefed": 60.77},
-    "chestmnist": {"fedavg": 90.28, "fedprox": 89.93, "scaffold": 89.44, "fusedspacefed": 93.22},
-    "dermamnist": {"fedavg": 67.70, "fedprox": 65.94, "scaffold": 63.35, "fusedspacefed": 69.60},
-    "octmnist": {"fedavg": 41.56, "fedprox": 42.50, "scaffold": 38.69, "fusedspacefed": 46.25},
-    "pneumoniamnist": {"fedavg": 69.12, "fedprox": 70.24, "scaffold": 70.01, "fusedspacefed": 72.95},
-    "retinamnist": {"fedavg": 48.13, "fedprox": 49.69, "scaffold": 48.75, "fusedspacefed": 53.00},
-    "breastmnist": {"fedavg": 80.25, "fedprox": 79.33, "scaffold": 77.78, "fusedspacefed": 81.61},
-    "bloodmnist": {"fedavg": 53.87, "fedprox": 47.38, "scaffold": 45.68, "fusedspacefed": 58.83},
-}
-PUBLISHED_PATHOLOGICAL = {
-    "pathmnist": {"fedavg": 20.49, "fedprox": 19.66, "scaffold": 17.16, "fusedspacefed": 50.94},
-    "dermamnist": {"fedavg": 25.75, "fedprox": 24.43, "scaffold": 22.46, "fusedspacefed": 48.15},
-    "retinamnist": {"fedavg": 34.37, "fedprox": 33.02, "scaffold": 26.61, "fusedspacefed": 49.26},
-    "bloodmnist": {"fedavg": 18.22, "fedprox": 19.48, "scaffold": 18.10, "fusedspacefed": 30.60},
-}
-LABELS = {
-    "fusedspacefed": "FusedSpaceFed (task-aware)",
-    "fusedspacefed-decoupled": "FusedSpaceFed (decoupled)",
-    "fedavg": "FedAvg",
-    "fedprox": "FedProx",
-    "scaffold": "SCAFFOLD",
-    "fedbn": "FedBN",
-    # the reference protocol (method.md section 7)
-    "fusedspacefed-ref-no-warmup": "FusedSpaceFed, reference protocol, no warm-up",
-    "fusedspacefed-ref-warmup": "FusedSpaceFed, reference protocol, warm-up",
-    "fusedspacefed-ref-l2sp": "FusedSpaceFed, reference protocol, L2-SP",
-    "fedavg-ref": "FedAvg, reference protocol",
-    "fedprox-ref": "FedProx, reference protocol",
-    "scaffold-ref": "SCAFFOLD, reference protocol",
-    "fedbn-ref": "FedBN, reference protocol",
-}
+
+def _labels() -> dict[str, str]:
+    """Run labels (method, FusedSpaceFed's variant, protocol) -> how tables name them, from
+    the method contracts: the standard protocol first, then the reference protocol."""
+    labels: dict[str, str] = {}
+    for name, contract in METHODS.items():
+        if contract.uses_encoder:
+            labels[name] = f"{contract.label} (task-aware)"
+            labels[f"{name}-decoupled"] = f"{contract.label} (decoupled)"
+        else:
+            labels[name] = contract.label
+    for name, contract in METHODS.items():  # the reference protocol (method.md section 7)
+        if contract.uses_encoder:
+            for variant, words in (("no-warmup", "no warm-up"), ("warmup", "warm-up"), ("l2sp", "L2-SP")):
+                labels[f"{name}-ref-{variant}"] = f"{contract.label}, reference protocol, {words}"
+        else:
+            labels[f"{name}-ref"] = f"{contract.label}, reference protocol"
+    return labels
+
+
+LABELS = _labels()
 ORDER = list(LABELS)
-FSF, FSF_DEC, FEDAVG = "fusedspacefed", "fusedspacefed-decoupled", "fedavg"
+FSF, FEDAVG = DEFAULT_METHOD, BASELINE
+FSF_DEC = f"{FSF}-decoupled"
 DEFAULT_NORM = "batch"  # runs older than the `norm` key used plain BatchNorm
 # health of a run, from its last row that has the key (training metrics are in every row,
 # evaluation ones in evaluated rows only): FusedSpaceFed's autoencoder, and BatchNorm's statistics
@@ -84,13 +74,14 @@ class Run:
     def label(self) -> str:
         """Method key with the protocol and the FusedSpaceFed variant."""
         m, c = self.config["method"], self.config
+        fused = m in METHODS and METHODS[m].uses_encoder
         if c.get("protocol", "standard") == "reference":
-            if m != FSF:
+            if not fused:
                 return f"{m}-ref"
             if c.get("l2sp-lambda", 0.0) > 0:
-                return f"{FSF}-ref-l2sp"
-            return f"{FSF}-ref-" + ("warmup" if c.get("warmup-epochs", 0) > 0 else "no-warmup")
-        return FSF_DEC if m == FSF and not c.get("task-aware", True) else m
+                return f"{m}-ref-l2sp"
+            return f"{m}-ref-" + ("warmup" if c.get("warmup-epochs", 0) > 0 else "no-warmup")
+        return f"{m}-decoupled" if fused and not c.get("task-aware", True) else m
 
     def reference_acc(self) -> float | None:
         pick = self.summary.get("reference_selection") or {}
@@ -190,11 +181,12 @@ def by_seed(runs: list[Run], which: str) -> dict[int, float | None]:
 
 
 def published(dataset: str, partition: str, spread: str, method: str) -> float | None:
-    method = method.split("-")[0]  # every FusedSpaceFed variant is compared with the one published number
+    # every FusedSpaceFed variant is compared with the one published number
+    method = next((m for m in METHODS if method == m or method.startswith(m + "-")), method)
     if partition.startswith("dirichlet") and spread == "alpha=0.05":
-        return PUBLISHED_DIRICHLET.get(dataset, {}).get(method)
+        return PUBLISHED["dirichlet"].get(dataset, {}).get(method)
     if partition == "pathological" and spread == "k=2":
-        return PUBLISHED_PATHOLOGICAL.get(dataset, {}).get(method)
+        return PUBLISHED["pathological"].get(dataset, {}).get(method)
     return None
 
 

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.methods import BASELINE, DEFAULT_METHOD, METHODS, contract_for
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = ROOT / "benchmarks" / "runs"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "medmnist"
@@ -92,13 +94,18 @@ class RunSpec:
     extra: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     @property
+    def fused(self) -> bool:
+        """The method has FusedSpaceFed's variants (a private encoder)."""
+        return contract_for(self.method).uses_encoder
+
+    @property
     def name(self) -> str:
         """Standard-protocol names are what they always were (committed runs stay valid);
         reference-protocol runs say `-ref-<variant>`, runs with a `norm` set say `-<norm>`."""
         method = self.method
         if self.protocol == "reference":
-            method += "-ref" + (f"-{self.variant}" if self.method == "fusedspacefed" else "")
-        elif self.method == "fusedspacefed" and self.variant == "decoupled":
+            method += "-ref" + (f"-{self.variant}" if self.fused else "")
+        elif self.fused and self.variant == "decoupled":
             method += "-decoupled"
         norm = dict(self.extra).get("norm")
         if norm:  # a grid that compares normalisations (`set = {norm = ...}`) names them
@@ -138,7 +145,7 @@ class RunSpec:
             "protocol": self.protocol,
             "track-tensorboard": False,  # thousands of runs: metrics.jsonl, summary.json and the report suffice
         }
-        if self.method == "fusedspacefed":
+        if self.fused:
             cfg.update(VARIANT_SETTINGS[self.variant])
         cfg.update(dict(self.extra))
         return cfg
@@ -171,7 +178,7 @@ def rounds_for(rounds: Any, dataset: str) -> int:
 def expand(plan: dict[str, Any]) -> list[RunSpec]:
     """All runs of one plan, in a stable order: seed outside the methods, so that a sweep cut
     short has every method of a cell at the same number of seeds."""
-    methods = _split(plan.get("methods", "fusedspacefed,fedavg"), str)
+    methods = _split(plan.get("methods", f"{DEFAULT_METHOD},{BASELINE}"), str)
     protocols = _split(plan.get("protocols", "standard"), str)
     unknown = sorted(set(protocols) - set(PROTOCOL_VARIANTS))
     if unknown:
@@ -206,7 +213,7 @@ def expand(plan: dict[str, Any]) -> list[RunSpec]:
         part_alphas = alphas if partition.startswith("dirichlet") else alphas[:1]
         for alpha, seed, protocol, method in itertools.product(part_alphas, seeds, protocols, methods):
             own = [v for v in variants if v in PROTOCOL_VARIANTS[protocol]]
-            for variant in own if method == "fusedspacefed" else [PROTOCOL_VARIANTS[protocol][0]]:
+            for variant in own if contract_for(method).uses_encoder else [PROTOCOL_VARIANTS[protocol][0]]:
                 runs.append(
                     RunSpec(
                         method=method,
@@ -534,8 +541,8 @@ def status_line(task: Any, counts: dict[str, int], skipped: int, total: int) -> 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", help="TOML grid file ([defaults] and [[plan]] tables)")
-    p.add_argument("--methods", help="comma list (fusedspacefed,fedavg,fedprox,scaffold,fedbn)")
-    p.add_argument("--variants", help="fusedspacefed variants: task-aware,decoupled")
+    p.add_argument("--methods", help=f"comma list ({','.join(METHODS)})")
+    p.add_argument("--variants", help=f"{DEFAULT_METHOD} variants: task-aware,decoupled")
     p.add_argument("--datasets", help="comma list of MedMNIST flags")
     p.add_argument("--partitions", help="comma list: dirichlet-equal,dirichlet,pathological,iid")
     p.add_argument("--alphas", help="comma list of Dirichlet alphas")

@@ -169,22 +169,25 @@ class Site:
         return ArrayRecord(grads)
 
     def evaluate(self) -> MetricRecord:
-        """The model as it stands (global arrays + this site's private parts) on the site's
-        splits: `local_*` always, `test_*` and `val_*` unless the server evaluates them.
+        """The site's model (global arrays + this site's private parts; a method with a
+        personal model evaluates that one) on the site's splits: `local_*` always, `test_*` and `val_*` unless the server evaluates them.
 
         With BatchNorm, also the BatchNorm gap on the local shard: accuracy with the received
         running statistics (`bn_acc_running`) against statistics recomputed on this site's
         training images (`bn_acc_recal`); with `norm = "batch-recal"` every split is
         evaluated with the recomputed ones."""
+        model = self.model
+        if self.contract.personal_model:
+            model = self.contract.load_trainer().personal(self.model, self.extras)
         splits = {"local": self.data.local_test}
         if self.evaluate_splits == "all":
             splits.update({"test": self.data.test, "val": self.data.val})
         metrics: dict[str, float] = {}
-        if batchnorm_layers(self.model):
-            running = self._scores({"local": self.data.local_test})
-            with recalibrated_batchnorm(self.model, self.data.train, self.device):
-                recal = self._scores(splits if self.cfg.recalibrate_bn else {"local": self.data.local_test})
-            metrics.update(recal if self.cfg.recalibrate_bn else {**self._scores(splits), **running})
+        if batchnorm_layers(model):
+            running = self._scores(model, {"local": self.data.local_test})
+            with recalibrated_batchnorm(model, self.data.train, self.device):
+                recal = self._scores(model, splits if self.cfg.recalibrate_bn else {"local": self.data.local_test})
+            metrics.update(recal if self.cfg.recalibrate_bn else {**self._scores(model, splits), **running})
             metrics.update(
                 {
                     "bn_acc_running": running["local_acc"],
@@ -193,14 +196,14 @@ class Site:
                 }
             )
         else:
-            metrics.update(self._scores(splits))
+            metrics.update(self._scores(model, splits))
         metrics.update({WEIGHT_KEY: len(self.data.test), SITE_ID_KEY: self.site_id})
         return MetricRecord(metrics)
 
-    def _scores(self, splits: dict[str, TensorSplit]) -> dict[str, float]:
+    def _scores(self, model: SiteModel, splits: dict[str, TensorSplit]) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for prefix, split in splits.items():
-            scores = evaluate_split(self.model, split, self.data.spec.task, self.device)
+            scores = evaluate_split(model, split, self.data.spec.task, self.device)
             metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
         return metrics
 

@@ -38,3 +38,9 @@ class Trainer:
 
     def train(self, model: SiteModel, job: LocalRound) -> RoundResult:
         raise NotImplementedError
+
+    def personal(self, model: SiteModel, extras: dict[str, torch.Tensor]) -> SiteModel:
+        """The model this site evaluates and predicts with, from the model (global arrays
+        plus private parts) and the site's private extras. Only a method whose contract says
+        `personal_model` (Ditto) keeps another one; `extras` may be empty (no round yet)."""
+        return model

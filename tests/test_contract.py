@@ -1,0 +1,90 @@
+"""The method contract drives the code: a method's name appears only in its three homes
+(core/methods.py, strategies/, client_app/trainers/), and every field of the contract is
+read by code outside its definition."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+from core.methods import METHODS, Exchange, KeySet, MethodContract
+
+REPO = Path(__file__).resolve().parents[1]
+HOMES = ("core/methods.py", "strategies/", "client_app/trainers/")
+#: scripts that pick which method a measurement runs (a run configuration, not method logic)
+MEASUREMENT_SETTINGS = {
+    "benchmarks/round_cost.py": "the round-cost benchmark measures a FusedSpaceFed and a FedAvg round",
+    "benchmarks/dp_cost.py": "the DP benchmark's settings table names the method of each row",
+}
+
+
+def _code_files() -> list[Path]:
+    skip = ("tests/", ".venv/", "docs/")
+    return [
+        p
+        for p in REPO.rglob("*.py")
+        if not any(str(p.relative_to(REPO)).startswith(s) for s in skip) and "site-packages" not in str(p)
+    ]
+
+
+def _string_literals(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
+
+
+def test_no_method_name_outside_its_homes():
+    """A string equal to a method's name (or holding it as a word) in code outside the homes
+    means code that branches on a method instead of asking its contract."""
+    names = set(METHODS)
+    found = []
+    for path in _code_files():
+        rel = str(path.relative_to(REPO))
+        if rel.startswith(HOMES) or rel in MEASUREMENT_SETTINGS:
+            continue
+        for line, text in _string_literals(path):
+            for token in {text, *text.replace(",", " ").replace("(", " ").replace(")", " ").split()}:
+                if token in names:
+                    found.append(f"{rel}:{line}: {text!r}")
+    assert not found, "method names outside core/methods.py, strategies/, client_app/trainers/:\n" + "\n".join(found)
+
+
+def test_the_check_would_catch_a_name():
+    sample = REPO / "tests" / "_sample_for_contract_check.py"
+    sample.write_text('if method == "fedbn":\n    pass\n')
+    try:
+        assert (2, "fedbn") not in _string_literals(sample)
+        assert (1, "fedbn") in _string_literals(sample)
+    finally:
+        sample.unlink()
+
+
+def test_every_contract_field_is_read_outside_its_definition():
+    """No field that only documents: each is read (`.name`) by some module other than the
+    dataclass that declares it, or by a method of the contract that other code calls."""
+    sources = {p: p.read_text() for p in _code_files()}
+    unread = []
+    for cls in (MethodContract, Exchange, KeySet):
+        for field in dataclasses.fields(cls):
+            readers = [p for p, text in sources.items() if f".{field.name}" in text]
+            if not readers:
+                unread.append(f"{cls.__name__}.{field.name}")
+    assert not unread, f"contract fields nobody reads: {unread}"
+
+
+def test_every_method_declares_what_it_keeps_and_how_it_is_named():
+    for name, contract in METHODS.items():
+        assert contract.label and contract.summary and contract.private, name
+        assert contract.shared.include, name
