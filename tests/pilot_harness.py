@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,7 @@ class Pilot:
 
     root: Path
     port: int = field(default_factory=free_port)
+    superlink_port: int | None = None  # the SuperLink's own port when a proxy holds `port`
     processes: list[Process] = field(default_factory=list)
     node_ids: dict[str, int] = field(default_factory=dict)  # site name -> node id
     site_files: list[Path] = field(default_factory=list)
@@ -185,10 +187,20 @@ class Pilot:
 
     def start_superlink(self) -> Process:
         cmd = ["bash", str(REPO / "pilot" / "start-superlink.sh"), "--certs", str(self.certs)]
-        cmd += ["--db", str(self.root / "superlink" / "state.db"), "--port", str(self.port)]
+        cmd += ["--db", str(self.root / "superlink" / "state.db"), "--port", str(self.superlink_port or self.port)]
         proc = self.start("superlink", cmd, base_env(self.root / "superlink-home"), self.root / "superlink")
         wait_for(lambda: "Uvicorn running" in proc.text(), 90, f"SuperLink start ({proc.log})", proc)
         self.superlink = proc
+        return proc
+
+    def start_proxy(self, operators: tuple[str, ...] = ()) -> Process:
+        """pilot/start-proxy.sh on `port`, in front of the SuperLink on `superlink_port`."""
+        assert self.superlink_port, "a proxy needs the SuperLink on its own port"
+        cmd = ["bash", str(REPO / "pilot" / "start-proxy.sh"), "--superlink", f"127.0.0.1:{self.superlink_port}"]
+        cmd += ["--certs", str(self.certs), "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--state-dir", str(self.root / "proxy")] + [a for op in operators for a in ("--operator", op)]
+        proc = self.start("proxy", cmd, base_env(self.root / "proxy-home"), self.root)
+        wait_for(lambda: _accepts("127.0.0.1", self.port), 30, f"proxy start ({proc.log})", proc, every=0.2)
         return proc
 
     def register(self, site: str) -> int:
@@ -196,13 +208,21 @@ class Pilot:
         self.node_ids[site] = int(reply["node-id"])
         return self.node_ids[site]
 
-    def supernode_cmd(self, site: str, data_path: Path, ca: Path | None = None, retry: int = 0) -> list[str]:
+    def supernode_cmd(
+        self,
+        site: str,
+        data_path: Path,
+        ca: Path | None = None,
+        retry: int = 0,
+        superlink: str | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> list[str]:
         """pilot/start-supernode.sh for `site` (retry: restarts 2 s apart while refused)."""
         return [
             "bash",
             str(REPO / "pilot" / "start-supernode.sh"),
             "--superlink",
-            self.address,
+            superlink or self.address,
             "--ca",
             str(ca or self.certs / "ca.crt"),
             "--key",
@@ -219,13 +239,22 @@ class Pilot:
             str(retry),
             "--retry-wait",
             "2",
+            *extra,
         ]
 
     def state_dir(self, site: str) -> Path:
         return self.root / "sites" / site / "state"
 
-    def start_supernode(self, site: str, data_path: Path, retry: int = 0, ca: Path | None = None) -> Process:
-        cmd = self.supernode_cmd(site, data_path, ca=ca, retry=retry)
+    def start_supernode(
+        self,
+        site: str,
+        data_path: Path,
+        retry: int = 0,
+        ca: Path | None = None,
+        superlink: str | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> Process:
+        cmd = self.supernode_cmd(site, data_path, ca=ca, retry=retry, superlink=superlink, extra=extra)
         home = self.root / "sites" / site / "flwr-home"
         return self.start(f"supernode-{site}", cmd, base_env(home), self.root / "sites" / site)
 
@@ -268,6 +297,59 @@ class Pilot:
 
     def logs(self, run_id: int) -> str:
         return self.run([str(BIN / "flwr"), "log", str(run_id), "pilot", "--show"], timeout=60).stdout
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+class SourceRelay:
+    """A TCP relay on 127.0.0.1 that connects onward *from* another loopback address.
+
+    The flwr CLI and the SuperNode cannot choose their source address; a client that
+    connects through this relay reaches the target as `source` (e.g. 127.0.0.2), exactly
+    as a machine at that address would. Bytes pass unchanged, so TLS is end to end."""
+
+    def __init__(self, target_port: int, source: str) -> None:
+        self.target_port, self.source = target_port, source
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), source_address=(self.source, 0))
+            except OSError:
+                client.close()
+                continue
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while chunk := src.recv(1 << 16):
+            dst.sendall(chunk)
+    except OSError:
+        pass
+    finally:
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
 
 def wait_for(condition, timeout: float, what: str, proc: Process | None = None, every: float = 0.5) -> None:
