@@ -117,7 +117,7 @@ def onboard(
     dev = resolve_device(device)
 
     net = build_site_model(run, site_name).to(dev)  # checks the arrays against the run's config first
-    site_images = read_unlabeled_images(images, run.spec, array, reference=run.cfg.reference)
+    site_images = read_unlabeled_images(images, run.spec, array, reference=run.cfg.rules.reference_inputs)
     n = len(site_images.images)
     split = TensorSplit(torch.from_numpy(site_images.images), torch.zeros(n, dtype=torch.long))
     log(

@@ -140,7 +140,7 @@ def predict(
     cfg, spec = run.cfg, run.spec
     net = build_site_model(run, site_name or "")
     net, state_round = load_private_state(net, cfg, state_dir, site_name, log)
-    site_images = read_unlabeled_images(images, spec, array, reference=cfg.reference)
+    site_images = read_unlabeled_images(images, spec, array, reference=cfg.rules.reference_inputs)
     if state_round is not None and state_round != run.server_round:
         log(
             f"note: site {site_name!r}'s private state is from round {state_round}, the model from round "

@@ -139,7 +139,7 @@ class Site:
             )
         self.extras = saved.extras
         self.restored = bool(saved)
-        if self.cfg.reference and self.server_round == 1 and self.phase == "train":
+        if self.cfg.rules.independent_start and self.server_round == 1 and self.phase == "train":
             # the reference protocol: every site starts from its own random initialisation
             # (seeded per site); round 1's aggregate averages them (method.md section 7)
             incoming = {}

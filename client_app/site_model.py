@@ -85,7 +85,7 @@ class RunModel:
     @property
     def input_spec(self) -> DatasetSpec:
         """What the model sees (32-px 3-channel under the reference protocol)."""
-        return input_spec(self.cfg.dataset, self.cfg.image_size, self.cfg.reference)
+        return input_spec(self.cfg.dataset, self.cfg.image_size, self.cfg.rules.reference_inputs)
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ class RoundOptimizers:
 
     def __init__(self, cfg: RunConfig, extras: dict[str, torch.Tensor]) -> None:
         self.cfg = cfg
-        self.keep = cfg.reference
+        self.keep = cfg.rules.keeps_optimizer_state
         self.extras = extras
         self.optimizers: dict[str, torch.optim.SGD] = {}
 

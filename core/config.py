@@ -13,11 +13,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from core.methods import DEFAULT_METHOD, METHODS
+from core.protocol import PROTOCOLS, Protocol
 
 DEVICES = ("auto", "cpu", "cuda")
-PROTOCOLS = ("standard", "reference")
-REFERENCE_IMAGE_SIZE = 32  # the reference code resizes every image to 32 x 32 ...
-REFERENCE_CHANNELS = 3  # ... and feeds grayscale sets as 3 channels
 PARTITION_SCHEMES = ("dirichlet-equal", "dirichlet", "pathological", "iid")
 AE_ARCHS = ("bottleneck", "unet")
 NORMS = ("batch-recal", "batch", "group")
@@ -25,16 +23,6 @@ AE_OPTIMIZERS = ("adam", "sgd")
 REC_LOSSES = ("image-sum", "pixel-mean")
 LR_SCHEDULES = ("constant", "cosine")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum")  # strategies/robust.py
-# What the reference protocol fixes (method.md section 7): averaged BatchNorm, the plain SGD
-# autoencoder at lr 0.01, the per-pixel MSE and a constant learning rate. A run that asks for
-# `protocol = "reference"` gets these whatever else it sets.
-REFERENCE_FIXED = {
-    "norm": "batch",
-    "ae_optimizer": "sgd",
-    "lr_ae": 0.01,
-    "rec_loss": "pixel-mean",
-    "lr_schedule": "constant",
-}
 
 
 class ConfigError(ValueError):
@@ -110,8 +98,9 @@ class RunConfig:
         for key, value in values.items():
             field = known[key]
             kwargs[field.name] = _coerce(key, value, type(getattr(cls(), field.name)))
-        if kwargs.get("protocol") == "reference":
-            kwargs = _reference_fixed(kwargs)
+        protocol = PROTOCOLS.get(kwargs.get("protocol", "standard"))
+        if protocol is not None and protocol.fixed:
+            kwargs = {**kwargs, **protocol.fixed}
         config = cls(**kwargs)
         config.validate()
         return config
@@ -177,7 +166,7 @@ class RunConfig:
             (self.num_threads >= 0, f"num-threads must be >= 0 (0 = automatic), got {self.num_threads}"),
             (self.min_replies >= 1, f"min-replies must be >= 1, got {self.min_replies}"),
             (self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}"),
-            (self.protocol in PROTOCOLS, f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}"),
+            (self.protocol in PROTOCOLS, f"protocol must be one of {tuple(PROTOCOLS)}, got {self.protocol!r}"),
             (self.l2sp_lambda >= 0, f"l2sp-lambda must be >= 0, got {self.l2sp_lambda}"),
             (self.keep_checkpoints >= 0, f"keep-checkpoints must be >= 0 (0 = all), got {self.keep_checkpoints}"),
             (self.dp_clip_norm >= 0, f"dp-clip-norm must be >= 0 (0 = off), got {self.dp_clip_norm}"),
@@ -230,10 +219,9 @@ class RunConfig:
         return METHODS[self.method].uses_encoder
 
     @property
-    def reference(self) -> bool:
-        """The reference code's protocol (method.md section 7): 32-px 3-channel inputs,
-        optimisers kept across rounds, independently initialised sites, plain mean."""
-        return self.protocol == "reference"
+    def rules(self) -> Protocol:
+        """What the run's protocol changes (core/protocol.py)."""
+        return PROTOCOLS[self.protocol]
 
     @property
     def classifier_norm(self) -> str:
@@ -264,7 +252,7 @@ class RunConfig:
     def weighted_mean(self) -> bool:
         """Example-weighted averaging (`weighted`), except under the reference protocol or
         differential privacy (whose noise calibration assumes the plain mean)."""
-        return self.weighted and not self.reference and not self.dp
+        return self.weighted and self.rules.weighted_mean and not self.dp
 
     def default_run_name(self) -> str:
         spread = partition_tag(self.partition, self.alpha, self.classes_per_client)
@@ -278,13 +266,6 @@ def partition_tag(partition: str, alpha: float, classes_per_client: int) -> str:
     if partition == "pathological":
         return f"k{classes_per_client}"
     return "iid"
-
-
-def _reference_fixed(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The reference protocol's fixed settings. They replace whatever the run config says
-    (Flower hands the ServerApp every key of pyproject.toml, so an explicit value cannot be
-    told from a default); config.json records what ran."""
-    return {**kwargs, **REFERENCE_FIXED}
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

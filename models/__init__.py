@@ -89,7 +89,7 @@ def build_run_model(cfg: RunConfig, spec, seed: int) -> SiteModel:
         ae_arch=cfg.ae_arch,
         dz=cfg.dz,
         norm=cfg.classifier_norm,
-        quiet_start=not cfg.reference,
+        quiet_start=cfg.rules.quiet_autoencoder_start,
     )
 
 

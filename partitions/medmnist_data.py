@@ -96,7 +96,7 @@ def input_spec(flag: str, size: int = 28, reference: bool = False) -> DatasetSpe
     spec = dataset_spec(flag, size)
     if not reference:
         return spec
-    from core.config import REFERENCE_CHANNELS, REFERENCE_IMAGE_SIZE
+    from core.protocol import REFERENCE_CHANNELS, REFERENCE_IMAGE_SIZE
 
     return replace(spec, channels=REFERENCE_CHANNELS, image_size=REFERENCE_IMAGE_SIZE)
 
@@ -107,7 +107,7 @@ def reference_inputs(split: Split, chunk: int = 4096) -> Split:
     import torch
     from torch.nn.functional import interpolate
 
-    from core.config import REFERENCE_CHANNELS, REFERENCE_IMAGE_SIZE
+    from core.protocol import REFERENCE_CHANNELS, REFERENCE_IMAGE_SIZE
 
     images = split.images
     size = REFERENCE_IMAGE_SIZE

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from core.config import RunConfig
+from core.protocol import PROTOCOLS
 from core.seeds import local_shard_seed
 from partitions.medmnist_data import (
     MULTI_LABEL,
@@ -67,12 +68,12 @@ def to_tensors(split: Split, multi_label: bool, indices: np.ndarray | None = Non
 def cached_dataset(name: str, root: str, size: int, download: bool, protocol: str = "standard") -> MedMNISTData:
     """The dataset file, loaded once per process; its inputs as the protocol feeds them."""
     data = load_medmnist(name, root, size=size, download=download)
-    return as_protocol(data, protocol == "reference")
+    return as_protocol(data, PROTOCOLS[protocol].reference_inputs)
 
 
-def as_protocol(data: MedMNISTData, reference: bool) -> MedMNISTData:
-    """`data` itself, or under the reference protocol with 32-px 3-channel inputs."""
-    if not reference:
+def as_protocol(data: MedMNISTData, to_reference_inputs: bool) -> MedMNISTData:
+    """`data` itself, or with the reference protocol's 32-px 3-channel inputs."""
+    if not to_reference_inputs:
         return data
     splits = {name: reference_inputs(split) for name, split in data.splits.items()}
     return MedMNISTData(spec=input_spec(data.spec.name, data.spec.image_size, True), splits=splits)
@@ -158,7 +159,7 @@ def deployment_site_data(
         site = cached_site_file(path, cfg.dataset, cfg.image_size, cfg.seed, str(cache_dir))
     else:
         site = load_site_file(path, cfg.dataset, cfg.image_size, cfg.seed)
-    if cfg.reference:  # the reference protocol's inputs (method.md section 7)
+    if cfg.rules.reference_inputs:  # the reference protocol's inputs (method.md section 7)
         local = reference_inputs(site.local_test) if site.local_test is not None else None
         site = SiteFile(as_protocol(site.data, True), local, site.meta)
     multi = site.data.spec.multi_label

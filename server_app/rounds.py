@@ -44,7 +44,7 @@ EVALUATED_KEY = "num_evaluated"  # present in a row once the round's model was e
 
 def initial_model_arrays(cfg: RunConfig) -> tuple[ArrayRecord, list[str]]:
     """The shared part of a freshly initialised model (seeded), and its keys."""
-    model = build_run_model(cfg, input_spec(cfg.dataset, cfg.image_size, cfg.reference), seed=cfg.seed)
+    model = build_run_model(cfg, input_spec(cfg.dataset, cfg.image_size, cfg.rules.reference_inputs), seed=cfg.seed)
     keys = contract_for(cfg.method).shared_keys(model, cfg.head_blocks)
     state = model.state_dict()
     return ArrayRecord({k: state[k] for k in keys}), keys
@@ -53,7 +53,7 @@ def initial_model_arrays(cfg: RunConfig) -> tuple[ArrayRecord, list[str]]:
 def same_model_everywhere(cfg: RunConfig) -> bool:
     """Every site evaluates the same model (method contract), so the official splits need
     one evaluation per round."""
-    model = build_run_model(cfg, input_spec(cfg.dataset, cfg.image_size, cfg.reference), seed=cfg.seed)
+    model = build_run_model(cfg, input_spec(cfg.dataset, cfg.image_size, cfg.rules.reference_inputs), seed=cfg.seed)
     return contract_for(cfg.method).same_model_everywhere(model, cfg.head_blocks)
 
 

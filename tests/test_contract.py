@@ -88,3 +88,32 @@ def test_every_method_declares_what_it_keeps_and_how_it_is_named():
     for name, contract in METHODS.items():
         assert contract.label and contract.summary and contract.private, name
         assert contract.shared.include, name
+
+
+def _compared_constants(path: Path) -> list[tuple[int, str]]:
+    """String constants that code compares something with (`x == "reference"`)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Compare):
+            for side in (node.left, *node.comparators):
+                if isinstance(side, ast.Constant) and isinstance(side.value, str):
+                    out.append((node.lineno, side.value))
+    return out
+
+
+def test_what_a_protocol_changes_is_asked_of_its_protocol_object():
+    """The system's code asks the run's `Protocol` (core/protocol.py) what to do, never
+    compares the protocol's name (benchmarks may: they label runs by it), and every field
+    of `Protocol` is read somewhere."""
+    from core.protocol import PROTOCOLS, Protocol
+
+    found = []
+    for path in _code_files():
+        rel = str(path.relative_to(REPO))
+        if rel.startswith(("core/protocol.py", "benchmarks/")):
+            continue
+        found += [f"{rel}:{line}: {text!r}" for line, text in _compared_constants(path) if text in PROTOCOLS]
+    assert not found, f"code that compares the protocol's name: {found}"
+    sources = [p.read_text() for p in _code_files() if not str(p).endswith("core/protocol.py")]
+    unread = [f.name for f in dataclasses.fields(Protocol) if not any(f".{f.name}" in s for s in sources)]
+    assert not unread, f"Protocol fields nobody reads: {unread}"

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.config import REFERENCE_FIXED, ConfigError, RunConfig
+from core.config import ConfigError, RunConfig
+from core.protocol import PROTOCOLS
 from models import build_model
 from models.evaluation import recalibrated_batchnorm, reconstruction_health
 from partitions.tensors import TensorSplit
@@ -75,7 +76,7 @@ def test_group_norm_has_no_batchnorm_and_fedbn_refuses_it():
 
 def test_the_reference_protocol_fixes_what_the_reference_code_does():
     cfg = RunConfig.from_mapping({"protocol": "reference", "norm": "group", "ae-optimizer": "adam", "lr-ae": 0.003})
-    for name, value in REFERENCE_FIXED.items():
+    for name, value in PROTOCOLS["reference"].fixed.items():
         assert getattr(cfg, name) == value
     assert cfg.classifier_norm == "batch" and not cfg.recalibrate_bn
 

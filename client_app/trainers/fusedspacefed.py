@@ -90,7 +90,7 @@ def health_images(train: TensorSplit) -> torch.Tensor:
 
 def trains_decoder_in_warm_up(cfg: RunConfig, server_round: int) -> bool:
     """Round 1's warm-up trains D too under the standard protocol (see the module doc)."""
-    return server_round == 1 and not cfg.reference
+    return server_round == 1 and cfg.rules.first_warmup_trains_decoder
 
 
 class FusedSpaceFedTrainer(Trainer):
