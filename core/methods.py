@@ -325,6 +325,17 @@ METHODS: dict[str, MethodContract] = {
             trainer="client_app.trainers.ditto:DittoTrainer",
             personal_model=True,
         ),
+        MethodContract(
+            name="feddaf",
+            label="FedDAF",
+            summary="FedAvg's sites; the server aggregates with mixture weights a VAE infers from the sites' "
+            "normalisation statistics (FedFusion, Duan et al. 2023)",
+            private="nothing",
+            uses_encoder=False,
+            shared=CLASSIFIER_ONLY,
+            trainer=FEDAVG_TRAINER,
+            strategy="strategies.feddaf:FedDAF",
+        ),
     )
 }
 

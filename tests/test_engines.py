@@ -1,0 +1,54 @@
+"""Each method added through the contract runs in Flower's Ray simulation and in the lean
+engine (benchmarks/lean.py), and both write the same metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+METHODS_ADDED = ("lg-fedavg", "fedper", "fedrep", "ditto", "feddaf")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS_ADDED)
+def test_runs_in_flowers_simulation_and_the_lean_engine_alike(tmp_path, method):
+    """Flower's Ray simulation and the lean engine write the same metrics for the method."""
+    from flwr.simulation import run_simulation
+
+    import client_app.app as client
+    from benchmarks.lean import run_lean
+    from server_app.app import create_server_app
+    from tests.conftest import write_fake_medmnist as write_blood
+
+    write_blood(tmp_path / "data", "bloodmnist", sizes=(120, 30, 40))
+    config = {
+        "method": method,
+        "dataset": "bloodmnist",
+        "data-root": str(tmp_path / "data"),
+        "download": False,
+        "partition": "dirichlet",
+        "alpha": 1.0,
+        "num-server-rounds": 2,
+        "local-epochs": 1,
+        "batch-size": 32,
+        "device": "cpu",
+        "num-threads": 1,
+        "run-name": "same",
+        "track-tensorboard": False,
+    }
+    run_simulation(
+        server_app=create_server_app({**config, "results-dir": str(tmp_path / "flower")}),
+        client_app=client.app,
+        num_supernodes=2,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
+    )
+    run_lean({**config, "results-dir": str(tmp_path / "lean")}, 2)
+
+    def rows(engine):
+        lines = (tmp_path / engine / "same" / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "round_seconds"} for line in lines]
+
+    flower, lean = rows("flower"), rows("lean")
+    assert len(flower) == 2 and flower[-1]["num_evaluated"] == 2 and flower[-1]["failed_sites"] == []
+    assert lean == flower
