@@ -4,7 +4,8 @@ In a deployment Flower runs every message in a fresh process, so what this modul
 imports is paid per message. It imports Flower and the standard library only. A
 message is then either handed to the site's warm worker (node config `site-worker`,
 see `client_app.worker`), or run here by `client_app.site`, imported on first use
-(torch, data and models).
+(torch, data and models), unless the site runs its ClientApps isolated from its data
+(node config `site-worker-required`), where only the worker can serve it.
 
 What leaves a site is decided in `client_app.site` (see its docstring): the shared
 arrays, metrics, the records the method's contract names and, only with the site's
@@ -21,7 +22,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from client_app.worker import WORKER_KEY, WorkerUnavailable, call
+from client_app.worker import WORKER_KEY, WORKER_REQUIRED_KEY, WorkerUnavailable, call
 from core.transport import is_packed, pack, unpack
 
 IMPORTED = time.time()
@@ -37,6 +38,13 @@ def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
         try:
             return call(worker, kind, content, dict(context.node_config), context.run_id, WORKER_TIMEOUT)
         except WorkerUnavailable as exc:
+            if str(context.node_config.get(WORKER_REQUIRED_KEY, "")).lower() in ("true", "1"):
+                # an isolated ClientApp (its own user) cannot read the data: do not try
+                raise WorkerUnavailable(
+                    f"{exc}; this site runs ClientApps as a user that cannot read its data "
+                    f"({WORKER_REQUIRED_KEY}), so only the site worker can serve the message: "
+                    "check that it runs (its log is <state-dir>/worker.log)"
+                ) from None
             log(WARNING, "%s; running this message in the ClientApp process instead", exc)
     from client_app import site
     from client_app.timeline import Timeline

@@ -12,6 +12,16 @@ site's own user can talk to it.
 
     python -m client_app.worker --socket STATE_DIR/worker.sock
 
+Where the ClientApp runs as its own user (`start-supernode.sh --isolate-app-user`), that
+user cannot read the data or the state: the worker is their only reader. The socket then
+lives in a folder the app user can reach, mode 0660 with the app user's group
+(`--group`), and the worker takes its node config (data path, state folder, the
+gradient opt-in) from its own command line (`--node-config`), never from the untrusted
+app's messages.
+
+    python -m client_app.worker --socket APP_DIR/worker.sock --group fsf-app \
+        --node-config 'data-path="/srv/site.npz" state-dir="/srv/state" ...'
+
 The wire format is a JSON header plus raw array bytes (no pickle). A worker runs the
 code of the checkout it was started from; a message from an app bundle whose site code
 differs is refused (the thin app then runs it in-process and says so).
@@ -35,6 +45,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 WORKER_KEY = "site-worker"  # node config: the worker's socket path
+#: node config: the ClientApp runs as a user that cannot read the data, so never in-process
+WORKER_REQUIRED_KEY = "site-worker-required"
 PROTOCOL = 1
 _LENGTH = struct.Struct("!Q")
 CODE_PACKAGES = ("client_app", "core", "models", "partitions")
@@ -169,7 +181,7 @@ def call(
 class Worker:
     """Serves messages one at a time, with one in-memory node state per run."""
 
-    def __init__(self) -> None:
+    def __init__(self, node_config: dict[str, Any] | None = None) -> None:
         from flwr.app import Context
 
         from client_app import site  # torch, data and models: loaded once, here
@@ -177,6 +189,8 @@ class Worker:
         self.site, self.Context = site, Context
         self.code = code_digest()
         self.states: dict[tuple[int, str], RecordDict] = {}
+        #: the site's own node config; when set, a message's node config is ignored
+        self.node_config = node_config
 
     def handle(self, frame: bytes) -> bytes:
         header, content = decode(frame)
@@ -191,7 +205,7 @@ class Worker:
                 },
                 None,
             )
-        node_config = header["node_config"]
+        node_config = self.node_config if self.node_config is not None else header["node_config"]
         key = (int(header["run_id"]), json.dumps(node_config, sort_keys=True))
         state = self.states.setdefault(key, RecordDict())
         context = self.Context(run_id=key[0], node_id=0, node_config=node_config, state=state, run_config={})
@@ -223,15 +237,19 @@ def serve_one(worker: Worker, connection: socket.socket) -> None:
         print(f"dropped a connection after {time.time() - started:.2f} s ({type(exc).__name__}: {exc})", flush=True)
 
 
-def serve(path: str) -> None:
+def serve(path: str, group: str | None = None, node_config: dict[str, Any] | None = None) -> None:
+    """Serve messages at `path`: mode 0600, or 0660 for `group` (the isolated app user's)."""
     socket_path = Path(path).expanduser()
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     socket_path.unlink(missing_ok=True)
-    worker = Worker()
+    gid = _group_id(group) if group else None
+    worker = Worker(node_config)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # the socket file: 0600
+    old_umask = os.umask(0o177 if gid is None else 0o117)  # the socket file: 0600, or 0660
     try:
         server.bind(str(socket_path))
+        if gid is not None:
+            os.chown(socket_path, -1, gid)
     finally:
         os.umask(old_umask)
     server.listen(4)
@@ -247,10 +265,30 @@ def serve(path: str) -> None:
         socket_path.unlink(missing_ok=True)
 
 
+def _group_id(group: str) -> int:
+    import grp
+
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise SystemExit(f"error: no group {group!r} on this machine (--group)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client_app.worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--socket", required=True, help="the Unix socket path (node config site-worker)")
-    serve(parser.parse_args(argv).socket)
+    parser.add_argument("--group", help="make the socket 0660 for this group (the isolated ClientApp's user)")
+    parser.add_argument(
+        "--node-config",
+        help="the site's node config, as flower-supernode --node-config takes it; messages' own are then ignored",
+    )
+    args = parser.parse_args(argv)
+    node_config = None
+    if args.node_config is not None:
+        from flwr.common.config import parse_config_args
+
+        node_config = parse_config_args([args.node_config])
+    serve(args.socket, args.group, node_config)
     return 0
 
 

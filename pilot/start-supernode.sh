@@ -4,7 +4,7 @@
 #   pilot/start-supernode.sh --superlink HOST:PORT --ca ca.crt --key SITE.key \
 #       --data-path FILE_OR_FOLDER --site-name NAME --state-dir DIR \
 #       [--dataset FLAG] [--image-size N] [--port PORT] [--retry N] [--retry-wait S]
-#       [--allow-gradients] [--no-worker] [-- EXTRA...]
+#       [--allow-gradients] [--no-worker] [--isolate-app-user USER [--app-dir DIR]] [-- EXTRA...]
 #
 #   --superlink  the SuperLink's address, a name its certificate holds (make-certs.sh)
 #   --ca         the pilot's ca.crt (not the CA key)
@@ -21,11 +21,21 @@
 #   --retry N    restart the SuperNode up to N times when it exits with an error, S seconds
 #                apart (--retry-wait, default 10): after a crash the SuperLink refuses the
 #                node until it has missed its heartbeats (up to 60 s)
+#   --isolate-app-user USER  run every run's ClientApp (code the coordinator sends) as USER,
+#                a system user that cannot read --data-path, --state-dir or --key (checked
+#                before the start). Needs root. The SuperNode runs with --isolation process;
+#                `flower-superexec`, which starts the ClientApps, runs as USER; the site worker
+#                (required) is the only reader of the data and takes its node config from
+#                this script, and its socket is USER's only way in. Create USER once:
+#                useradd --system --user-group --no-create-home --shell /usr/sbin/nologin USER
+#   --app-dir DIR  USER's side (default STATE-DIR.app): the worker's socket and the SuperExec
+#                secret (group USER, 0750) and USER's own FLWR_HOME (home/); every folder
+#                above it must be searchable by USER
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 superlink="" ca="" key="" data="" name="" state="" dataset="" size=28 port=9094 retry=0 retry_wait=10
-gradients=false worker=true
+gradients=false worker=true app_user="" app_dir=""
 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -42,6 +52,8 @@ while [[ $# -gt 0 ]]; do
     --retry-wait) retry_wait="$2"; shift 2 ;;
     --allow-gradients) gradients=true; shift ;;
     --no-worker) worker=false; shift ;;
+    --isolate-app-user) app_user="$2"; shift 2 ;;
+    --app-dir) app_dir="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -51,6 +63,7 @@ for v in superlink ca key data name state; do
   [[ -n "${!v}" ]] || { echo "error: --${v/data/data-path} is required (see --help)" >&2; exit 2; }
 done
 [[ "$name" =~ ^[A-Za-z0-9._-]+$ ]] || { echo "error: --site-name may only hold letters, digits, . _ -" >&2; exit 2; }
+fail() { echo "error: $*" >&2; exit 2; }
 abs() { (cd "$(dirname "$1")" && printf '%s/%s\n' "$(pwd)" "$(basename "$1")"); }
 data="$(abs "$data")"
 mkdir -p "$state"
@@ -61,6 +74,40 @@ check() { PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$python" -m pilot.prefl
 check key --key "$key"
 check site --data-path "$data" ${dataset:+--dataset "$dataset"} --image-size "$size" --state-dir "$state"
 check tls --superlink "$superlink" --root-certificates "$ca"
+
+# The ClientApp as its own user: it may hand messages to the worker, and read nothing of the site's.
+as_app=()
+if [[ -n "$app_user" ]]; then
+  [[ $EUID -eq 0 ]] || fail "--isolate-app-user needs root (to start the ClientApp side as $app_user)"
+  [[ "$worker" == true ]] || fail "--isolate-app-user needs the site worker (drop --no-worker): it is the only reader of the data"
+  command -v setpriv >/dev/null || fail "setpriv is missing (apt-get install util-linux)"
+  app_uid="$(id -u "$app_user" 2>/dev/null)" ||
+    fail "user $app_user does not exist; create it: useradd --system --user-group --no-create-home --shell /usr/sbin/nologin $app_user"
+  app_gid="$(id -g "$app_user")"
+  [[ "$app_uid" -ne 0 ]] || fail "--isolate-app-user must name an unprivileged user, not $app_user (uid 0)"
+  as_app=(setpriv --reuid "$app_uid" --regid "$app_gid" --init-groups --inh-caps=-all --no-new-privs --)
+  app_dir="${app_dir:-$state.app}"
+  mkdir -p "$app_dir/home"
+  app_dir="$(abs "$app_dir")"
+  [[ "$app_dir/" != "$state/"* ]] || fail "--app-dir must lie outside --state-dir (which $app_user must not read)"
+  chown "0:$app_gid" "$app_dir" && chmod 0750 "$app_dir"
+  chown "$app_uid:$app_gid" "$app_dir/home" && chmod 0700 "$app_dir/home"
+  chmod 0700 "$state"
+  superexec="$(command -v flower-superexec)" || fail "flower-superexec is not on PATH"
+  "${as_app[@]}" env -i "$superexec" -V >/dev/null 2>&1 ||
+    fail "$app_user cannot run $superexec (or its Python): install the project's environment where others may read and run it (e.g. /opt/fusedspacefed with a system Python)"
+  "${as_app[@]}" test -x "$app_dir" ||
+    fail "$app_user cannot reach $app_dir: every folder above it must be searchable by others (chmod o+x), or choose another --app-dir"
+  # what the untrusted code must not read (find lists only what it can see; keep the data's folders 0700/0750)
+  readable="$("${as_app[@]}" find "$data" "$state" "$(abs "$key")" -readable -print 2>/dev/null | head -5 || true)"
+  [[ -z "$readable" ]] || fail "$app_user can read the site's data, state or key, e.g.:
+$readable
+make them the site user's only (chmod -R go-rwx PATH, or chown and chmod 0750 with a group $app_user is not in)"
+  secret="$app_dir/superexec.secret"
+  (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secret")
+  chown "0:$app_gid" "$secret" && chmod 0640 "$secret"
+  echo "ClientApps run as $app_user (uid $app_uid); its side: $app_dir" >&2
+fi
 
 export FLWR_TELEMETRY_ENABLED="${FLWR_TELEMETRY_ENABLED:-0}"
 export FLWR_DISABLE_UPDATE_CHECK="${FLWR_DISABLE_UPDATE_CHECK:-1}"
@@ -74,25 +121,33 @@ export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0
 # the worker may be restarted at any time (this script restarts it when it dies); while it
 # is down, messages run in-process.
 node_config="data-path=\"$data\" site-name=\"$name\" state-dir=\"$state\" allow-gradients=$gradients"
-worker_pid=""
+# supervised: a process that dies (killed, out of memory) is started again; a TERM to the
+# supervisor stops it and its process
+supervise() {
+  local what="$1" child="" code
+  shift
+  trap '[[ -n "$child" ]] && kill -TERM "$child" 2>/dev/null; wait; exit 0' TERM INT
+  while true; do
+    "$@" &
+    child=$!
+    wait "$child" && code=0 || code=$?
+    child=""
+    echo "$what exited with status $code; starting it again in 2 s" >&2
+    sleep 2
+  done
+}
+worker_pid="" superexec_pid=""
 if [[ "$worker" == true ]]; then
   sock="$state/worker.sock"
+  worker_args=(--socket "$sock")
+  if [[ -n "$app_user" ]]; then
+    sock="$app_dir/worker.sock"
+    node_config="$node_config site-worker=\"$sock\" site-worker-required=true"
+    worker_args=(--socket "$sock" --group "$app_gid" --node-config "$node_config")
+  fi
   rm -f "$sock"
-  # supervised: a worker that dies (killed, out of memory) is started again; a TERM to the
-  # supervisor stops it and its worker
-  supervise_worker() {
-    local child="" code
-    trap '[[ -n "$child" ]] && kill -TERM "$child" 2>/dev/null; wait; exit 0' TERM INT
-    while true; do
-      PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$python" -m client_app.worker --socket "$sock" &
-      child=$!
-      wait "$child" && code=0 || code=$?
-      child=""
-      echo "site worker exited with status $code; starting it again in 2 s" >&2
-      sleep 2
-    done
-  }
-  supervise_worker >>"$state/worker.log" 2>&1 &
+  PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" \
+    supervise "site worker" "$python" -m client_app.worker "${worker_args[@]}" >>"$state/worker.log" 2>&1 &
   worker_pid=$!
   for _ in $(seq 1 600); do
     [[ -S "$sock" ]] && break
@@ -101,9 +156,13 @@ if [[ "$worker" == true ]]; then
   done
   [[ -S "$sock" ]] || { echo "error: the site worker did not open $sock within 120 s; see $state/worker.log" >&2; exit 1; }
   echo "site worker ready (pid $worker_pid, log $state/worker.log)" >&2
-  node_config="$node_config site-worker=\"$sock\""
+  [[ -n "$app_user" ]] || node_config="$node_config site-worker=\"$sock\""
 fi
-stop_worker() { [[ -n "$worker_pid" ]] && kill -TERM "$worker_pid" 2>/dev/null; true; }
+stop_worker() {
+  [[ -n "$worker_pid" ]] && kill -TERM "$worker_pid" 2>/dev/null
+  [[ -n "$superexec_pid" ]] && kill -TERM "$superexec_pid" 2>/dev/null
+  true
+}
 trap stop_worker EXIT
 cmd=(
   flower-supernode
@@ -112,8 +171,20 @@ cmd=(
   --auth-supernode-private-key "$key"
   --port "$port"
   --node-config "$node_config"
-  "${extra[@]}"
 )
+if [[ -n "$app_user" ]]; then
+  # Flower's SuperExec, which starts a ClientApp process per message, as the app user, with
+  # a clean environment; the SuperNode lets only holders of the secret take its tasks
+  cmd+=(--isolation process --superexec-auth-secret-file "$secret")
+  app_env=(PATH="$PATH" HOME="$app_dir/home" FLWR_HOME="$app_dir/home/.flwr" LANG=C.UTF-8)
+  for var in $(compgen -e); do  # Flower's settings (telemetry, polling), nothing else of ours
+    [[ "$var" == FLWR_* && "$var" != FLWR_HOME ]] && app_env+=("$var=${!var}")
+  done
+  supervise "flower-superexec (as $app_user)" "${as_app[@]}" env -i "${app_env[@]}" "$superexec" --insecure \
+    --runtime-api-address "127.0.0.1:$port" --superexec-auth-secret-file "$secret" &
+  superexec_pid=$!
+fi
+cmd+=("${extra[@]}")
 child=""
 trap '[[ -n "$child" ]] && kill -TERM "$child" 2>/dev/null; stop_worker; wait; exit 143' TERM INT
 for ((attempt = 0; ; attempt++)); do

@@ -21,9 +21,10 @@ from tests.fl_harness import federation, server_identity, small_config, state_di
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_worker(sock: Path) -> subprocess.Popen:
+def start_worker(sock: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "client_app.worker", "--socket", str(sock)], env=env, cwd=REPO)
+    cmd = [sys.executable, "-m", "client_app.worker", "--socket", str(sock), *args]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
     deadline = time.time() + 120
     while not sock.exists():
         assert proc.poll() is None, "the worker exited"
@@ -113,6 +114,53 @@ def test_a_worker_refuses_messages_from_different_site_code(short_tmp, monkeypat
         proc.wait(30)
     with pytest.raises(worker.WorkerUnavailable, match="no site worker"):
         worker.call(str(sock), "train", RecordDict(), {}, 1, timeout=5)
+
+
+def test_a_worker_with_its_own_node_config_ignores_the_one_a_message_claims(monkeypatch):
+    """An isolated site's ClientApp is untrusted: it must not point the worker at other
+    files or switch the site's gradient opt-in on by sending another node config."""
+    own = {"data-path": "/srv/site.npz", "state-dir": "/srv/state", "allow-gradients": False}
+    w = worker.Worker(node_config=own)
+    seen = []
+
+    def record(content, context, timeline):
+        seen.append(dict(context.node_config))
+        return RecordDict()
+
+    monkeypatch.setitem(w.site.HANDLERS, "train", record)
+    claimed = {"data-path": "/etc/shadow", "state-dir": "/tmp/elsewhere", "allow-gradients": True}
+    header = {"protocol": worker.PROTOCOL, "code": w.code, "kind": "train", "run_id": 1, "node_config": claimed}
+    reply_header, _ = worker.decode(w.handle(worker.encode(header, RecordDict())))
+    assert "error" not in reply_header and seen == [own]
+
+
+@pytest.mark.slow  # starts a worker process, ~10 s
+def test_an_isolated_sites_worker_socket_is_for_the_app_users_group(short_tmp):
+    sock = short_tmp / "w.sock"
+    proc = start_worker(sock, "--group", str(os.getgid()), "--node-config", 'data-path="/srv/site.npz"')
+    try:
+        info = sock.stat()
+        assert oct(info.st_mode & 0o777) == oct(0o660) and info.st_gid == os.getgid()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_an_isolated_clientapp_never_runs_a_message_itself(monkeypatch, short_tmp):
+    """With `site-worker-required` (its user cannot read the data) and no worker, the thin
+    app says what is wrong at once instead of trying the site code in-process."""
+    from flwr.app import Context
+
+    from client_app import app, site
+
+    monkeypatch.setattr(site, "HANDLERS", {})  # any in-process attempt would fail differently
+    node_config = {"data-path": "/srv/site.npz", worker.WORKER_KEY: str(short_tmp / "none.sock")}
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+    with pytest.raises(KeyError):  # without the flag: the in-process fallback
+        app.handle("train", RecordDict(), context)
+    node_config[worker.WORKER_REQUIRED_KEY] = True
+    with pytest.raises(worker.WorkerUnavailable, match="only the site worker can serve the message"):
+        app.handle("train", RecordDict(), context)
 
 
 def test_a_deployed_site_tells_the_server_the_kind_of_failure_only(tmp_path, monkeypatch, caplog):
