@@ -62,6 +62,10 @@ class RunConfig:
     fedrep_head_epochs: int = 1
     ditto_mu: float = 0.1
     ditto_personal_epochs: int = 1
+    fraug_gamma: float = 0.01
+    fraug_lambda_g: float = 1.0
+    fraug_lambda_ft: float = 1.0
+    fraug_lr_aux: float = 0.05
     measure_gamma: bool = False
     gamma_batch_size: int = 256
     eval_every: int = 1
@@ -156,6 +160,12 @@ class RunConfig:
             ),
             (self.fedrep_head_epochs >= 1, f"fedrep-head-epochs must be >= 1, got {self.fedrep_head_epochs}"),
             (self.ditto_mu >= 0, f"ditto-mu must be >= 0, got {self.ditto_mu}"),
+            (self.fraug_gamma >= 0, f"fraug-gamma must be >= 0, got {self.fraug_gamma}"),
+            (
+                self.fraug_lambda_g >= 0 and self.fraug_lambda_ft >= 0,
+                f"fraug-lambda-g and fraug-lambda-ft must be >= 0, got {self.fraug_lambda_g}, {self.fraug_lambda_ft}",
+            ),
+            (self.fraug_lr_aux > 0, f"fraug-lr-aux must be > 0, got {self.fraug_lr_aux}"),
             (
                 self.ditto_personal_epochs >= 1,
                 f"ditto-personal-epochs must be >= 1, got {self.ditto_personal_epochs}",

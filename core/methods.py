@@ -28,7 +28,8 @@ from flwr.app import Array, ArrayRecord, RecordDict
 # -- model parts (the first dotted component of every state_dict key; a method shares
 #    keys by prefix, see KeySet) ---------------------------------------------------------
 ENCODER, DECODER, CLASSIFIER = "encoder", "decoder", "classifier"
-PARTS = (ENCODER, DECODER, CLASSIFIER)
+AUX = "aux"  # networks a method adds beside the classifier (`aux.<name>.*`, see MethodContract.aux_modules)
+PARTS = (ENCODER, DECODER, CLASSIFIER, AUX)
 
 # -- record names in messages ------------------------------------------------------
 CONFIG_RECORD = "config"  # server -> site: the run configuration and the round
@@ -183,6 +184,8 @@ class PartedModel(Protocol):
 
     def batchnorm_keys(self) -> set[str]: ...
 
+    def batchnorm_statistics_keys(self) -> set[str]: ...
+
 
 @dataclass(frozen=True)
 class MethodContract:
@@ -198,6 +201,8 @@ class MethodContract:
     trainer: str  # "module:Class" of the site's trainer
     strategy: str = "strategies.base:SharedModelStrategy"  # "module:Class" of the server's strategy
     share_batchnorm: bool = True  # False keeps BatchNorm layers private (FedBN)
+    share_bn_statistics: bool = True  # False keeps BatchNorm running statistics private, weights shared (FRAug)
+    aux_modules: str = ""  # "module:function" (feature_dim, num_classes) -> {name: nn.Module} beside the classifier
     to_site: tuple[Exchange, ...] = ()  # array records the server adds to train messages
     to_server: tuple[Exchange, ...] = ()  # array records every reply carries besides the shared arrays
     personal_model: bool = False  # the site evaluates a personal model it keeps beside the global one (Ditto)
@@ -208,6 +213,9 @@ class MethodContract:
         if not self.share_batchnorm:
             batchnorm = model.batchnorm_keys()
             keys = [k for k in keys if k not in batchnorm]
+        if not self.share_bn_statistics:
+            statistics = model.batchnorm_statistics_keys()
+            keys = [k for k in keys if k not in statistics]
         return keys
 
     def same_model_everywhere(self, model: PartedModel, head_blocks: int = 0) -> bool:
@@ -218,6 +226,10 @@ class MethodContract:
 
     def allowed_reply_records(self) -> frozenset[str]:
         return frozenset({ARRAYS_RECORD, GRADIENTS_RECORD, *(e.name for e in self.to_server)})
+
+    def build_aux_modules(self, feature_dim: int, num_classes: int) -> dict[str, Any]:
+        """The method's networks beside the classifier (none for most methods)."""
+        return _load(self.aux_modules)(feature_dim, num_classes) if self.aux_modules else {}
 
     def load_trainer(self) -> Any:
         return _load(self.trainer)()
@@ -324,6 +336,18 @@ METHODS: dict[str, MethodContract] = {
             shared=CLASSIFIER_ONLY,
             trainer="client_app.trainers.ditto:DittoTrainer",
             personal_model=True,
+        ),
+        MethodContract(
+            name="fraug",
+            label="FRAug",
+            summary="the classifier and a feature generator averaged; a private residual transformation "
+            "augments features (Chen et al. 2023)",
+            private="its transformation network, class-mean features and BatchNorm statistics",
+            uses_encoder=False,
+            shared=KeySet((CLASSIFIER, "aux.generator")),
+            share_bn_statistics=False,
+            aux_modules="models.augmentation:feature_augmenters",
+            trainer="client_app.trainers.fraug:FRAugTrainer",
         ),
         MethodContract(
             name="feddaf",

@@ -13,23 +13,32 @@ import torch
 from torch import nn
 
 from core.config import RunConfig
-from core.methods import CLASSIFIER, DECODER, ENCODER, PARTS
+from core.methods import AUX, CLASSIFIER, DECODER, ENCODER, PARTS, contract_for
 from models.autoencoders import build_autoencoder
 from models.classifier import PreActResNet20
 
-__all__ = ["CLASSIFIER", "DECODER", "ENCODER", "PARTS", "SiteModel", "build_model", "build_run_model", "part_of"]
+__all__ = ["AUX", "CLASSIFIER", "DECODER", "ENCODER", "PARTS", "SiteModel", "build_model", "build_run_model", "part_of"]
 
 
 class SiteModel(nn.Module):
     """Classifier, optionally preceded by the autoencoder that produces the fused input."""
 
-    def __init__(self, classifier: nn.Module, encoder: nn.Module | None = None, decoder: nn.Module | None = None):
+    def __init__(
+        self,
+        classifier: nn.Module,
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+        aux: dict[str, nn.Module] | None = None,
+    ):
         super().__init__()
         if (encoder is None) != (decoder is None):
             raise ValueError("encoder and decoder come together")
         self.encoder = encoder
         self.decoder = decoder
         self.classifier = classifier
+        # networks a method trains beside the classifier (FRAug's generator and transformation);
+        # they never enter the forward pass that is evaluated
+        self.aux = nn.ModuleDict(aux) if aux else None
 
     @property
     def fused(self) -> bool:
@@ -47,6 +56,10 @@ class SiteModel(nn.Module):
     def batchnorm_keys(self) -> set[str]:
         """State_dict keys of BatchNorm layers (FedBN keeps them private)."""
         return {k for k in self.state_dict() if is_batchnorm_key(self, k)}
+
+    def batchnorm_statistics_keys(self) -> set[str]:
+        """BatchNorm running statistics and counters (FRAug keeps them private)."""
+        return {k for k in self.batchnorm_keys() if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """logits = C(x + D(E_i(x))) for FusedSpaceFed, C(x) otherwise."""
@@ -81,7 +94,7 @@ def build_run_model(cfg: RunConfig, spec, seed: int) -> SiteModel:
     """The model a run configuration (`core.config.RunConfig`) asks for on a dataset
     (`partitions.medmnist_data.DatasetSpec`), initialised from `seed`."""
     torch.manual_seed(seed)
-    return build_model(
+    model = build_model(
         fused=cfg.fused,
         in_channels=spec.channels,
         num_classes=spec.num_classes,
@@ -91,10 +104,14 @@ def build_run_model(cfg: RunConfig, spec, seed: int) -> SiteModel:
         norm=cfg.classifier_norm,
         quiet_start=cfg.rules.quiet_autoencoder_start,
     )
+    aux = contract_for(cfg.method).build_aux_modules(model.classifier.feature_dim, spec.num_classes)
+    if aux:
+        model.aux = nn.ModuleDict(aux)
+    return model
 
 
 def part_of(key: str) -> str:
-    """Which part ('encoder', 'decoder', 'classifier') a state_dict key belongs to."""
+    """Which part ('encoder', 'decoder', 'classifier', 'aux') a state_dict key belongs to."""
     part = key.split(".", 1)[0]
     if part not in PARTS:
         raise KeyError(f"state_dict key {key!r} belongs to no known model part {PARTS}")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-METHODS_ADDED = ("lg-fedavg", "fedper", "fedrep", "ditto", "feddaf")
+METHODS_ADDED = ("lg-fedavg", "fedper", "fedrep", "ditto", "feddaf", "fraug")
 
 
 @pytest.mark.slow
