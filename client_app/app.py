@@ -32,7 +32,8 @@ app = ClientApp()
 
 
 def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
-    """The reply content for one message: from the warm worker when there is one, else here."""
+    """The reply content for one message, its arrays packed as core.transport packs them: from
+    the warm worker when there is one (the packed arrays pass through untouched), else here."""
     worker = str(context.node_config.get(WORKER_KEY, "") or "")
     if worker:
         try:
@@ -49,7 +50,7 @@ def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     from client_app import site
     from client_app.timeline import Timeline
 
-    return site.HANDLERS[kind](content, context, Timeline(site.IMPORTED, app_loaded=IMPORTED))
+    return pack(site.HANDLERS[kind](unpack(content), context, Timeline(site.IMPORTED, app_loaded=IMPORTED)))
 
 
 class SiteFailure(RuntimeError):
@@ -60,14 +61,14 @@ def reply(kind: str, msg: Message, context: Context) -> Message:
     """Arrays arrive packed into one array (core.transport) and the reply goes back the
     same way, so Flower moves two objects per message instead of one per array."""
     try:
-        content = handle(kind, unpack(msg.content), context)
+        content = handle(kind, msg.content, context)
     except Exception as exc:
         if not str(context.node_config.get("data-path", "") or ""):
             raise  # a simulated site: its log is the operator's own console
         # a deployed site: the details (local paths, data, state) stay in the SuperNode's log
         log(ERROR, "%s message failed at this site:\n%s", kind, traceback.format_exc())
         raise SiteFailure(f"{type(exc).__name__} at the site during {kind} (details in the site's own log)") from None
-    return Message(content=pack(content) if is_packed(msg.content) else content, reply_to=msg)
+    return Message(content=content if is_packed(msg.content) else unpack(content), reply_to=msg)
 
 
 @app.train()

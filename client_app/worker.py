@@ -22,7 +22,8 @@ app's messages.
     python -m client_app.worker --socket APP_DIR/worker.sock --group fsf-app \
         --node-config 'data-path="/srv/site.npz" state-dir="/srv/state" ...'
 
-The wire format is a JSON header plus raw array bytes (no pickle). A worker runs the
+The wire format is a JSON header plus the array bytes packed by core.transport, the format
+in which Flower delivers and takes the message (no pickle, one layout, checked once). A worker runs the
 code of the checkout it was started from; a message from an app bundle whose site code
 differs is refused (the thin app then runs it in-process and says so).
 """
@@ -43,6 +44,8 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from core.transport import LAYOUT_RECORD, PACKED_RECORD, pack, unpack
 
 WORKER_KEY = "site-worker"  # node config: the worker's socket path
 #: node config: the ClientApp runs as a user that cannot read the data, so never in-process
@@ -82,45 +85,38 @@ def code_digest(root: Path | None = None) -> str:
 
 
 def encode(header: dict[str, Any], records: RecordDict | None) -> bytes:
-    """A frame: header JSON (with the records' configs and metrics) + raw array bytes."""
-    chunks: list[bytes] = []
-    offset = 0
-    layout: dict[str, Any] = {"arrays": {}, "configs": {}, "metrics": {}}
-    for name, record in (records or RecordDict()).items():
-        if isinstance(record, ArrayRecord):
-            entries = []
-            for key in record.keys():
-                values = np.require(record[key].numpy(), requirements="C")  # keeps 0-d arrays 0-d
-                data = values.tobytes()
-                entries.append([key, values.dtype.str, list(values.shape), offset, len(data)])
-                chunks.append(data)
-                offset += len(data)
-            layout["arrays"][name] = entries
-        elif isinstance(record, ConfigRecord):
+    """A frame: header JSON (with the message's config and metric records, the packing
+    layout among them) + the packed array bytes. The arrays travel in core.transport's one
+    format, packed once: a message that arrives packed from Flower is forwarded as it is."""
+    packed = pack(records or RecordDict())
+    layout: dict[str, Any] = {"configs": {}, "metrics": {}}
+    body = b""
+    for name, record in packed.items():
+        if isinstance(record, ConfigRecord):
             layout["configs"][name] = dict(record)
         elif isinstance(record, MetricRecord):
             layout["metrics"][name] = dict(record)
+        elif name == PACKED_RECORD:
+            body = np.require(record["bytes"].numpy(), requirements="C").tobytes()
     head = json.dumps({**header, "records": layout}).encode()
-    return _LENGTH.pack(len(head)) + head + b"".join(chunks)
+    return _LENGTH.pack(len(head)) + head + body
 
 
-def decode(frame: bytes) -> tuple[dict[str, Any], RecordDict]:
+def decode(frame: bytes, keep_packed: bool = False) -> tuple[dict[str, Any], RecordDict]:
+    """(header, content); the arrays unpacked (their layout checked by core.transport), or
+    still packed with `keep_packed` (for content that only passes through)."""
     (size,) = _LENGTH.unpack_from(frame)
     header = json.loads(frame[_LENGTH.size : _LENGTH.size + size])
-    payload = memoryview(frame)[_LENGTH.size + size :]
+    body = memoryview(frame)[_LENGTH.size + size :]
     layout = header.pop("records")
     records = RecordDict()
-    for name, entries in layout["arrays"].items():
-        arrays = {}
-        for key, dtype, shape, offset, nbytes in entries:
-            values = np.frombuffer(payload[offset : offset + nbytes], dtype=np.dtype(dtype)).reshape(shape)
-            arrays[key] = Array(values.copy())
-        records[name] = ArrayRecord(arrays)
     for name, values in layout["configs"].items():
         records[name] = ConfigRecord(values)
     for name, values in layout["metrics"].items():
         records[name] = MetricRecord(values)
-    return header, records
+    if LAYOUT_RECORD in records.config_records:
+        records[PACKED_RECORD] = ArrayRecord({"bytes": Array(np.frombuffer(body, dtype=np.uint8).copy())})
+    return header, records if keep_packed else unpack(records)
 
 
 def _send(sock: socket.socket, frame: bytes) -> None:
@@ -152,7 +148,8 @@ def _exactly(sock: socket.socket, count: int) -> bytes:
 def call(
     path: str, kind: str, content: RecordDict, node_config: dict[str, Any], run_id: int, timeout: float
 ) -> RecordDict:
-    """Hand one message to the worker at `path`; its reply content, or WorkerUnavailable."""
+    """Hand one message to the worker at `path`; its reply content (arrays packed, as
+    core.transport sends them), or WorkerUnavailable."""
     header = {"protocol": PROTOCOL, "kind": kind, "node_config": node_config, "run_id": run_id}
     header["code"] = code_digest()
     try:  # no longer than the server waits for this round's reply
@@ -165,7 +162,7 @@ def call(
             sock.settimeout(timeout)
             sock.connect(path)
             _send(sock, encode(header, content))
-            reply_header, reply = decode(_receive(sock))
+            reply_header, reply = decode(_receive(sock), keep_packed=True)
     except (OSError, ConnectionError, ValueError) as exc:  # (socket.timeout is an OSError)
         raise WorkerUnavailable(f"no site worker at {path} ({type(exc).__name__}: {exc})") from exc
     if reply_header.get("error"):

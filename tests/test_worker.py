@@ -16,6 +16,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client_app import worker
+from core.transport import pack
 from tests.fl_harness import federation, server_identity, small_config, state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +55,21 @@ def test_the_wire_format_keeps_every_record_exactly():
         a, b = content["arrays"][key].numpy(), back["arrays"][key].numpy()
         assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
     assert dict(back["config"]) == dict(content["config"]) and dict(back["metrics"]) == dict(content["metrics"])
+    # one wire format: the frame carries core.transport's packed bytes as they are, so a
+    # packed message passes through the thin app to the worker and back without re-encoding
+    packed = pack(content)
+    frame = worker.encode({"kind": "train"}, packed)
+    buffer = packed["packed"]["bytes"].numpy().tobytes()
+    assert frame.endswith(buffer)
+    _, forwarded = worker.decode(frame, keep_packed=True)
+    assert forwarded["packed"]["bytes"].numpy().tobytes() == buffer
+    assert dict(forwarded["packing"]) == dict(packed["packing"])
+    # and a layout that does not describe its buffer is refused by core.transport's checks
+    forged = RecordDict(
+        {**dict(packed.items()), "packing": ConfigRecord({"layout": '[["arrays", "x", "<f4", [10000], 0, 40000]]'})}
+    )
+    with pytest.raises(ValueError, match="does not fit the buffer"):
+        worker.decode(worker.encode({}, forged))
 
 
 @pytest.fixture
