@@ -119,7 +119,9 @@ export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0
 # loaded; each message's fresh ClientApp process hands it the message over a Unix
 # socket (mode 0600) in the state folder. Its private state is on disk as always, so
 # the worker may be restarted at any time (this script restarts it when it dies); while it
-# is down, messages run in-process.
+# is down, messages run in-process. With --isolate-app-user the socket is in the app
+# user's folder (0660, its group), the worker takes the node config from here, and
+# messages fail while it is down (the app user cannot read the data).
 node_config="data-path=\"$data\" site-name=\"$name\" state-dir=\"$state\" allow-gradients=$gradients"
 # supervised: a process that dies (killed, out of memory) is started again; a TERM to the
 # supervisor stops it and its process

@@ -176,7 +176,10 @@ def test_a_run_trains_with_every_clientapp_running_as_the_app_user(isolated, app
     assert read_state_file(isolated.state_dir(SITE) / "isolated" / SITE / FILE_NAME)[1] == 1
     assert seen and set(seen.values()) == {app_user.pw_uid}, seen  # train and evaluate: as the app user
     assert "served a message" in (isolated.state_dir(SITE) / "worker.log").read_text()
-    print(f"\nisolated run: {len(seen)} ClientApp processes, all as uid {app_user.pw_uid}")
+    print(
+        f"\nisolated run: round 1 took {rows[0]['round_seconds']:.1f} s; {len(seen)} ClientApp processes seen, "
+        f"all as uid {app_user.pw_uid}"
+    )
 
 
 @pytest.mark.parametrize("required", [True, False])
