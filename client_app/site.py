@@ -119,12 +119,18 @@ class Site:
     def _build_model(self, global_arrays: ArrayRecord) -> SiteModel:
         model = build_run_model(self.cfg, self.data.spec, seed=site_init_seed(self.cfg.seed, self.site_id))
         self.shared_keys = self.contract.shared_keys(model, self.cfg.head_blocks)
+        if self.phase == "train":  # which keys arrive and leave in this round (most methods: all shared both ways)
+            self.received_keys, self.reply_keys = self.contract.key_sets(
+                self.shared_keys, self.server_round, self.site_id, self.cfg.to_mapping()
+            )
+        else:  # an evaluate message carries the whole global model
+            self.received_keys, self.reply_keys = self.shared_keys, []
         incoming = global_arrays.to_torch_state_dict()
-        if set(incoming) != set(self.shared_keys):
+        if set(incoming) != set(self.received_keys):
             raise ValueError(
-                f"the server sent keys that differ from this method's shared set (missing "
-                f"{sorted(set(self.shared_keys) - set(incoming))[:5]}, unexpected "
-                f"{sorted(set(incoming) - set(self.shared_keys))[:5]})"
+                f"the server sent keys that differ from what this method sends in round {self.server_round} (missing "
+                f"{sorted(set(self.received_keys) - set(incoming))[:5]}, unexpected "
+                f"{sorted(set(incoming) - set(self.received_keys))[:5]})"
             )
         before = (self.server_round + (self.phase == "evaluate")) if self.server_round else None
         saved = self.state.load(before_round=before) or PrivateArrays()
@@ -147,12 +153,13 @@ class Site:
         return model.to(self.device)
 
     def private_arrays(self, extras: dict[str, torch.Tensor]) -> PrivateArrays:
-        shared = set(self.shared_keys)
-        return PrivateArrays({k: v for k, v in self.model.state_dict().items() if k not in shared}, extras)
+        """Everything the server did not send this round (it may send the rest in a later one)."""
+        received = set(self.received_keys)
+        return PrivateArrays({k: v for k, v in self.model.state_dict().items() if k not in received}, extras)
 
     def shared_arrays(self) -> ArrayRecord:
         state = self.model.state_dict()
-        return ArrayRecord({k: state[k].detach().cpu() for k in self.shared_keys})
+        return ArrayRecord({k: state[k].detach().cpu() for k in self.reply_keys})
 
     def generator(self, purpose: int) -> torch.Generator:
         return torch.Generator().manual_seed(round_seed(self.cfg.seed, self.server_round, self.site_id, purpose))
@@ -233,6 +240,7 @@ def train_round(incoming: RecordDict, context: Context, timeline: Timeline | Non
         generator=site.generator(BATCH_ORDER),
         server_round=site.server_round,
         incoming=incoming,
+        site_id=site.site_id,
         extras=site.extras,
     )
     with fast_layout(site.model, site.device):

@@ -66,6 +66,9 @@ class RunConfig:
     fraug_lambda_g: float = 1.0
     fraug_lambda_ft: float = 1.0
     fraug_lr_aux: float = 0.05
+    fusefl_blocks: int = 2
+    fusefl_columns: int = 5
+    fusefl_calibration_samples: int = 500
     measure_gamma: bool = False
     gamma_batch_size: int = 256
     eval_every: int = 1
@@ -167,6 +170,10 @@ class RunConfig:
             ),
             (self.fraug_lr_aux > 0, f"fraug-lr-aux must be > 0, got {self.fraug_lr_aux}"),
             (
+                self.fusefl_calibration_samples >= 1,
+                f"fusefl-calibration-samples must be >= 1, got {self.fusefl_calibration_samples}",
+            ),
+            (
                 self.ditto_personal_epochs >= 1,
                 f"ditto-personal-epochs must be >= 1, got {self.ditto_personal_epochs}",
             ),
@@ -222,6 +229,9 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        problem = contract.config_problem(self.to_mapping())
+        if problem:
+            raise ConfigError(f"method {self.method!r}: {problem}")
 
     @property
     def fused(self) -> bool:

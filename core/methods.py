@@ -60,7 +60,7 @@ SERVER_FIELDS = frozenset(
         "global_acc_mean", "global_acc_worst", "global_acc_first5", "local_acc_mean", "macro_f1",
         "balanced_acc", "auc", "val_acc_mean", "gamma", "gamma_orig", "gamma_r", "gamma_phi",
         "control_norm", "dp_noise_std", "dp_epsilon", "resumed", "run_name", "method", "dataset",
-        "phase", "node", "push_start", "push_done", "pulled",
+        "phase", "node", "push_start", "push_done", "pulled", "upload_bytes",
     }
 )  # fmt: skip
 METRIC_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
@@ -203,6 +203,9 @@ class MethodContract:
     share_batchnorm: bool = True  # False keeps BatchNorm layers private (FedBN)
     share_bn_statistics: bool = True  # False keeps BatchNorm running statistics private, weights shared (FRAug)
     aux_modules: str = ""  # "module:function" (feature_dim, num_classes) -> {name: nn.Module} beside the classifier
+    classifier_builder: str = ""  # "module:function" (in_channels, num_classes, norm, cfg) -> the classifier (FuseFL)
+    round_keys: str = ""  # "module:function": which shared keys travel in which round (FuseFL), see key_sets
+    config_check: str = ""  # "module:function" (run config mapping) -> why the method cannot run it, or None
     to_site: tuple[Exchange, ...] = ()  # array records the server adds to train messages
     to_server: tuple[Exchange, ...] = ()  # array records every reply carries besides the shared arrays
     personal_model: bool = False  # the site evaluates a personal model it keeps beside the global one (Ditto)
@@ -218,6 +221,19 @@ class MethodContract:
             keys = [k for k in keys if k not in statistics]
         return keys
 
+    def key_sets(
+        self, shared: list[str], server_round: int, site: int | None, config: Mapping[str, Any]
+    ) -> tuple[list[str], list[str]]:
+        """(keys the server sends in `server_round`, keys site `site` sends back): all shared
+        keys both ways, unless the method's keys change per round."""
+        if not self.round_keys:
+            return shared, shared
+        return _load(self.round_keys)(shared, server_round, site, config)
+
+    def config_problem(self, config: Mapping[str, Any]) -> str | None:
+        """Why this method cannot run a configuration (kebab-case mapping), or None."""
+        return _load(self.config_check)(config) if self.config_check else None
+
     def same_model_everywhere(self, model: PartedModel, head_blocks: int = 0) -> bool:
         """True when every site evaluates the same model: every key is shared and no
         personal model is kept. Then the official test and validation splits need one
@@ -230,6 +246,10 @@ class MethodContract:
     def build_aux_modules(self, feature_dim: int, num_classes: int) -> dict[str, Any]:
         """The method's networks beside the classifier (none for most methods)."""
         return _load(self.aux_modules)(feature_dim, num_classes) if self.aux_modules else {}
+
+    def build_classifier(self, in_channels: int, num_classes: int, norm: str, cfg: Any) -> Any:
+        """The method's own classifier (only for a contract with `classifier_builder`)."""
+        return _load(self.classifier_builder)(in_channels, num_classes, norm, cfg)
 
     def load_trainer(self) -> Any:
         return _load(self.trainer)()
@@ -348,6 +368,24 @@ METHODS: dict[str, MethodContract] = {
             share_bn_statistics=False,
             aux_modules="models.augmentation:feature_augmenters",
             trainer="client_app.trainers.fraug:FRAugTrainer",
+        ),
+        MethodContract(
+            name="fusefl",
+            label="FuseFL",
+            summary="one-shot progressive fusion: K stages, each freezing and sharing every site's next block, "
+            "then a calibrated head (Tang et al. 2024)",
+            private="its column's blocks before their stage, its head before calibration",
+            uses_encoder=False,
+            shared=CLASSIFIER_ONLY,
+            trainer="client_app.trainers.fusefl:FuseFLTrainer",
+            strategy="strategies.fusefl:FuseFL",
+            classifier_builder="models.fused_columns:build",
+            round_keys="core.stages:progressive_round_keys",
+            config_check="core.stages:progressive_config_problem",
+            to_server=(
+                Exchange("fusefl-statistics", "per-class feature statistics for calibration", may_be_empty=True),
+            ),
+            personal_model=True,
         ),
         MethodContract(
             name="feddaf",

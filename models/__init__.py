@@ -94,6 +94,9 @@ def build_run_model(cfg: RunConfig, spec, seed: int) -> SiteModel:
     """The model a run configuration (`core.config.RunConfig`) asks for on a dataset
     (`partitions.medmnist_data.DatasetSpec`), initialised from `seed`."""
     torch.manual_seed(seed)
+    contract = contract_for(cfg.method)
+    if contract.classifier_builder:  # a method with its own classifier (FuseFL's fused columns)
+        return SiteModel(contract.build_classifier(spec.channels, spec.num_classes, cfg.classifier_norm, cfg))
     model = build_model(
         fused=cfg.fused,
         in_channels=spec.channels,
@@ -104,7 +107,7 @@ def build_run_model(cfg: RunConfig, spec, seed: int) -> SiteModel:
         norm=cfg.classifier_norm,
         quiet_start=cfg.rules.quiet_autoencoder_start,
     )
-    aux = contract_for(cfg.method).build_aux_modules(model.classifier.feature_dim, spec.num_classes)
+    aux = contract.build_aux_modules(model.classifier.feature_dim, spec.num_classes)
     if aux:
         model.aux = nn.ModuleDict(aux)
     return model

@@ -143,8 +143,12 @@ class SharedModelStrategy(FedAvg):
                 f"site (node {node}) sent {len(outside)} arrays outside the shared set, e.g. {sorted(outside)[:3]}; "
                 "private state (encoder, control variates) must never leave a site"
             )
-        if keys != self.shared_keys:
-            raise BadReply(f"site (node {node}) is missing shared arrays {sorted(self.shared_keys - keys)[:3]}")
+        expected = self.expected_reply_keys(msg)
+        if keys != expected:
+            raise BadReply(
+                f"site (node {node}) sent arrays other than this round's: missing {sorted(expected - keys)[:3]}, "
+                f"unexpected {sorted(keys - expected)[:3]}"
+            )
         self.check_arrays(node, ARRAYS_RECORD, records[ARRAYS_RECORD], self.specs)
         if self.dp_clip_norm > 0 and self.sent is not None:  # DP holds only if every update is within the clip
             norm = update_norm(records[ARRAYS_RECORD], self.sent)
@@ -160,6 +164,11 @@ class SharedModelStrategy(FedAvg):
         count = None if metrics is None else metrics.get(WEIGHT_KEY)
         if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
             raise BadReply(f"site (node {node}) claims {count!r} training examples; expected a positive integer")
+
+    def expected_reply_keys(self, msg: Message) -> frozenset[str]:
+        """The arrays a reply carries: every shared key (a method whose keys change per round
+        says otherwise)."""
+        return self.shared_keys
 
     def check_exchange(self, node: int, msg: Message, exchange: Exchange) -> None:
         """A record the contract says every reply carries: over exactly `exchange_keys`
@@ -264,6 +273,7 @@ class SharedModelStrategy(FedAvg):
         metrics = mean_metrics(records, weights, skip=BOOKKEEPING)
         metrics.update(worst_metrics(records, HEALTH_WORST_OF))
         metrics["num_replies"] = len(valid)
+        metrics["upload_bytes"] = float(np.mean([_array_bytes(m) for m in valid]))
         if self.dp_clip_norm > 0:
             std = noise_std(self.dp_noise_multiplier, self.dp_clip_norm, len(valid))
             if self.noise is not None:
@@ -332,6 +342,11 @@ class SharedModelStrategy(FedAvg):
 def _reply_order(msg: Message) -> tuple[int, int]:
     metrics = msg.content.metric_records.get(METRICS_RECORD) or msg.content.metric_records.get(EVALUATION_RECORD, {})
     return int(metrics.get(SITE_ID_KEY, 0)), int(msg.metadata.src_node_id)
+
+
+def _array_bytes(msg: Message) -> int:
+    """Bytes of every array a reply carries (what the site uploaded, before packing)."""
+    return sum(int(record[k].numpy().nbytes) for record in msg.content.array_records.values() for k in record.keys())
 
 
 def _tensor(array: Array) -> torch.Tensor:

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-METHODS_ADDED = ("lg-fedavg", "fedper", "fedrep", "ditto", "feddaf", "fraug")
+METHODS_ADDED = ("lg-fedavg", "fedper", "fedrep", "ditto", "feddaf", "fraug", "fusefl")
+#: settings a method needs beside the common ones (FuseFL: one stage and its calibration round)
+OWN_SETTINGS = {"fusefl": {"fusefl-blocks": 1, "fusefl-columns": 2}}
 
 
 @pytest.mark.slow
@@ -36,6 +38,7 @@ def test_runs_in_flowers_simulation_and_the_lean_engine_alike(tmp_path, method):
         "num-threads": 1,
         "run-name": "same",
         "track-tensorboard": False,
+        **OWN_SETTINGS.get(method, {}),
     }
     run_simulation(
         server_app=create_server_app({**config, "results-dir": str(tmp_path / "flower")}),

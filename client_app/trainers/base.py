@@ -23,6 +23,7 @@ class LocalRound:
     server_round: int
     incoming: RecordDict  # the server's message content (e.g. SCAFFOLD's control variate)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # private non-model state
+    site_id: int = 0  # this site's number (partition-id, or the deployed site's)
 
 
 @dataclass
