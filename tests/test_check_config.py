@@ -28,7 +28,7 @@ def test_no_overrides_means_pyproject_defaults():
 @pytest.mark.parametrize(
     ("run_config", "expected"),
     [
-        ("method='fraug'", ["method", "'fraug'", "fusedspacefed", "fedavg", "fedbn"]),
+        ("method='fedfoo'", ["method", "'fedfoo'", "fusedspacefed", "fedavg", "fedbn"]),
         ("partition='zipf'", ["partition", "'zipf'", "dirichlet-equal", "iid"]),
         ("alpha=0", ["alpha", "> 0", "got 0"]),
         ("local-epochs='three'", ["local-epochs", "int", "'three'"]),
@@ -85,10 +85,10 @@ def test_every_range_check_names_its_key_and_value():
 def test_the_server_app_logs_one_line_and_fails(caplog):
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     with caplog.at_level(logging.ERROR), pytest.raises(RunConfigRejected, match="method must be one of"):
-        create_server_app({"method": "fraug"})(grid=None, context=context)
+        create_server_app({"method": "fedfoo"})(grid=None, context=context)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].startswith("config error: method must be one of ("), errors
-    assert "'fedavg'" in errors[0] and errors[0].endswith("got 'fraug'")
+    assert "'fedavg'" in errors[0] and errors[0].endswith("got 'fedfoo'")
 
 
 def test_the_run_id_comes_from_flwr_runs_output():
@@ -132,7 +132,7 @@ def test_simulate_sh_stops_a_bad_method_before_flwr_starts(tmp_path):
     }
     try:
         proc = subprocess.run(
-            [str(REPO / "scripts" / "simulate.sh"), "--run-config", "method='fraug' num-server-rounds=1"],
+            [str(REPO / "scripts" / "simulate.sh"), "--run-config", "method='fedfoo' num-server-rounds=1"],
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -143,5 +143,5 @@ def test_simulate_sh_stops_a_bad_method_before_flwr_starts(tmp_path):
         stop_superlinks(control_port)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr.startswith("config error: method must be one of (") and "got 'fraug'" in proc.stderr
+    assert proc.stderr.startswith("config error: method must be one of (") and "got 'fedfoo'" in proc.stderr
     assert not any((tmp_path / "flwr-home").iterdir())  # flwr never ran (it writes config.toml first)

@@ -89,7 +89,7 @@ def test_the_sweeps_flower_engine_reports_a_failed_run(tmp_path, real_data_root)
     earlier): the run is logged as failed, with the one-line reason, and the sweep exits 1."""
     results = tmp_path / "runs"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.sweep", "--engine", "flower", "--methods", "fraug"]
+        [sys.executable, "-m", "benchmarks.sweep", "--engine", "flower", "--methods", "fedfoo"]
         + ["--datasets", "breastmnist", "--alphas", "0.5", "--seeds", "0", "--rounds", "1", "--sites", "2"]
         + ["--local-epochs", "1", "--warmup-epochs", "0", "--data-root", str(real_data_root)]
         + ["--results-dir", str(results)],
