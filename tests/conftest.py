@@ -59,6 +59,26 @@ def fake_root(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
+def tiny_blood_run(data_root: Path, method: str, **changes) -> dict:
+    """A kebab-case run config for 2 quick rounds on the synthetic BloodMNIST under
+    `data_root` (written by `write_fake_medmnist`): CPU, 1 thread, no TensorBoard."""
+    return {
+        "method": method,
+        "dataset": "bloodmnist",
+        "data-root": str(data_root),
+        "download": False,
+        "partition": "dirichlet",
+        "alpha": 1.0,
+        "num-server-rounds": 2,
+        "local-epochs": 1,
+        "batch-size": 32,
+        "device": "cpu",
+        "num-threads": 1,
+        "track-tensorboard": False,
+        **changes,
+    }
+
+
 def simulate_with_recorder(overrides: dict, recorder, log_path: Path, num_supernodes: int = 3) -> list[dict]:
     """Run the real ServerApp and ClientApp handlers in Flower's Ray simulation, with
     `recorder` as a Flower mod around the handlers; return the JSON rows it logged."""

@@ -21,25 +21,10 @@ def test_runs_in_flowers_simulation_and_the_lean_engine_alike(tmp_path, method):
     import client_app.app as client
     from benchmarks.lean import run_lean
     from server_app.app import create_server_app
-    from tests.conftest import write_fake_medmnist as write_blood
+    from tests.conftest import tiny_blood_run, write_fake_medmnist
 
-    write_blood(tmp_path / "data", "bloodmnist", sizes=(120, 30, 40))
-    config = {
-        "method": method,
-        "dataset": "bloodmnist",
-        "data-root": str(tmp_path / "data"),
-        "download": False,
-        "partition": "dirichlet",
-        "alpha": 1.0,
-        "num-server-rounds": 2,
-        "local-epochs": 1,
-        "batch-size": 32,
-        "device": "cpu",
-        "num-threads": 1,
-        "run-name": "same",
-        "track-tensorboard": False,
-        **OWN_SETTINGS.get(method, {}),
-    }
+    write_fake_medmnist(tmp_path / "data", "bloodmnist", sizes=(120, 30, 40))
+    config = tiny_blood_run(tmp_path / "data", method, **{"run-name": "same", **OWN_SETTINGS.get(method, {})})
     run_simulation(
         server_app=create_server_app({**config, "results-dir": str(tmp_path / "flower")}),
         client_app=client.app,

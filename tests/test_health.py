@@ -17,7 +17,7 @@ from core.protocol import PROTOCOLS
 from models import build_model
 from models.evaluation import recalibrated_batchnorm, reconstruction_health
 from partitions.tensors import TensorSplit
-from tests.conftest import write_fake_medmnist
+from tests.conftest import tiny_blood_run, write_fake_medmnist
 
 
 class Identity(nn.Module):
@@ -136,21 +136,7 @@ def test_same_seed_same_metrics_with_health_in_every_row(tmp_path):
     from benchmarks.lean import run_lean
 
     write_fake_medmnist(tmp_path / "data", "bloodmnist", sizes=(150, 30, 60))
-    config = {
-        "method": "fusedspacefed",
-        "dataset": "bloodmnist",
-        "data-root": str(tmp_path / "data"),
-        "download": False,
-        "partition": "dirichlet",
-        "alpha": 1.0,
-        "num-server-rounds": 2,
-        "local-epochs": 1,
-        "batch-size": 32,
-        "norm": "batch",
-        "device": "cpu",
-        "num-threads": 1,
-        "track-tensorboard": False,
-    }
+    config = tiny_blood_run(tmp_path / "data", "fusedspacefed", norm="batch")
     for name in ("first", "second"):
         run_lean({**config, "results-dir": str(tmp_path / name), "run-name": "same"}, 3)
     first, second = _metrics(tmp_path / "first" / "same"), _metrics(tmp_path / "second" / "same")
