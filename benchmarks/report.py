@@ -262,6 +262,66 @@ def headline_table(groups: dict[tuple, dict[str, list[Run]]]) -> list[str]:
     return lines
 
 
+_SHARED_BYTES: dict[tuple, float] = {}
+
+
+def upload_megabytes(run: Run) -> float | None:
+    """What one site uploaded over the run (MB of arrays): the rounds' `upload_bytes` where the
+    run recorded them, else the method's shared arrays (its contract) times the rounds."""
+    recorded = [r["upload_bytes"] for r in run.rows if isinstance(r.get("upload_bytes"), int | float)]
+    if recorded:
+        return sum(recorded) / 1e6
+    c = run.config
+    key = (c["method"], c["dataset"], c.get("image-size", 28), c.get("protocol", "standard"), c.get("head-blocks", 0))
+    if key not in _SHARED_BYTES:
+        from core.config import RunConfig
+        from models import build_run_model
+        from partitions.medmnist_data import input_spec
+
+        known = {f.replace("_", "-") for f in RunConfig.__dataclass_fields__}
+        cfg = RunConfig.from_mapping({k: v for k, v in c.items() if k in known})
+        model = build_run_model(cfg, input_spec(cfg.dataset, cfg.image_size, cfg.rules.reference_inputs), seed=0)
+        state = model.state_dict()
+        shared = METHODS[cfg.method].shared_keys(model, cfg.head_blocks)
+        _SHARED_BYTES[key] = float(sum(state[k].numel() * state[k].element_size() for k in shared))
+    return _SHARED_BYTES[key] * len(run.rows) / 1e6
+
+
+def _size(megabytes: float) -> str:
+    return f"{megabytes:.2f}" if megabytes >= 0.1 else f"{megabytes * 1000:.1f} kB"
+
+
+def side_by_side(groups: dict[tuple, dict[str, list[Run]]]) -> list[str]:
+    """Every method of the recipe's cells (BatchNorm recalibrated at the sites, three or more
+    methods) in one table: final global / local accuracy per cell, and what a site uploads."""
+    chosen = sorted(g for g in groups if g[5] == "batch-recal" and len(groups[g]) >= 3)
+    if not chosen:
+        return []
+    header = [
+        "method",
+        *[f"{g[0].replace('mnist', '')} {g[2]} ({g[3]} r)" for g in chosen],
+        "upload per site (MB, run)",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label in [m for m in ORDER if any(m in groups[g] for g in chosen)]:
+        row = [LABELS[label]]
+        uploads = []
+        for group in chosen:
+            runs = groups[group].get(label, [])
+            if not runs:
+                row.append("—")
+                continue
+            g = mean_std([r.acc("final") for r in runs])
+            local = mean_std([100.0 * (r.summary.get("final") or {}).get("local_acc_mean", float("nan")) for r in runs])
+            row.append(f"{fmt(*g[:2])} / {fmt(*local[:2])} (n={len(runs)})")
+            uploads += [(group[3], upload_megabytes(runs[0]))]
+        row.append(
+            ", ".join(f"{_size(mb)} ({rounds} r)" for rounds, mb in sorted(set(uploads)) if mb is not None) or "—"
+        )
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def rounds_list(runs: list[Run], which: str) -> str:
     rounds = [str((r.summary.get(which) or {}).get("round", "?")) for r in sorted(runs, key=lambda r: r.config["seed"])]
     return ",".join(rounds)
@@ -627,6 +687,19 @@ def render(
         lines += [notes.strip(), ""]
     lines += ["## Protocol", "", *protocol(runs), ""] if runs else []
     lines += ["## Headline: FusedSpaceFed − FedAvg", "", *headline_table(groups), ""]
+    overview = side_by_side(groups)
+    if overview:
+        lines += [
+            "## Methods side by side (final round: global / local accuracy %, mean ± sd over seeds)",
+            "",
+            "Global: each site's model (its private parts, or Ditto's personal model, FuseFL's fused model) on the "
+            "official test split, mean over sites; local: the same model on the site's own held-out shard. Upload: "
+            "the arrays one site sends over the whole run (from the rounds' `upload_bytes`, else the method's shared "
+            "arrays times the rounds).",
+            "",
+            *overview,
+            "",
+        ]
     reference = reference_table(groups)
     if reference:
         lines += [
