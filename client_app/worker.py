@@ -50,7 +50,7 @@ from core.transport import LAYOUT_RECORD, PACKED_RECORD, pack, unpack
 WORKER_KEY = "site-worker"  # node config: the worker's socket path
 #: node config: the ClientApp runs as a user that cannot read the data, so never in-process
 WORKER_REQUIRED_KEY = "site-worker-required"
-PROTOCOL = 1
+PROTOCOL = 2  # 2: the arrays travel packed by core.transport (1: one entry per array)
 _LENGTH = struct.Struct("!Q")
 CODE_PACKAGES = ("client_app", "core", "models", "partitions")
 #: the largest frame either side accepts (a message of this project is a few MB): a bigger
@@ -89,7 +89,8 @@ def encode(header: dict[str, Any], records: RecordDict | None) -> bytes:
     layout among them) + the packed array bytes. The arrays travel in core.transport's one
     format, packed once: a message that arrives packed from Flower is forwarded as it is."""
     packed = pack(records or RecordDict())
-    layout: dict[str, Any] = {"configs": {}, "metrics": {}}
+    # "arrays" stays (empty) so that a worker or app of protocol 1 can still read a refusal
+    layout: dict[str, Any] = {"arrays": {}, "configs": {}, "metrics": {}}
     body = b""
     for name, record in packed.items():
         if isinstance(record, ConfigRecord):

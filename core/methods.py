@@ -397,6 +397,7 @@ METHODS: dict[str, MethodContract] = {
             shared=CLASSIFIER_ONLY,
             trainer=FEDAVG_TRAINER,
             strategy="strategies.feddaf:FedDAF",
+            config_check="core.methods:mean_aggregation_only",
         ),
     )
 }
@@ -423,6 +424,13 @@ PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
         "bloodmnist": {"fedavg": 18.22, "fedprox": 19.48, "scaffold": 18.10, "fusedspacefed": 30.60},
     },
 }
+
+
+def mean_aggregation_only(config: Mapping[str, Any]) -> str | None:
+    """For a method whose server chooses its own weights for the mean (FedDAF)."""
+    if str(config["aggregation"]) != "mean":
+        return f"it aggregates with weights of its own, which aggregation = {config['aggregation']!r} would ignore"
+    return None
 
 
 def contract_for(method: str) -> MethodContract:

@@ -87,6 +87,18 @@ def progressive_config_problem(config: Mapping[str, Any]) -> str | None:
         return f"fusefl-columns must be >= 1 (one per site), got {config['fusefl-columns']}"
     if float(config["fraction-train"]) != 1.0:
         return "progressive fusion needs every site in every stage: set fraction-train = 1.0"
-    if float(config["dp-clip-norm"]) > 0 or str(config["aggregation"]) != "mean":
-        return "progressive fusion stacks the sites' blocks: differential privacy and robust aggregation do not apply"
+    if (
+        float(config["dp-clip-norm"]) > 0
+        or str(config["aggregation"]) != "mean"
+        or float(config["max-update-norm"]) > 0
+    ):
+        return (
+            "progressive fusion stacks the sites' blocks: differential privacy, robust aggregation and "
+            "max-update-norm do not apply"
+        )
+    if int(config["min-replies"]) != int(config["fusefl-columns"]):
+        return (
+            f"every column must be trained in every stage: set min-replies = fusefl-columns "
+            f"({config['fusefl-columns']}), got {config['min-replies']}"
+        )
     return None

@@ -34,6 +34,7 @@ class FuseFL(SharedModelStrategy):
         self.server_round = 0
         self.config: dict = {}
         self.full: dict[str, np.ndarray] = {}
+        self.column_of: dict[int, int] = {}  # node -> the column it claimed first (a column is one site's)
 
     @property
     def levels(self) -> int:
@@ -48,15 +49,29 @@ class FuseFL(SharedModelStrategy):
     ) -> Iterable[Message]:
         """Send only the levels fused so far; remember the whole model for the stacking."""
         self.server_round, self.config = server_round, dict(config)
+        columns, nodes = int(self.config["fusefl-columns"]), len(list(grid.get_node_ids()))
+        if nodes != columns:
+            raise ValueError(
+                f"progressive fusion needs one site per column: fusefl-columns = {columns}, but {nodes} sites are "
+                "connected"
+            )
         self.full = {k: np.array(arrays[k].numpy()) for k in arrays.keys()}
         to_site, _ = self.contract.key_sets(sorted(self.shared_keys), server_round, None, self.config)
         subset = ArrayRecord({k: arrays[k] for k in to_site})
         return super().configure_train(server_round, subset, config, grid)
 
     def expected_reply_keys(self, msg: Message) -> frozenset[str]:
+        node = msg.metadata.src_node_id
         site = msg.content.metric_records.get(METRICS_RECORD, {}).get(SITE_ID_KEY)
         if not isinstance(site, int) or isinstance(site, bool):
-            raise BadReply(f"site (node {msg.metadata.src_node_id}) sent no site-id, so its column is unknown")
+            raise BadReply(f"site (node {node}) sent no site-id, so its column is unknown")
+        owner = next((n for n, c in self.column_of.items() if c == site and n != node), None)
+        if owner is not None or self.column_of.setdefault(node, site) != site:
+            raise BadReply(
+                f"site (node {node}) claims column {site}, which "
+                + (f"node {owner} holds" if owner is not None else f"differs from its column {self.column_of[node]}")
+                + " (give each site its own partition-id)"
+            )
         try:
             _, back = self.contract.key_sets(sorted(self.shared_keys), self.server_round, site, self.config)
         except ValueError as exc:
@@ -82,8 +97,15 @@ class FuseFL(SharedModelStrategy):
         if mean.shape != (classes, d) or moment.shape != (classes, d, d) or count.shape != (classes,):
             raise BadReply(f"site (node {node}) sent {exchange.meaning} of shapes that do not fit the model")
         self.check_arrays(node, exchange.name, record, None)
-        if (count < 0).any():
-            raise BadReply(f"site (node {node}) sent negative class counts")
+        examples = msg.content.metric_records.get(METRICS_RECORD, {}).get("num-examples")
+        if (count < 0).any() or not np.array_equal(count, np.round(count)) or int(count.sum()) != examples:
+            raise BadReply(
+                f"site (node {node}) sent class counts that are not whole numbers adding up to its {examples} "
+                "training examples"
+            )
+        variance = np.diagonal(moment, axis1=1, axis2=2) - mean**2
+        if (variance < -1e-3 * (1 + np.abs(mean) ** 2)).any():
+            raise BadReply(f"site (node {node}) sent second moments smaller than its means allow")
 
     # -- stacking and calibration --------------------------------------------------------
     def aggregate_arrays(self, server_round: int, replies: list[Message], weights: list[float]) -> ArrayRecord:

@@ -9,7 +9,7 @@ import pytest
 
 METHODS_ADDED = ("lg-fedavg", "fedper", "fedrep", "ditto", "feddaf", "fraug", "fusefl")
 #: settings a method needs beside the common ones (FuseFL: one stage and its calibration round)
-OWN_SETTINGS = {"fusefl": {"fusefl-blocks": 1, "fusefl-columns": 2}}
+OWN_SETTINGS = {"fusefl": {"fusefl-blocks": 1, "fusefl-columns": 2, "min-replies": 2}}
 
 
 @pytest.mark.slow

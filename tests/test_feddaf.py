@@ -63,3 +63,10 @@ def test_a_feddaf_round_aggregates_with_the_inferred_weights_and_resumes_exactly
     stats = np.random.default_rng(1).normal(size=(3, 12))
     np.testing.assert_array_equal(strategy.fit(stats)[0], twin.fit(stats)[0])
     assert isinstance(twin.vae, MixtureVAE)
+
+
+def test_feddaf_refuses_a_robust_rule_that_would_ignore_its_weights(tmp_path):
+    from core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="weights of its own"):
+        small_config(tmp_path, "feddaf", aggregation="median").validate()

@@ -56,3 +56,31 @@ def test_a_fraug_site_sends_the_classifier_and_generator_and_keeps_the_rest(tmp_
         sent = torch.from_numpy(sent)
         assert not any(v.shape == sent.shape and torch.equal(v, sent) for v in private_values)
     assert contract_for("fraug").same_model_everywhere(model) is False
+
+
+def test_balanced_augmentation_uses_only_the_classes_a_site_has_seen(tmp_path):
+    """A site holding one class never asks G for the other (it has no mean feature for it)."""
+    from client_app.trainers import LocalRound
+    from client_app.trainers.fraug import CLASS_SEEN, FRAugTrainer
+    from partitions.tensors import TensorSplit
+
+    cfg = small_config(tmp_path, "fraug")
+    model = build_run_model(cfg, input_spec("breastmnist"), seed=0)
+    images = torch.randint(0, 255, (40, 1, 28, 28), dtype=torch.uint8)
+    train = TensorSplit(images, torch.zeros(40, dtype=torch.long))  # class 0 only
+    spec = input_spec("breastmnist")
+    data = type("Data", (), {"spec": spec, "train": train})()
+    asked = []
+    generator = model.aux["generator"]
+    original = generator.forward
+
+    def spy(z, y):
+        asked.append(set(y.tolist()))
+        return original(z, y)
+
+    generator.forward = spy
+    job = LocalRound(cfg, data, torch.device("cpu"), torch.Generator().manual_seed(0), 1, incoming=None)
+    result = FRAugTrainer().train(model, job)
+    assert asked and all(labels == {0} for labels in asked)
+    assert result.extras[CLASS_SEEN].tolist() == [40.0, 0.0]
+    assert (result.extras[CLASS_MEANS][1] == 0).all()

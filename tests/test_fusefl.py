@@ -65,14 +65,18 @@ def test_the_fused_model_sums_the_columns_features_and_a_stage_model_reads_all_c
 
 
 def test_a_run_needs_one_round_per_stage_and_one_to_calibrate(tmp_path):
+    with pytest.raises(ConfigError, match="min-replies = fusefl-columns"):
+        small_config(tmp_path, "fusefl", num_server_rounds=3, fusefl_columns=3).validate()
     with pytest.raises(ConfigError, match="num-server-rounds = 3"):
-        small_config(tmp_path, "fusefl", num_server_rounds=2, fusefl_columns=3).validate()
+        small_config(tmp_path, "fusefl", num_server_rounds=2, fusefl_columns=3, min_replies=3).validate()
     with pytest.raises(ConfigError, match="fraction-train"):
-        small_config(tmp_path, "fusefl", num_server_rounds=3, fusefl_columns=3, fraction_train=0.5).validate()
+        small_config(
+            tmp_path, "fusefl", num_server_rounds=3, fusefl_columns=3, min_replies=3, fraction_train=0.5
+        ).validate()
 
 
 def test_a_fusefl_run_stacks_the_sites_blocks_keeps_the_rest_and_calibrates_the_head(tmp_path):
-    cfg = small_config(tmp_path, "fusefl", num_server_rounds=3, fusefl_columns=3, fusefl_blocks=2)
+    cfg = small_config(tmp_path, "fusefl", num_server_rounds=3, fusefl_columns=3, fusefl_blocks=2, min_replies=3)
     fed = run(tmp_path, cfg, rounds=3)
     keys = fed.shared_keys
     for server_round, replies in enumerate(fed.round_replies, 1):
@@ -102,3 +106,26 @@ def test_a_fusefl_run_stacks_the_sites_blocks_keeps_the_rest_and_calibrates_the_
     # the final model evaluates at a site (every level fused)
     evaluation = evaluate_round(fed.grid_message(3), fed.grid.contexts[1])["evaluation"]
     assert 0 <= evaluation["local_acc"] <= 1
+
+
+def test_the_server_holds_each_site_to_one_column_and_checks_its_statistics(tmp_path):
+    """A reply claiming another site's column, or calibration counts that do not add up to
+    the site's examples, is a failed site, not a silent overwrite."""
+    from strategies import BadReply
+
+    cfg = small_config(tmp_path, "fusefl", num_server_rounds=3, fusefl_columns=3, fusefl_blocks=2, min_replies=3)
+    fed = run(tmp_path, cfg, rounds=3)
+    strategy = fed.strategy
+    first, second = fed.round_replies[2][0], fed.round_replies[2][1]
+    strategy.check_reply(first)  # a good calibration reply passes
+    second.content["metrics"]["site-id"] = int(first.content["metrics"]["site-id"])
+    with pytest.raises(BadReply, match="holds"):
+        strategy.check_reply(second)
+    stats = first.content["fusefl-statistics"]
+    from flwr.app import Array, ArrayRecord
+
+    inflated = {k: np.array(stats[k].numpy()) for k in stats.keys()}
+    inflated["count"] = inflated["count"] * 1000
+    first.content["fusefl-statistics"] = ArrayRecord({k: Array(v) for k, v in inflated.items()})
+    with pytest.raises(BadReply, match="whole numbers adding up"):
+        strategy.check_reply(first)

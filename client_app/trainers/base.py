@@ -43,5 +43,6 @@ class Trainer:
     def personal(self, model: SiteModel, extras: dict[str, torch.Tensor]) -> SiteModel:
         """The model this site evaluates and predicts with, from the model (global arrays
         plus private parts) and the site's private extras. Only a method whose contract says
-        `personal_model` (Ditto) keeps another one; `extras` may be empty (no round yet)."""
+        `personal_model` uses it: Ditto (its v), FuseFL (its stage model until every level is
+        fused); `extras` may be empty (no round yet)."""
         return model

@@ -2,13 +2,15 @@
 feature-representation augmentation. Three steps per mini-batch, each with its own optimiser:
 
 1. the model: `(1 - r) CE(real) + r CE(head(augmented))`, `r = min(0.5, exp(gamma (t - T)))`
-   with t the round and T the run's rounds; the augmented features are made without
+   with t the round and T the run's rounds (at gamma 0.01 a half in a run's last 69 rounds,
+   so in every round of a short run); the augmented features are made without
    gradients (so they train the head only) in two branches averaged, as the code's
    `use_homo_label_aug = 2`: balanced labels with the class means as reference, and the
    batch's labels with its real features as reference. The class means (momentum 0.3) are
    updated from the real features;
 2. the generator G: `CE(head(G(z, y)), y) - lambda_G MSE(G(z, y), mean_y)` (the distance is
-   maximised: diverse features), on balanced labels, uniform noise;
+   maximised: diverse features), on balanced labels (over the classes this site has seen:
+   an unseen class has no mean), uniform noise;
 3. the transformation T: `-H(softmax(head(T(.)))) + lambda_FT MSE(T(.), reference)` on both
    branches, G's output detached.
 
@@ -30,11 +32,13 @@ from client_app.training import RoundOptimizers, run_epochs
 from models import SiteModel
 
 CLASS_MEANS = "fraug/class-means"  # extras: (classes, feature_dim), private
+CLASS_SEEN = "fraug/class-seen"  # extras: (classes,) images of each class this site has seen
 MEAN_MOMENTUM = 0.3
 
 
 def augmentation_share(cfg, server_round: int) -> float:
-    """r = min(0.5, exp(gamma (t - T))): small early in the run, half at its end."""
+    """r = min(0.5, exp(gamma (t - T))): half once T - t < ln 2 / gamma (69 rounds at gamma
+    0.01), smaller before; a run of fewer rounds than that uses a half from its start."""
     return min(0.5, math.exp(cfg.fraug_gamma * (server_round - cfg.num_server_rounds)))
 
 
@@ -63,6 +67,10 @@ class FRAugTrainer(Trainer):
         if means is None or tuple(means.shape) != (num_classes, classifier.feature_dim):
             means = torch.zeros(num_classes, classifier.feature_dim)
         means = means.to(job.device).clone()
+        seen = job.extras.get(CLASS_SEEN)
+        if seen is None or tuple(seen.shape) != (num_classes,):
+            seen = torch.zeros(num_classes)
+        seen = seen.clone()
         share = augmentation_share(cfg, job.server_round)
         optimizers = RoundOptimizers(cfg, job.extras)
         model_opt = optimizers.sgd("classifier", classifier.parameters(), cfg.lr)
@@ -79,7 +87,11 @@ class FRAugTrainer(Trainer):
 
         def step(x: torch.Tensor, y: torch.Tensor) -> float:
             n = len(y)
-            balanced = (torch.arange(n) % num_classes).to(job.device)
+            seen.index_add_(0, y.long().cpu(), torch.ones(n))
+            # balanced labels over the classes this site has seen: a class it never saw has no
+            # mean feature to anchor the augmentation (under a skewed partition, most classes)
+            present = torch.nonzero(seen > 0).flatten()
+            balanced = present[torch.arange(n) % len(present)].to(job.device)
             # 1. the model, on real and (gradient-free) augmented features
             classifier.train()
             generator.eval()
@@ -133,4 +145,4 @@ class FRAugTrainer(Trainer):
         classifier.train()
         metrics = {"train_loss": train_loss, "augmentation_share": share}
         metrics.update({k: v / max(steps[0], 1) for k, v in losses.items()})
-        return RoundResult(metrics=metrics, extras={CLASS_MEANS: means.cpu(), **optimizers.saved()})
+        return RoundResult(metrics=metrics, extras={CLASS_MEANS: means.cpu(), CLASS_SEEN: seen, **optimizers.saved()})

@@ -53,6 +53,8 @@ class FuseFLTrainer(Trainer):
         cfg, net, column = job.cfg, model.classifier, job.site_id
         if not 0 <= column < len(net.columns):
             raise ValueError(f"site {column} has no column: fusefl-columns = {len(net.columns)}")
+        if job.data.spec.multi_label:  # refused before any stage is spent: calibration is per class
+            raise ValueError("FuseFL's calibration is per class; this dataset is multi-label")
         stage = job.server_round - 1
         if stage >= net.levels:
             return self.calibration_statistics(model, job)
@@ -66,7 +68,7 @@ class FuseFLTrainer(Trainer):
         for p in params:
             p.requires_grad_(True)
         optimizers = RoundOptimizers(cfg, job.extras)
-        optimizer = optimizers.sgd("column", params, cfg.lr)
+        optimizer = optimizers.sgd(f"column-{stage}", params, cfg.lr)  # each stage trains other parameters
         loss_fn = classification_loss(job.data.spec.multi_label)
         head = net.columns[column].head
 
@@ -92,8 +94,6 @@ class FuseFLTrainer(Trainer):
         """Per-class mean, second moment and count of the fused model's features on the
         site's training images (what the server calibrates the head from)."""
         net, classes = model.classifier, job.data.spec.num_classes
-        if job.data.spec.multi_label:
-            raise ValueError("FuseFL's calibration is per class; this dataset is multi-label")
         net.eval()
         d = net.feature_dim
         total, moment, count = torch.zeros(classes, d), torch.zeros(classes, d, d), torch.zeros(classes)
