@@ -6,6 +6,10 @@ clientrep does. The head is the contract's `HEAD` (the linear layer and the last
 
 FedPer shares the same parts but trains body and head together, which is FedAvg's loop,
 so it needs no trainer of its own.
+
+"Frozen" means no gradient step: the whole model stays in training mode, as in PFLlib, so
+the frozen part's BatchNorm running statistics still follow the batches (with `norm =
+batch-recal` each site recomputes them before it evaluates anyway).
 """
 
 from __future__ import annotations
