@@ -27,10 +27,11 @@ No public code or VAE specification exists; this is the smallest reading we foun
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord
 from torch import nn
 
 from core.methods import ARRAYS_RECORD
@@ -166,6 +167,16 @@ class FedDAF(SharedModelStrategy):
             optimizer.step()
         with torch.no_grad():
             return self.vae.memberships(s).double().numpy(), self.vae.expected_pi().double().numpy()
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The base aggregation; the round's row also says how far the mixture weights spread."""
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if metrics is not None and self.last_weights:
+            metrics["mixture_weight_max"] = max(self.last_weights)
+            metrics["mixture_weight_min"] = min(self.last_weights)
+        return arrays, metrics
 
     def aggregate_arrays(self, server_round: int, replies: list[Message], weights: list[float]) -> ArrayRecord:
         """The base aggregation (update bound, robust rules) with the inferred mixture weights

@@ -49,6 +49,7 @@ def test_a_feddaf_round_aggregates_with_the_inferred_weights_and_resumes_exactly
     assert isinstance(strategy, FedDAF)
     weights = strategy.last_weights
     assert len(weights) == 3 and sum(weights) == pytest.approx(1.0) and min(weights) >= 0
+    assert fed.metrics[-1]["mixture_weight_max"] == max(weights)
     replies = [r.content["arrays"] for r in fed.round_replies[-1]]
     expected = state_dict(average_arrays(replies, weights))
     for key, value in state_dict(fed.arrays).items():
