@@ -288,37 +288,37 @@ def upload_megabytes(run: Run) -> float | None:
 
 
 def _size(megabytes: float) -> str:
-    return f"{megabytes:.2f}" if megabytes >= 0.1 else f"{megabytes * 1000:.1f} kB"
+    return f"{megabytes:.2f}" if megabytes >= 0.1 else f"{megabytes:.4f}"
 
 
 def side_by_side(groups: dict[tuple, dict[str, list[Run]]]) -> list[str]:
     """Every method of the recipe's cells (BatchNorm recalibrated at the sites, three or more
-    methods) in one table: final global / local accuracy per cell, and what a site uploads."""
+    methods), one table per dataset: final global and local accuracy per partition, and what
+    one site uploads over the run."""
     chosen = sorted(g for g in groups if g[5] == "batch-recal" and len(groups[g]) >= 3)
-    if not chosen:
-        return []
-    header = [
-        "method",
-        *[f"{g[0].replace('mnist', '')} {g[2]} ({g[3]} r)" for g in chosen],
-        "upload per site (MB, run)",
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label in [m for m in ORDER if any(m in groups[g] for g in chosen)]:
-        row = [LABELS[label]]
-        uploads = []
-        for group in chosen:
-            runs = groups[group].get(label, [])
-            if not runs:
-                row.append("—")
-                continue
-            g = mean_std([r.acc("final") for r in runs])
-            local = mean_std([100.0 * (r.summary.get("final") or {}).get("local_acc_mean", float("nan")) for r in runs])
-            row.append(f"{fmt(*g[:2])} / {fmt(*local[:2])} (n={len(runs)})")
-            uploads += [(group[3], upload_megabytes(runs[0]))]
-        row.append(
-            ", ".join(f"{_size(mb)} ({rounds} r)" for rounds, mb in sorted(set(uploads)) if mb is not None) or "—"
-        )
-        lines.append("| " + " | ".join(row) + " |")
+    lines: list[str] = []
+    for dataset in sorted({g[0] for g in chosen}):
+        cells_ = [g for g in chosen if g[0] == dataset]
+        header = ["method"]
+        for g in cells_:
+            header += [f"{g[1]} {g[2]}, {g[3]} r: global", "local"]
+        header.append("upload per site over the run")
+        lines += [f"**{dataset}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for label in [m for m in ORDER if any(m in groups[g] for g in cells_)]:
+            row, uploads = [LABELS[label]], set()
+            for group in cells_:
+                runs = groups[group].get(label, [])
+                if not runs:
+                    row += ["—", "—"]
+                    continue
+                finals = [(r.summary.get("final") or {}) for r in runs]
+                g = mean_std([r.acc("final") for r in runs])
+                local = mean_std([100.0 * f["local_acc_mean"] for f in finals if f.get("local_acc_mean") is not None])
+                row += [f"{fmt(*g[:2])} (n={len(runs)})", fmt(*local[:2])]
+                uploads.add((group[3], upload_megabytes(runs[0])))
+            row.append(", ".join(f"{_size(mb)} MB ({r} r)" for r, mb in sorted(uploads) if mb is not None) or "—")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
     return lines
 
 
