@@ -425,3 +425,23 @@ def test_the_committed_grid_covers_the_tables_results_md_promises():
     for dataset in ("bloodmnist", "retinamnist"):
         assert {m for d, p, m in cells if d == dataset and p == "pathological"} == methods, dataset
     assert all(r.alpha > 0 and r.rounds >= 1 for r in runs)
+
+
+def test_the_side_by_side_table_lists_every_method_of_a_recipe_cell_with_its_upload(tmp_path):
+    """Three methods of one recipe cell: one row each with global and local accuracy, and the
+    upload per site: the rounds' upload_bytes where recorded, else the contract's shared
+    arrays times the rounds (FedAvg: the whole ResNet-20, LG-FedAvg: its linear head only)."""
+    final = {"global_acc_mean": 0.7, "local_acc_mean": 0.9, "val_acc_mean": 0.7}
+    for method in ("fedavg", "lg-fedavg"):
+        _write_recipe_run(tmp_path, method, 1, [{"round": 1, "num_replies": 5}, {"round": 2, **final}])
+    rows = [{"round": 1, "upload_bytes": 2e6}, {"round": 2, "upload_bytes": 3e6, **final}]
+    _write_recipe_run(tmp_path, "fusefl", 1, rows)
+    runs, _ = report.load_runs(tmp_path)
+    lines = report.side_by_side(report.cells(runs))
+    by_method = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
+    assert set(by_method) >= {"FedAvg", "LG-FedAvg", "FuseFL"}
+    assert "70.00" in by_method["FuseFL"] and "90.00" in by_method["FuseFL"]
+    assert by_method["FuseFL"].rstrip(" |").endswith("5.00 MB (2 r)")
+    avg_mb = float(by_method["FedAvg"].split("|")[-2].split()[0])
+    lg_mb = float(by_method["LG-FedAvg"].split("|")[-2].split()[0])
+    assert 2.0 < avg_mb < 2.5 and lg_mb < 0.01  # 2 rounds of ~1.09 MB; 2 rounds of a 64 x 2 head
