@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from core.console import console
 from core.methods import EVALUATION_RECORD, METRICS_RECORD, SITE_ID_KEY, BadRecord, check_site_metrics
 from core.transport import PackingError, pack, unpack
 
@@ -17,6 +18,10 @@ from core.transport import PackingError, pack, unpack
 # round is noticed within tens of milliseconds, a slow one costs a few requests a second
 # (Grid.send_and_receive of Flower's deployment grid sleeps 3 s between pulls).
 POLL_START, POLL_MAX, POLL_GROWTH = 0.02, 0.5, 1.5
+# A site is reported late (one log line, and another when its reply arrives) once it has
+# not answered for LATE_AFTER seconds and for LATE_FACTOR times as long as the slowest
+# site that did answer took; a site without a reply at the timeout is reported missing.
+LATE_AFTER, LATE_FACTOR = 30.0, 3.0
 
 
 class TooFewReplies(RuntimeError):
@@ -56,11 +61,12 @@ class SiteBook:
         return f"node {node_id}" + (f" (site {site})" if site is not None else "")
 
 
-def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: SiteBook) -> Exchange:
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: SiteBook, what: str = "") -> Exchange:
     """Push, pull until every site answered or `timeout` seconds passed, and sort the
     answers: replies, error replies (the SuperLink reports an unreachable node as one)
     and sites that never answered. Uses the Grid's public push/pull; arrays travel
-    packed (core.transport) and replies come back unpacked."""
+    packed (core.transport) and replies come back unpacked. Late sites get a log line
+    (`what`, e.g. "round 3", names the exchange), and another when they answer."""
     messages = list(messages)
     result = Exchange(sent=len(messages))
     if not messages:
@@ -75,7 +81,11 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: Site
     for m, mid in zip(messages, ids):
         if not mid:
             result.failed.append(f"{book.label(m.metadata.dst_node_id)}: the message could not be pushed")
-    deadline, interval = time.monotonic() + timeout, POLL_START
+    started = time.monotonic()
+    deadline, interval = started + timeout, POLL_START
+    late: set[int] = set()
+    slowest = 0.0  # seconds the slowest site that answered took
+    prefix = f"{what}: " if what else ""
     while waiting:
         for msg in grid.pull_messages(list(waiting)):
             node = waiting.pop(msg.metadata.reply_to_message_id, None)
@@ -83,6 +93,9 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: Site
                 node = msg.metadata.src_node_id
                 waiting = {k: v for k, v in waiting.items() if v != node}
             result.arrived[node] = time.time()
+            slowest = max(slowest, time.monotonic() - started)
+            if node in late:
+                console.print(f"[yellow]{prefix}{book.label(node)} answered late, after {slowest:.0f} s[/yellow]")
             if msg.has_error():
                 result.failed.append(f"{book.label(node)}: {str(msg.error.reason)[:2000]}")
                 continue
@@ -96,9 +109,19 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: Site
                 result.replies.append(msg)
         if not waiting or time.monotonic() >= deadline:
             break
+        elapsed = time.monotonic() - started
+        if elapsed >= max(LATE_AFTER, LATE_FACTOR * slowest):
+            for node in sorted(set(waiting.values()) - late):
+                late.add(node)
+                others = f"; the others answered within {slowest:.0f} s" if result.arrived else ""
+                console.print(
+                    f"[yellow]{prefix}{book.label(node)} is late: no reply after {elapsed:.0f} s{others}; "
+                    f"waiting up to round-timeout = {timeout:g} s[/yellow]"
+                )
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
         interval = min(POLL_MAX, interval * POLL_GROWTH)
     for node in waiting.values():
         result.failed.append(f"{book.label(node)}: no reply within {timeout:g} s")
+        console.print(f"[yellow]{prefix}{book.label(node)} is missing: no reply within {timeout:g} s[/yellow]")
     book.learn(result.replies)
     return result

@@ -40,6 +40,7 @@ from server_app.tracking import RunTracker
 from strategies import build_strategy
 
 EVALUATED_KEY = "num_evaluated"  # present in a row once the round's model was evaluated
+RESUME_WAIT = 180.0  # seconds a resumed run waits for the sites of its checkpoint's round (at most round-timeout)
 
 
 def initial_model_arrays(cfg: RunConfig) -> tuple[ArrayRecord, list[str]]:
@@ -143,6 +144,7 @@ class FederatedRun:
         self.results.write_config(cfg.to_mapping())
         console.rule(f"{cfg.method} on {cfg.dataset} ({cfg.partition}) -> {self.results.dir}")
         num_nodes = wait_for_nodes(self.grid, minimum=cfg.min_replies)
+        num_nodes = self.wait_for_resumed_sites(num_nodes)
         partition_summary(cfg, num_nodes, self.results.dir)
         self.evaluator = central_evaluator(cfg, same_model_everywhere(cfg) and not cfg.recalibrate_bn)
         self.arrays, shared_keys = initial_model_arrays(cfg)
@@ -159,6 +161,28 @@ class FederatedRun:
         console.print(f"resuming {cfg.run_name} after round {ckpt.server_round} from {ckpt.path}")
         return ckpt.server_round + 1
 
+    def wait_for_resumed_sites(self, num_nodes: int) -> int:
+        """A resumed run (e.g. after the SuperLink restarted) waits a while for as many sites
+        as answered the checkpoint's round, so that sites still reconnecting are not left
+        out of the first resumed round; then goes on with those connected."""
+        if self.checkpoint is None or not self.checkpoint.rows:
+            return num_nodes
+        last = self.checkpoint.rows[-1]
+        expected = int(last.get("num_replies", 0))
+        if num_nodes >= expected:
+            return num_nodes
+        wait = min(self.cfg.round_timeout, RESUME_WAIT)
+        console.print(
+            f"resuming: {num_nodes} of the {expected} sites that answered round {last['round']} are connected; "
+            f"waiting up to {wait:.0f} s for the others"
+        )
+        try:
+            return wait_for_nodes(self.grid, timeout=wait, minimum=expected)
+        except RuntimeError:
+            num_nodes = len(list(self.grid.get_node_ids()))
+            console.print(f"[yellow]resuming with {num_nodes} of {expected} sites connected[/yellow]")
+            return num_nodes
+
     def run_round(self, server_round: int) -> None:
         """Train round `server_round`; its messages also evaluate the previous round's model."""
         started = time.time()
@@ -171,7 +195,10 @@ class FederatedRun:
         sampled = {m.metadata.dst_node_id for m in train_messages}
         unsampled = set(self.grid.get_node_ids()) - sampled  # (fraction-train < 1, or sites that joined)
         eval_messages = self.evaluate_messages(pending, exclude=sampled) if pending is not None and unsampled else []
-        result = exchange(self.grid, train_messages + eval_messages, self.cfg.round_timeout, self.book)
+        offline = self.report_offline(server_round)
+        result = exchange(
+            self.grid, train_messages + eval_messages, self.cfg.round_timeout, self.book, f"round {server_round}"
+        )
         self.results.write_timeline(server_round, result)
         if pending is not None:
             self.record_evaluation(pending, result)
@@ -188,6 +215,8 @@ class FederatedRun:
         row: dict[str, Any] = {"round": server_round, "round_seconds": time.time() - started}
         row.update(dict(metrics or {}))
         row["failed_sites"] = failed
+        if offline:
+            row["offline_sites"] = offline
         self.rows.append(row)
         self.results.write_rounds(self.rows)
         self.save_checkpoint(server_round)
@@ -202,7 +231,13 @@ class FederatedRun:
         if pending is None:
             return
         started = time.time()
-        result = exchange(self.grid, self.evaluate_messages(pending), self.cfg.round_timeout, self.book)
+        result = exchange(
+            self.grid,
+            self.evaluate_messages(pending),
+            self.cfg.round_timeout,
+            self.book,
+            f"final evaluation of round {pending}",
+        )
         self.results.write_timeline(pending, result, final=True)
         self.record_evaluation(pending, result)
         self.rows[-1]["round_seconds"] += time.time() - started
@@ -232,6 +267,18 @@ class FederatedRun:
     def message_config(self, evaluate_received: bool) -> ConfigRecord:
         splits = "local" if self.evaluator is not None else "all"
         return ConfigRecord({**self.cfg.to_mapping(), EVALUATE_KEY: evaluate_received, SPLITS_KEY: splits})
+
+    def report_offline(self, server_round: int) -> list[str]:
+        """Sites that answered in an earlier round but that the SuperLink no longer lists as
+        connected (it drops a node that missed its heartbeats): one log line each."""
+        connected = set(self.grid.get_node_ids())
+        offline = [self.book.label(node) for node in sorted(self.book.sites) if node not in connected]
+        for label in offline:
+            console.print(
+                f"[yellow]round {server_round}: {label} is offline (not connected to the SuperLink): "
+                "not asked this round[/yellow]"
+            )
+        return offline
 
     def evaluate_messages(self, server_round: int, exclude: set[int] = frozenset()) -> list[Message]:
         """Evaluate messages (the current global model is round `server_round`'s) for the
