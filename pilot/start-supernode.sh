@@ -166,8 +166,9 @@ stop_worker() {
   true
 }
 trap stop_worker EXIT
+# flower-supernode itself, retrying TLS handshakes the network cut short (see pilot/supernode.py)
 cmd=(
-  flower-supernode
+  "$python" "$here/pilot/supernode.py"
   --superlink "$superlink"
   --root-certificates "$ca"
   --auth-supernode-private-key "$key"
