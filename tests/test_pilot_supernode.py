@@ -31,3 +31,26 @@ def test_the_supernode_retry_rule(monkeypatch):
     assert not invoker.should_giveup(httpx.ConnectError("_ssl.c:989: The handshake operation timed out"))
     assert invoker.should_giveup(httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"))
     assert not invoker.should_giveup(httpx.ReadTimeout("timed out"))  # Flower's own rule: retried
+
+
+def test_the_servers_object_pulls_end_at_the_exchange_deadline(monkeypatch):
+    """A reply whose upload broke off blocks Flower's object pull for up to 180 s; the
+    exchange bounds it by the time left to its deadline."""
+    from flwr.superlink.grid import http_grid
+
+    from server_app import faults
+
+    seen = {}
+
+    def fake_pull_objects(*args, **kwargs):
+        seen.update(kwargs)
+        return {}
+
+    monkeypatch.setattr(http_grid, "pull_objects", fake_pull_objects)
+    assert faults.bound_object_pulls() and faults.bound_object_pulls()  # once only
+    monkeypatch.setattr(faults, "_object_pull_deadline", faults.time.monotonic() + 42.0)
+    http_grid.pull_objects(object_ids=[])
+    assert 30.0 < seen["max_time"] <= 42.0
+    monkeypatch.setattr(faults, "_object_pull_deadline", faults.time.monotonic() - 100.0)
+    http_grid.pull_objects(object_ids=[])
+    assert seen["max_time"] == faults.MIN_OBJECT_PULL
