@@ -141,11 +141,12 @@ def tables(records: dict[str, dict[str, Any]], load: str) -> str:
         failed = "; ".join(f"{r}: {', '.join(f.split(':')[0] for f in fs)}" for r, fs in rec["failed_sites"].items())
         vs = f"{rec['vs_clean']:.2f}x" if rec.get("vs_clean") else "-"
         med = f"{rec['median_round_seconds']:.1f}" if rec.get("median_round_seconds") else "-"
-        states = ", ".join("yes" if rec["private_state_equals_clean"][s] else "no" for s in SITES)
+        same = rec.get("private_state_equals_clean", {})
+        states = ", ".join("yes" if same.get(s) else "no" for s in SITES)
         restarts = ", ".join(str(rec["supernode_restarts"][s]) for s in SITES)
         lines.append(
             f"| {case} | {rec['status']} | {rec['rounds_completed']} | {rec['num_replies']} | {failed or '-'} | "
-            f"{med}; {rec['round_seconds']} | {vs} | {'yes' if rec['model_equals_clean'] else 'no'} | {states} | "
+            f"{med}; {rec['round_seconds']} | {vs} | {'yes' if rec.get('model_equals_clean') else 'no'} | {states} | "
             f"{restarts} |"
         )
     lines += [
@@ -211,16 +212,21 @@ def main() -> int:
                 records[case]["supernode_restarts"] = dict.fromkeys(SITES, 0)
             models[case] = fh.global_model(pilot, case)
             print(json.dumps({k: v for k, v in records[case].items() if k not in ("rows", "run_log_tail")}), flush=True)
+            write(args.out, records, models, load_start)  # after every case: a partial sweep is a result too
     finally:
         fh.close(pilot, links)
+    print(write(args.out, records, models, load_start))
+    print(f"written to {args.out} (work folder {root})")
+    return 0
+
+
+def write(out: Path, records: dict[str, dict[str, Any]], models: dict[str, Any], load_start) -> str:
     compare(records, models)
     load_end = os.getloadavg()
     load = f"load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end ({os.cpu_count()} cores)"
     text = tables(records, load)
-    print(text)
-    args.out.write_text(json.dumps({"load": load, "cases": records, "tables": text}, indent=1, default=str) + "\n")
-    print(f"written to {args.out} (work folder {root})")
-    return 0
+    out.write_text(json.dumps({"load": load, "cases": records, "tables": text}, indent=1, default=str) + "\n")
+    return text
 
 
 if __name__ == "__main__":
