@@ -42,7 +42,9 @@ def retry_interrupted_handshakes() -> bool:
         give_up = invoker.should_giveup
 
         def should_giveup(exc: Exception) -> bool:
-            if isinstance(exc, httpx.TransportError) and transient_tls_error(exc):
+            # only where Flower would give up because the error names TLS
+            named_tls = any(term in str(exc).lower() for term in ("ssl", "tls"))
+            if isinstance(exc, httpx.TransportError) and named_tls and transient_tls_error(exc):
                 log(30, "TLS handshake interrupted (%s); retrying", exc)  # 30: WARNING
                 return False
             return give_up(exc) if give_up is not None else False
