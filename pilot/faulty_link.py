@@ -2,7 +2,7 @@
 
 `tc netem` is not available on these machines (no sch_netem, no root in CI), so the
 pilot's fault harness puts one of these between each SuperNode and the SuperLink
-(tests/test_pilot_faults.py, benchmarks/network_faults.py). Bytes pass unchanged, so TLS
+(benchmarks/network_faults.py, tests/fault_harness.py). Bytes pass unchanged, so TLS
 and SuperNode authentication stay end to end; the proxy only decides *when* (and whether)
 they arrive:
 

@@ -166,9 +166,8 @@ stop_worker() {
   true
 }
 trap stop_worker EXIT
-# flower-supernode itself, retrying TLS handshakes the network cut short (see pilot/supernode.py)
 cmd=(
-  "$python" "$here/pilot/supernode.py"
+  flower-supernode
   --superlink "$superlink"
   --root-certificates "$ca"
   --auth-supernode-private-key "$key"

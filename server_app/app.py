@@ -11,7 +11,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from core.check_config import describe
 from core.config import ConfigError, RunConfig
-from server_app.faults import bound_object_pulls
 from server_app.rounds import FederatedRun
 
 
@@ -27,7 +26,6 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     aggregates the replies that arrived within `round-timeout` and passed the strategy's
     checks when at least `min-replies` did, and records the sites that failed.
     """
-    bound_object_pulls()  # a reply whose upload broke off must not hold a round past round-timeout
     return FederatedRun(grid, cfg).start()
 
 

@@ -24,38 +24,6 @@ POLL_START, POLL_MAX, POLL_GROWTH = 0.02, 0.5, 1.5
 LATE_AFTER, LATE_FACTOR = 30.0, 3.0
 
 
-# Flower's deployment grid pulls a reply's objects with retries for up to 7200 s; a reply
-# whose upload broke off (a site's link failed mid-push) blocks the pull until the
-# SuperLink's object-push session expires (180 s), past round-timeout, and holds up the
-# other sites' replies (benchmarks/network_faults.py, case flaky). The exchange bounds
-# those pulls by the time left to its deadline (at least MIN_OBJECT_PULL seconds).
-MIN_OBJECT_PULL = 5.0
-_object_pull_deadline: float | None = None  # time.monotonic() of the running exchange's deadline
-
-
-def bound_object_pulls() -> bool:
-    """Make the deployment grid's object pulls honour the exchange's deadline; False
-    (nothing changed) where Flower moved them."""
-    try:
-        from flwr.superlink.grid import http_grid
-    except ImportError:
-        return False
-    original = getattr(http_grid, "pull_objects", None)
-    if original is None:
-        return False
-    if getattr(original, "bounded_by_exchange", False):
-        return True
-
-    def pull_objects(*args, **kwargs):
-        if _object_pull_deadline is not None:
-            kwargs["max_time"] = max(MIN_OBJECT_PULL, _object_pull_deadline - time.monotonic())
-        return original(*args, **kwargs)
-
-    pull_objects.bounded_by_exchange = True
-    http_grid.pull_objects = pull_objects
-    return True
-
-
 class TooFewReplies(RuntimeError):
     """Fewer sites replied in a round than `min-replies`; the run stops (resumable)."""
 
@@ -113,10 +81,8 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: Site
     for m, mid in zip(messages, ids):
         if not mid:
             result.failed.append(f"{book.label(m.metadata.dst_node_id)}: the message could not be pushed")
-    global _object_pull_deadline
     started = time.monotonic()
     deadline, interval = started + timeout, POLL_START
-    _object_pull_deadline = deadline
     late: set[int] = set()
     slowest = 0.0  # seconds the slowest site that answered took
     prefix = f"{what}: " if what else ""
@@ -154,7 +120,6 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: Site
                 )
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
         interval = min(POLL_MAX, interval * POLL_GROWTH)
-    _object_pull_deadline = None
     for node in waiting.values():
         result.failed.append(f"{book.label(node)}: no reply within {timeout:g} s")
         console.print(f"[yellow]{prefix}{book.label(node)} is missing: no reply within {timeout:g} s[/yellow]")

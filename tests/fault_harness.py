@@ -1,6 +1,6 @@
 """A pilot whose SuperNodes reach the SuperLink through faulty links (pilot/faulty_link.py):
 the pilot's own start scripts, TLS and SuperNode authentication, one userspace proxy per
-site. Used by tests/test_pilot_faults.py and benchmarks/network_faults.py."""
+site. Used by benchmarks/network_faults.py."""
 
 from __future__ import annotations
 
