@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.methods import DEFAULT_METHOD
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "medmnist"
 
@@ -95,7 +97,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", default="10,100")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--method", default="fusedspacefed")
+    parser.add_argument("--method", default=DEFAULT_METHOD)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "lean_scale.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
