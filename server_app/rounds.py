@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from core.config import ConfigError, RunConfig
 from core.console import console
 from core.methods import EVALUATE_KEY, EVALUATION_RECORD, SPLITS_KEY, contract_for
-from models import build_run_model
+from models import SiteModel, build_run_model
 from partitions.medmnist_data import input_spec
 from server_app.checkpoint import (
     CheckpointError,
@@ -43,19 +43,17 @@ EVALUATED_KEY = "num_evaluated"  # present in a row once the round's model was e
 RESUME_WAIT = 180.0  # seconds a resumed run waits for the sites of its checkpoint's round (at most round-timeout)
 
 
-def initial_model_arrays(cfg: RunConfig) -> tuple[ArrayRecord, list[str]]:
+def initial_model(cfg: RunConfig) -> SiteModel:
+    """A freshly initialised model of the run (seeded)."""
+    return build_run_model(cfg, input_spec(cfg.dataset, cfg.image_size, cfg.rules.reference_inputs), seed=cfg.seed)
+
+
+def initial_model_arrays(cfg: RunConfig, model: SiteModel | None = None) -> tuple[ArrayRecord, list[str]]:
     """The shared part of a freshly initialised model (seeded), and its keys."""
-    model = build_run_model(cfg, input_spec(cfg.dataset, cfg.image_size, cfg.rules.reference_inputs), seed=cfg.seed)
+    model = model if model is not None else initial_model(cfg)
     keys = contract_for(cfg.method).shared_keys(model, cfg.head_blocks)
     state = model.state_dict()
     return ArrayRecord({k: state[k] for k in keys}), keys
-
-
-def same_model_everywhere(cfg: RunConfig) -> bool:
-    """Every site evaluates the same model (method contract), so the official splits need
-    one evaluation per round."""
-    model = build_run_model(cfg, input_spec(cfg.dataset, cfg.image_size, cfg.rules.reference_inputs), seed=cfg.seed)
-    return contract_for(cfg.method).same_model_everywhere(model, cfg.head_blocks)
 
 
 def wait_for_nodes(grid: Grid, timeout: float = 600.0, minimum: int = 1) -> int:
@@ -146,8 +144,10 @@ class FederatedRun:
         num_nodes = wait_for_nodes(self.grid, minimum=cfg.min_replies)
         num_nodes = self.wait_for_resumed_sites(num_nodes)
         partition_summary(cfg, num_nodes, self.results.dir)
-        self.evaluator = central_evaluator(cfg, same_model_everywhere(cfg) and not cfg.recalibrate_bn)
-        self.arrays, shared_keys = initial_model_arrays(cfg)
+        model = initial_model(cfg)  # built once: what is shared, and whether every site evaluates the same model
+        everywhere = self.contract.same_model_everywhere(model, cfg.head_blocks)
+        self.evaluator = central_evaluator(cfg, everywhere and not cfg.recalibrate_bn)
+        self.arrays, shared_keys = initial_model_arrays(cfg, model)
         self.strategy = build_strategy(cfg, self.arrays)
         if self.checkpoint is None:
             self.save_checkpoint(0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.lean import run_lean
-from tests.conftest import write_fake_medmnist
+from tests.conftest import tiny_blood_run, write_fake_medmnist
 
 pytestmark = pytest.mark.slow  # a Flower (Ray) simulation and the GPU sweep script, 50-70 s each
 
@@ -32,22 +32,7 @@ def test_lean_runner_matches_the_flower_simulation(tmp_path):
     from server_app.app import create_server_app
 
     write_fake_medmnist(tmp_path / "data", "bloodmnist", sizes=(150, 30, 60))
-    config = {
-        "method": "fusedspacefed",
-        "dataset": "bloodmnist",
-        "data-root": str(tmp_path / "data"),
-        "download": False,
-        "partition": "dirichlet",
-        "alpha": 1.0,
-        "num-server-rounds": 2,
-        "local-epochs": 1,
-        "batch-size": 32,
-        "device": "cpu",
-        "num-threads": 1,
-        "measure-gamma": True,
-        "run-name": "same",
-        "track-tensorboard": False,
-    }
+    config = tiny_blood_run(tmp_path / "data", "fusedspacefed", **{"measure-gamma": True, "run-name": "same"})
     run_simulation(
         server_app=create_server_app({**config, "results-dir": str(tmp_path / "flower")}),
         client_app=client.app,
