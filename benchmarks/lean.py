@@ -63,8 +63,9 @@ class InProcessGrid:
         return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
 
 
-def run_lean(run_config: dict[str, Any], num_sites: int) -> dict[str, Any]:
-    """One run (kebab-case run config, as `flwr run --run-config` takes it); its summary."""
+def run_lean(run_config: dict[str, Any], num_sites: int, grid: InProcessGrid | None = None) -> dict[str, Any]:
+    """One run (kebab-case run config, as `flwr run --run-config` takes it); its summary.
+    `grid`: the sites to run on (to look at them afterwards), else `num_sites` fresh ones."""
     from flwr.supercore.task_identity import TaskIdentity
 
     from core.config import RunConfig
@@ -73,4 +74,4 @@ def run_lean(run_config: dict[str, Any], num_sites: int) -> dict[str, Any]:
     # Messages are stamped with the task that builds them; Flower's runtime sets this
     # identity for a ServerApp process, so this process sets its own once.
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 0
-    return FederatedRun(InProcessGrid(num_sites), RunConfig.from_mapping(run_config)).start()
+    return FederatedRun(grid or InProcessGrid(num_sites), RunConfig.from_mapping(run_config)).start()

@@ -41,6 +41,7 @@ class RunConfig:
     classes_per_client: int = 2
     num_server_rounds: int = 5
     fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
     local_epochs: int = 3
     warmup_epochs: int = 2
     batch_size: int = 32
@@ -132,6 +133,10 @@ class RunConfig:
             (self.classes_per_client >= 1, f"classes-per-client must be >= 1, got {self.classes_per_client}"),
             (self.num_server_rounds >= 1, f"num-server-rounds must be >= 1, got {self.num_server_rounds}"),
             (0 < self.fraction_train <= 1, f"fraction-train must be in (0, 1], got {self.fraction_train}"),
+            (
+                0 < self.fraction_evaluate <= 1,
+                f"fraction-evaluate must be in (0, 1], got {self.fraction_evaluate}",
+            ),
             (self.local_epochs >= 1, f"local-epochs must be >= 1, got {self.local_epochs}"),
             (self.warmup_epochs >= 0, f"warmup-epochs must be >= 0, got {self.warmup_epochs}"),
             (self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}"),

@@ -18,9 +18,11 @@
 #                measure-gamma = true (off by default: gradients can be inverted to images)
 #   --no-worker  do not start the warm site worker (python -m client_app.worker): every
 #                message then imports PyTorch and loads the data in a fresh process
-#   --retry N    restart the SuperNode up to N times when it exits with an error, S seconds
-#                apart (--retry-wait, default 10): after a crash the SuperLink refuses the
-#                node until it has missed its heartbeats (up to 60 s)
+#   --retry N    restart the SuperNode up to N times when it exits with an error or gives up
+#                reconnecting (Flower's "Giving up reconnection": the script then stops it and
+#                it exits with 75), S seconds apart (--retry-wait, default 10): after a crash
+#                the SuperLink refuses the node until it has missed its heartbeats (up to 60 s).
+#                On a network that may partition for minutes, keep N large (e.g. 1000)
 #   --isolate-app-user USER  run every run's ClientApp (code the coordinator sends) as USER,
 #                a system user that cannot read --data-path, --state-dir or --key (checked
 #                before the start). Needs root. The SuperNode runs with --isolation process;
@@ -187,15 +189,43 @@ if [[ -n "$app_user" ]]; then
   superexec_pid=$!
 fi
 cmd+=("${extra[@]}")
+# Flower 1.42's SuperNode gives up on a request whose error names TLS (a handshake that timed
+# out on a lossy link or during a network partition among them) and then stays alive but no
+# longer reaches the SuperLink (docs/RELIABILITY.md). Its log says "SSL/TLS handshake error
+# detected" or "Giving up reconnection": on either line this script stops it (TERM, KILL after 20 s), so it exits with status 75 and
+# --retry starts it again (or the service manager does, e.g. systemd's Restart=on-failure).
+# Only the SuperNode's own log is read; nothing inside Flower is changed.
+pid_file="$(mktemp "${TMPDIR:-/tmp}/supernode-$name.XXXXXX")"
+gave_up="$pid_file.gave-up"
+watch_for_give_up() {
+  local line
+  while IFS= read -r line; do
+    printf '%s\n' "$line"
+    if [[ ("$line" == *"Giving up reconnection"* || "$line" == *"SSL/TLS handshake error detected"*) && ! -e "$gave_up" ]]; then
+      : >"$gave_up"
+      echo "start-supernode: the SuperNode gave up reconnecting to $superlink; stopping it so that it starts again" >&2
+      local pid
+      pid="$(cat "$pid_file")"
+      kill -TERM "$pid" 2>/dev/null || true
+      (sleep 20 && kill -KILL "$pid" 2>/dev/null) &
+    fi
+  done
+}
 child=""
-trap '[[ -n "$child" ]] && kill -TERM "$child" 2>/dev/null; stop_worker; wait; exit 143' TERM INT
+trap '[[ -n "$child" ]] && kill -TERM "$child" 2>/dev/null; stop_worker; rm -f "$pid_file" "$gave_up"; wait; exit 143' TERM INT
 for ((attempt = 0; ; attempt++)); do
-  "${cmd[@]}" &
+  rm -f "$gave_up"
+  "${cmd[@]}" 2> >(watch_for_give_up >&2) &
   child=$!
+  echo "$child" >"$pid_file"
   status=0
   wait "$child" || status=$?
   child=""
-  [[ $status -eq 0 || $attempt -ge $retry ]] && exit "$status"
+  [[ -e "$gave_up" ]] && status=75
+  if [[ $status -eq 0 || $attempt -ge $retry ]]; then
+    rm -f "$pid_file" "$gave_up"
+    exit "$status"
+  fi
   echo "SuperNode exited with status $status; restarting in $retry_wait s (attempt $((attempt + 1)) of $retry)" >&2
   sleep "$retry_wait"
 done

@@ -17,6 +17,7 @@ def build_strategy(cfg: RunConfig, initial_arrays: ArrayRecord) -> SharedModelSt
         initial_arrays,
         weighted=cfg.weighted_mean,
         fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_replies,
         min_available_nodes=cfg.min_replies,  # a round goes on without sites that are down
         dp_clip_norm=cfg.dp_clip_norm,

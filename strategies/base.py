@@ -65,6 +65,7 @@ class SharedModelStrategy(FedAvg):
         *,
         weighted: bool = True,
         fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
         min_train_nodes: int = 1,
         min_available_nodes: int = 1,
         dp_clip_norm: float = 0.0,
@@ -79,7 +80,7 @@ class SharedModelStrategy(FedAvg):
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
-            fraction_evaluate=1.0,
+            fraction_evaluate=fraction_evaluate,
             min_train_nodes=min_train_nodes,
             min_evaluate_nodes=min_train_nodes,
             min_available_nodes=min_available_nodes,
