@@ -115,6 +115,10 @@ def run_case(pilot, links, case: str, base: dict[str, Any], timeout: float) -> d
     record["supernode_restarts"] = {
         site: pilot.supernodes[site].text()[log_offset[site] :].count("SuperNode exited with status") for site in SITES
     }
+    record["supernode_give_ups"] = {  # Flower's TLS give-up, stopped by start-supernode.sh
+        site: pilot.supernodes[site].text()[log_offset[site] :].count("the SuperNode gave up reconnecting")
+        for site in SITES
+    }
     record["run_log_tail"] = pilot.logs(run_id)[-3000:]
     return record
 
@@ -147,7 +151,7 @@ def tables(records: dict[str, dict[str, Any]], load: str) -> str:
         f"Machine load while measured: {load}.",
         "",
         "| case | status | rounds | replies per round | failed sites (round: site) | s per round (median; each) | vs clean | "
-        "final model = clean | private state = clean (a, b) | SuperNode restarts |",
+        "final model = clean | private state = clean (a, b) | SuperNode restarts (of them give-ups) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, rec in records.items():
@@ -156,7 +160,8 @@ def tables(records: dict[str, dict[str, Any]], load: str) -> str:
         med = f"{rec['median_round_seconds']:.1f}" if rec.get("median_round_seconds") else "-"
         same = rec.get("private_state_equals_clean", {})
         states = ", ".join("yes" if same.get(s) else "no" for s in SITES)
-        restarts = ", ".join(str(rec["supernode_restarts"][s]) for s in SITES)
+        give_ups = rec.get("supernode_give_ups", {})
+        restarts = ", ".join(f"{rec['supernode_restarts'][s]} ({give_ups.get(s, 0)})" for s in SITES)
         lines.append(
             f"| {case} | {rec['status']} | {rec['rounds_completed']} | {rec['num_replies']} | {failed or '-'} | "
             f"{med}; {rec['round_seconds']} | {vs} | {'yes' if rec.get('model_equals_clean') else 'no'} | {states} | "

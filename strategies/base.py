@@ -82,7 +82,7 @@ class SharedModelStrategy(FedAvg):
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
             min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_train_nodes,
+            min_evaluate_nodes=1,  # fraction-evaluate alone sets how many evaluate (1.0: every site)
             min_available_nodes=min_available_nodes,
             weighted_by_key=WEIGHT_KEY,
             arrayrecord_key=ARRAYS_RECORD,
