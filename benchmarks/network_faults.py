@@ -8,7 +8,11 @@ SuperNode authentication as deployed. One federation, one run per case:
 - cut: one site cut off after round 1 until round 3's checkpoint (two rounds), then reconnected;
 - slow: one site's link limited to 1 MB/s each way;
 - superlink-kill: the SuperLink (and its ServerApp) SIGKILLed in round 2, restarted with its
-  database, the run submitted again with resume-from = "latest".
+  database, the run submitted again with resume-from = "latest";
+and two harsher ones, not run by default (`--cases clean,flaky-heavy,long-cut`):
+- flaky-heavy: one site's link stalls or resets 10 % of its requests each;
+- long-cut: one site cut off for LONG_CUT seconds after round 1 (past Flower's TLS
+  handshake timeout and the SuperLink's heartbeat expiry), then reconnected.
 
 For each case: rounds completed, failed sites, seconds per round against the clean run,
 whether the final model and each site's private state equal the clean run's, what the
@@ -35,6 +39,8 @@ sys.path.insert(0, str(REPO))
 SITES = ["hospital-a", "hospital-b"]
 FAULTY = "hospital-b"  # the site whose link misbehaves in the one-site cases
 CASES = ["clean", "delay", "flaky", "cut", "slow", "superlink-kill"]
+HARSH_CASES = ["flaky-heavy", "long-cut"]
+LONG_CUT = 150.0  # seconds
 
 
 def submit(pilot, config: dict[str, Any], tries: int = 3) -> int:
@@ -61,6 +67,8 @@ def run_case(pilot, links, case: str, base: dict[str, Any], timeout: float) -> d
             links[site].faults = Faults(delay=0.1, jitter=0.02, seed=i)
     elif case == "flaky":
         links[FAULTY].faults = Faults(stall_p=0.025, reset_p=0.025, stall_seconds=40.0, seed=7)
+    elif case == "flaky-heavy":
+        links[FAULTY].faults = Faults(stall_p=0.1, reset_p=0.1, stall_seconds=40.0, seed=7)
     elif case == "slow":
         links[FAULTY].faults = Faults(rate=1_000_000)
     before = {site: links[site].stats.as_dict() for site in SITES}
@@ -78,6 +86,14 @@ def run_case(pilot, links, case: str, base: dict[str, Any], timeout: float) -> d
         restored = time.time()
         record["events"].append(f"{restored - started:.0f} s: {FAULTY} reconnected after round 3")
         back = fh.wait_all_online(pilot, 300)
+        record["events"].append(f"{FAULTY} online again {back:.0f} s after the link came back")
+    if case == "long-cut":
+        fh.wait_checkpoint(pilot, case, 1, timeout)
+        links[FAULTY].cut()
+        record["events"].append(f"{time.time() - started:.0f} s: {FAULTY} cut off after round 1 for {LONG_CUT:.0f} s")
+        time.sleep(LONG_CUT)
+        links[FAULTY].restore()
+        back = fh.wait_all_online(pilot, 600)
         record["events"].append(f"{FAULTY} online again {back:.0f} s after the link came back")
     if case == "superlink-kill":
         fh.wait_checkpoint(pilot, case, 1, timeout)
@@ -200,9 +216,9 @@ def main() -> int:
     from tests.pilot_harness import SMALL_RUN
 
     cases = [c for c in args.cases.split(",") if c]
-    unknown = set(cases) - set(CASES)
+    unknown = set(cases) - set(CASES) - set(HARSH_CASES)
     if unknown:
-        parser.error(f"unknown cases {sorted(unknown)}; known: {CASES}")
+        parser.error(f"unknown cases {sorted(unknown)}; known: {CASES + HARSH_CASES}")
     root = args.keep or Path(tempfile.mkdtemp(prefix="network-faults-"))
     root.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()

@@ -26,22 +26,14 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "medmnist"
+MEMORY_RESERVE_GB = 4.0  # stop adding SuperNodes below this much available memory (the machine is shared)
 sys.path.insert(0, str(REPO))
 
 from core.methods import DEFAULT_METHOD  # noqa: E402
+from tests.pilot_harness import SMALL_RUN  # noqa: E402
 
-RUN = {
-    "method": DEFAULT_METHOD,
-    "dataset": "bloodmnist",
-    "download": False,
-    "local-epochs": 1,
-    "warmup-epochs": 1,
-    "batch-size": 64,
-    "measure-gamma": False,
-    "num-threads": 1,
-    "device": "cpu",
-    "track-tensorboard": False,
-}
+# the pilot tests' small run (1 warm-up and 1 local epoch, batch 64), on BloodMNIST
+RUN = {**SMALL_RUN, "method": DEFAULT_METHOD, "dataset": "bloodmnist", "track-tensorboard": False}
 
 
 def tree_of(pid: int) -> list:
@@ -140,7 +132,17 @@ def measure(n: int, rounds: int, worker: bool, keep: Path | None) -> dict[str, A
         started = time.time()
         for i, site in enumerate(sites):
             extra = () if worker else ("--no-worker",)
-            pilot.supernodes[site] = pilot.start_supernode(site, pilot.site_files[i], retry=5, extra=extra)
+            proc = pilot.start_supernode(site, pilot.site_files[i], retry=5, extra=extra)
+            pilot.supernodes[site] = proc
+            if worker:  # one at a time: each worker loads PyTorch and the data
+                wait_for(lambda proc=proc: "site worker ready" in proc.text(), 300, f"{site}'s worker", proc, every=1)
+            available = psutil.virtual_memory().available / 2**30
+            if available < MEMORY_RESERVE_GB:
+                result["started_before_memory_ran_low"] = i + 1
+                raise MemoryError(
+                    f"{i + 1} SuperNodes started, {available:.1f} GB of memory left (reserve {MEMORY_RESERVE_GB} GB): "
+                    "not starting more"
+                )
         wait_for(lambda: len(pilot.online()) >= n, 300 + 20 * n, f"{n} SuperNodes online", every=5)
         result["seconds_to_all_online"] = round(time.time() - started, 1)
         sampler = Sampler([p.pid for p in pilot.supernodes.values()])
@@ -184,6 +186,11 @@ def measure(n: int, rounds: int, worker: bool, keep: Path | None) -> dict[str, A
         result["available_memory_after_gb"] = round(psutil.virtual_memory().available / 2**30, 1)
     except Exception as exc:  # the figures so far, and why it stopped
         result["error"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
+        if pilot.supernodes and "rss_idle_supernode_mb" not in result:
+            sampler = Sampler([p.pid for p in pilot.supernodes.values()])
+            sampler.sample()
+            result["rss_idle_supernode_mb"] = round(mean(sampler.peak_node.values()), 1)
+            result["rss_idle_worker_mb"] = round(mean(sampler.peak_worker.values()), 1)
     finally:
         pilot.stop_all()
     return result
