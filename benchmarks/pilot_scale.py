@@ -111,7 +111,9 @@ def _children(proc) -> list:
         return []
 
 
-def measure(n: int, rounds: int, worker: bool, keep: Path | None) -> dict[str, Any]:
+def measure(n: int, rounds: int, worker: bool, keep: Path | None, idle: bool = False) -> dict[str, Any]:
+    """One federation of `n` SuperNodes; with `idle`, only connected (no run): what the
+    SuperNodes and the SuperLink cost before any training process exists."""
     import psutil
 
     from partitions.split import split_dataset
@@ -120,7 +122,7 @@ def measure(n: int, rounds: int, worker: bool, keep: Path | None) -> dict[str, A
     root = Path(tempfile.mkdtemp(prefix=f"pilot-scale-{n}-", dir=keep))
     pilot = Pilot(root)
     sites = [f"site-{i:03d}" for i in range(n)]
-    result: dict[str, Any] = {"supernodes": n, "worker": worker, "rounds": rounds}
+    result: dict[str, Any] = {"supernodes": n, "worker": worker, "rounds": 0 if idle else rounds}
     try:
         pilot.site_files = split_dataset(
             "bloodmnist", DATA, root / "site-files", num_sites=n, partition="iid", show=False
@@ -155,6 +157,10 @@ def measure(n: int, rounds: int, worker: bool, keep: Path | None) -> dict[str, A
         result["superlink_cpu_at_rest_percent"] = round(
             100 * (cpu_seconds(tree_of(pilot.superlink.pid)) - cpu0) / (time.time() - t0), 1
         )
+        result["superlink_rss_at_rest_mb"] = round(rss_mb(tree_of(pilot.superlink.pid)), 1)
+        result["available_memory_at_rest_gb"] = round(psutil.virtual_memory().available / 2**30, 1)
+        if idle:
+            return result
         sampler.thread.start()
         cpu0, t0 = cpu_seconds(tree_of(pilot.superlink.pid)), time.time()
         config = {
@@ -203,6 +209,12 @@ def main() -> int:
     parser.add_argument("--supernodes", default="10,30,50", help="comma-separated SuperNode counts")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-worker", action="store_true", help="SuperNodes without the warm site worker")
+    parser.add_argument(
+        "--idle",
+        action="store_true",
+        help="connect the SuperNodes (without workers) and measure them at rest, without a run: "
+        "the SuperNodes' own cost where the training processes would not fit in memory",
+    )
     parser.add_argument("--keep", type=Path, help="keep each pilot's folder (logs) under this folder")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "pilot_scale.json")
     args = parser.parse_args()
@@ -216,7 +228,8 @@ def main() -> int:
         report["runs"] = json.loads(args.out.read_text()).get("runs", [])
     for n in [int(s) for s in args.supernodes.split(",")]:
         print(f"{n} SuperNodes ...", flush=True)
-        report["runs"].append(measure(n, args.rounds, not args.no_worker, args.keep))
+        worker = not (args.no_worker or args.idle)
+        report["runs"].append(measure(n, args.rounds, worker, args.keep, idle=args.idle))
         report["load_at_end"] = os.getloadavg()
         print(json.dumps(report["runs"][-1]), flush=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
