@@ -192,8 +192,9 @@ cmd+=("${extra[@]}")
 # Flower 1.42's SuperNode gives up on a request whose error names TLS (a handshake that timed
 # out on a lossy link or during a network partition among them) and then stays alive but no
 # longer reaches the SuperLink (docs/RELIABILITY.md). Its log says "SSL/TLS handshake error
-# detected" or "Giving up reconnection": on either line this script stops it (TERM, KILL after 20 s), so it exits with status 75 and
-# --retry starts it again (or the service manager does, e.g. systemd's Restart=on-failure).
+# detected" or "Giving up reconnection": on either line this script stops it (TERM, KILL
+# after 20 s), so it exits with status 75 and --retry starts it again (or the service
+# manager does, e.g. systemd's Restart=on-failure).
 # Only the SuperNode's own log is read; nothing inside Flower is changed.
 pid_file="$(mktemp "${TMPDIR:-/tmp}/supernode-$name.XXXXXX")"
 gave_up="$pid_file.gave-up"
