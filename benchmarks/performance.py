@@ -93,7 +93,9 @@ def run_child(payload: dict[str, Any], sample_memory: bool = False, module: str 
     """One simulation in a child process (the sweep's child mode). Samples the child's whole
     process tree every 0.25 s: summed RSS (its peak) and summed CPU time, which, read at the
     moments metrics.jsonl gains a row, gives the CPU seconds each round cost (the machine is
-    shared, so CPU time is a steadier measure of work than wall time)."""
+    shared, so CPU time is a steadier measure of work than wall time). With `sample_memory`
+    also summed PSS (shared pages split between the processes that map them, where RSS
+    counts them in each) and, at its peak, the PSS of each part of the tree."""
     import psutil
 
     from benchmarks.sweep import RunSpec, child_env
@@ -112,6 +114,7 @@ def run_child(payload: dict[str, Any], sample_memory: bool = False, module: str 
         start_new_session=True,
     )
     peak = {"rss": 0, "procs": 0, "at": 0.0}
+    peak_pss: dict[str, Any] = {"pss": 0, "by_part": {}}
     cpu_at_round: dict[int, float] = {}
     cpu_by_pid: dict[int, tuple[str, float]] = {}
     stop = threading.Event()
@@ -123,17 +126,27 @@ def run_child(payload: dict[str, Any], sample_memory: bool = False, module: str 
                 tree = [parent, *parent.children(recursive=True)]
             except psutil.Error:
                 break
-            rss, cpu = 0, 0.0
+            rss, cpu, pss = 0, 0.0, 0
+            pss_by_part: dict[str, int] = {}
             for p in tree:
                 try:
-                    rss += p.memory_info().rss
+                    part = _category(p, proc.pid)
+                    if sample_memory:
+                        info = p.memory_full_info()
+                        pss += info.pss
+                        pss_by_part[part] = pss_by_part.get(part, 0) + info.pss
+                    else:
+                        info = p.memory_info()
+                    rss += info.rss
                     t = p.cpu_times()
                     cpu += t.user + t.system + t.children_user + t.children_system
-                    cpu_by_pid[p.pid] = (_category(p, proc.pid), t.user + t.system)  # workers rename themselves
+                    cpu_by_pid[p.pid] = (part, t.user + t.system)  # workers rename themselves
                 except psutil.Error:
                     pass
             if rss > peak["rss"]:
                 peak.update(rss=rss, procs=len(tree), at=time.time() - started)
+            if pss > peak_pss["pss"]:
+                peak_pss.update(pss=pss, by_part=pss_by_part)
             try:
                 done = sum(1 for line in metrics.read_text().splitlines() if line.strip())
             except OSError:
@@ -155,7 +168,9 @@ def run_child(payload: dict[str, Any], sample_memory: bool = False, module: str 
         split[label] = split.get(label, 0.0) + seconds
     rounds = sorted(cpu_at_round)
     round_cpu = [cpu_at_round[b] - cpu_at_round[a] for a, b in zip(rounds, rounds[1:]) if b == a + 1 and a >= 1]
+    memory = {"peak_pss_bytes": peak_pss["pss"], "pss_by_part_at_peak_bytes": peak_pss["by_part"]}
     return {
+        **(memory if sample_memory else {}),
         "wall_s": wall,
         "peak_rss_bytes": peak["rss"],
         "peak_procs": peak["procs"],

@@ -193,9 +193,10 @@ class FederatedRun:
             )
         )
         sampled = {m.metadata.dst_node_id for m in train_messages}
-        unsampled = set(self.grid.get_node_ids()) - sampled  # (fraction-train < 1, or sites that joined)
+        connected = set(self.grid.get_node_ids())  # (one request to the SuperLink in a deployment)
+        unsampled = connected - sampled  # (fraction-train < 1, or sites that joined)
         eval_messages = self.evaluate_messages(pending, exclude=sampled) if pending is not None and unsampled else []
-        offline = self.report_offline(server_round)
+        offline = self.report_offline(server_round, connected)
         result = exchange(
             self.grid, train_messages + eval_messages, self.cfg.round_timeout, self.book, f"round {server_round}"
         )
@@ -268,10 +269,9 @@ class FederatedRun:
         splits = "local" if self.evaluator is not None else "all"
         return ConfigRecord({**self.cfg.to_mapping(), EVALUATE_KEY: evaluate_received, SPLITS_KEY: splits})
 
-    def report_offline(self, server_round: int) -> list[str]:
+    def report_offline(self, server_round: int, connected: set[int]) -> list[str]:
         """Sites that answered in an earlier round but that the SuperLink no longer lists as
-        connected (it drops a node that missed its heartbeats): one log line each."""
-        connected = set(self.grid.get_node_ids())
+        `connected` (it drops a node that missed its heartbeats): one log line each."""
         offline = [self.book.label(node) for node in sorted(self.book.sites) if node not in connected]
         for label in offline:
             console.print(

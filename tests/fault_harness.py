@@ -4,7 +4,6 @@ site. Used by benchmarks/network_faults.py."""
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from client_app.state import FILE_NAME, read_state_file
 from pilot.faulty_link import Faults, FaultyLink
 from server_app.checkpoint import list_checkpoints
+from server_app.tracking import read_rows
 from tests.pilot_harness import Pilot, wait_for
 
 
@@ -86,7 +86,7 @@ def restart_superlink(pilot: Pilot) -> float:
 
 def metrics(pilot: Pilot, run_name: str) -> list[dict]:
     path = pilot.results / run_name / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_rows(path) if path.exists() else []
 
 
 def global_model(pilot: Pilot, run_name: str) -> dict[str, torch.Tensor] | None:
