@@ -400,6 +400,19 @@ def stop(proc: subprocess.Popen) -> None:
                 pass
 
 
+def reap(proc: subprocess.Popen) -> float | None:
+    """None while the child runs; once it has ended, its CPU seconds (user + system, with
+    the processes it waited for), which a loaded machine does not inflate as it does wall
+    time: the campaign's core-hours come from here."""
+    if proc.returncode is not None:
+        return 0.0
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    if pid == 0:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
 # -- the driver --------------------------------------------------------------------------
 
 
@@ -481,7 +494,8 @@ def sweep(
                     break
                 time.sleep(2)
                 for name, (spec, proc, log, started) in list(running.items()):
-                    if proc.poll() is None:
+                    cpu_seconds = reap(proc)
+                    if cpu_seconds is None:
                         continue
                     log.close()
                     del running[name]
@@ -490,7 +504,13 @@ def sweep(
                     finished_rounds += spec.rounds
                     seconds = time.time() - started
                     with open(log_path, "a") as handle:
-                        entry = {"run": spec.name, "ok": ok, "seconds": round(seconds, 1), "engine": engine}
+                        entry = {
+                            "run": spec.name,
+                            "ok": ok,
+                            "seconds": round(seconds, 1),
+                            "cpu_seconds": round(cpu_seconds, 1),
+                            "engine": engine,
+                        }
                         handle.write(json.dumps(entry) + "\n")
                     if ok:
                         progress.console.print(f"[green]done[/green] {spec.name} in {seconds:.0f} s")

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import subprocess
 from pathlib import Path
 
 from core.methods import METHODS, Exchange, KeySet, MethodContract
+from tests.source_files import project_files
 
 REPO = Path(__file__).resolve().parents[1]
 HOMES = ("core/methods.py", "strategies/", "client_app/trainers/")
@@ -19,13 +21,10 @@ MEASUREMENT_SETTINGS = {
 }
 
 
-def _code_files() -> list[Path]:
-    skip = ("tests/", ".venv/", "docs/")
-    return [
-        p
-        for p in REPO.rglob("*.py")
-        if not any(str(p.relative_to(REPO)).startswith(s) for s in skip) and "site-packages" not in str(p)
-    ]
+def _code_files(root: Path = REPO) -> list[Path]:
+    """The project's own code (tests/source_files.py: never a copy a run installed)."""
+    skip = ("tests/", "docs/")
+    return [p for p in project_files(root) if not str(p.relative_to(root)).startswith(skip)]
 
 
 def _string_literals(path: Path) -> list[tuple[int, str]]:
@@ -45,19 +44,24 @@ def _string_literals(path: Path) -> list[tuple[int, str]]:
     ]
 
 
-def test_no_method_name_outside_its_homes():
-    """A string equal to a method's name (or holding it as a word) in code outside the homes
-    means code that branches on a method instead of asking its contract."""
+def method_names_outside_homes(root: Path = REPO) -> list[str]:
     names = set(METHODS)
     found = []
-    for path in _code_files():
-        rel = str(path.relative_to(REPO))
+    for path in _code_files(root):
+        rel = str(path.relative_to(root))
         if rel.startswith(HOMES) or rel in MEASUREMENT_SETTINGS:
             continue
         for line, text in _string_literals(path):
             for token in {text, *text.replace(",", " ").replace("(", " ").replace(")", " ").split()}:
                 if token in names:
                     found.append(f"{rel}:{line}: {text!r}")
+    return found
+
+
+def test_no_method_name_outside_its_homes():
+    """A string equal to a method's name (or holding it as a word) in code outside the homes
+    means code that branches on a method instead of asking its contract."""
+    found = method_names_outside_homes()
     assert not found, "method names outside core/methods.py, strategies/, client_app/trainers/:\n" + "\n".join(found)
 
 
@@ -101,19 +105,45 @@ def _compared_constants(path: Path) -> list[tuple[int, str]]:
     return out
 
 
+def protocol_name_comparisons(root: Path = REPO) -> list[str]:
+    from core.protocol import PROTOCOLS
+
+    found = []
+    for path in _code_files(root):
+        rel = str(path.relative_to(root))
+        if rel.startswith(("core/protocol.py", "benchmarks/")):
+            continue
+        found += [f"{rel}:{line}: {text!r}" for line, text in _compared_constants(path) if text in PROTOCOLS]
+    return found
+
+
 def test_what_a_protocol_changes_is_asked_of_its_protocol_object():
     """The system's code asks the run's `Protocol` (core/protocol.py) what to do, never
     compares the protocol's name (benchmarks may: they label runs by it), and every field
     of `Protocol` is read somewhere."""
-    from core.protocol import PROTOCOLS, Protocol
+    from core.protocol import Protocol
 
-    found = []
-    for path in _code_files():
-        rel = str(path.relative_to(REPO))
-        if rel.startswith(("core/protocol.py", "benchmarks/")):
-            continue
-        found += [f"{rel}:{line}: {text!r}" for line, text in _compared_constants(path) if text in PROTOCOLS]
+    found = protocol_name_comparisons()
     assert not found, f"code that compares the protocol's name: {found}"
     sources = [p.read_text() for p in _code_files() if not str(p).endswith("core/protocol.py")]
     unread = [f.name for f in dataclasses.fields(Protocol) if not any(f".{f.name}" in s for s in sources)]
     assert not unread, f"Protocol fields nobody reads: {unread}"
+
+
+def test_the_source_scans_ignore_what_make_run_leaves_in_the_checkout(tmp_path):
+    """`make run` installs the app's copy under .flwr-home/apps/ (benchmarks included, which
+    name methods and protocols), a venv and run folders: the scans read the project's own
+    files only, so `make test` after `make run` passes (and a stray file that git would track
+    is still caught)."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(clone)], check=True)
+    app_copy = clone / ".flwr-home" / "apps" / "fsf.fusedspacefed.1.0.0.abc" / "benchmarks"
+    app_copy.mkdir(parents=True)
+    (app_copy / "round_cost.py").write_text('METHOD = "fedavg"\nif protocol == "reference":\n    pass\n')
+    for stray in (clone / ".venv" / "lib" / "site-packages" / "x.py", clone / "results" / "demo-fedavg" / "y.py"):
+        stray.parent.mkdir(parents=True)
+        stray.write_text('if method == "fedavg":\n    pass\n')
+    assert method_names_outside_homes(clone) == []
+    assert protocol_name_comparisons(clone) == []
+    (clone / "core" / "stray.py").write_text('if method == "fedavg":\n    pass\n')  # untracked, not ignored
+    assert method_names_outside_homes(clone) == ["core/stray.py:1: 'fedavg'"]
