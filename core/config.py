@@ -67,8 +67,8 @@ class RunConfig:
     fraug_lambda_g: float = 1.0
     fraug_lambda_ft: float = 1.0
     fraug_lr_aux: float = 0.05
-    fusefl_blocks: int = 2
-    fusefl_columns: int = 5
+    fusefl_blocks: int = 0  # 0: num-server-rounds - 1 (core/stages.py)
+    fusefl_columns: int = 0  # 0: the sites connected when the run starts
     fusefl_calibration_samples: int = 500
     measure_gamma: bool = False
     gamma_batch_size: int = 256
@@ -109,7 +109,20 @@ class RunConfig:
         protocol = PROTOCOLS.get(kwargs.get("protocol", "standard"))
         if protocol is not None and protocol.fixed:
             kwargs = {**kwargs, **protocol.fixed}
-        config = cls(**kwargs)
+        config = cls(**kwargs).derived(num_sites=None)
+        config.validate()
+        return config
+
+    def derived(self, num_sites: int | None) -> RunConfig:
+        """This configuration with the settings its method derives (0 = automatic) filled in:
+        from the rest of the run, and from the number of sites once the server knows it."""
+        contract = METHODS.get(self.method)
+        changes = contract.settings_from_federation(self.to_mapping(), num_sites) if contract else {}
+        return self.replace(**{key.replace("-", "_"): value for key, value in changes.items()})
+
+    def for_federation(self, num_sites: int) -> RunConfig:
+        """The run's configuration for the `num_sites` sites connected at its start (checked)."""
+        config = self.derived(num_sites)
         config.validate()
         return config
 

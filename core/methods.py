@@ -206,6 +206,9 @@ class MethodContract:
     classifier_builder: str = ""  # "module:function" (in_channels, num_classes, norm, cfg) -> the classifier (FuseFL)
     round_keys: str = ""  # "module:function": which shared keys travel in which round (FuseFL), see key_sets
     config_check: str = ""  # "module:function" (run config mapping) -> why the method cannot run it, or None
+    # "module:function" (run config mapping, number of sites or None) -> the settings that follow from the
+    # run and its federation, where the config leaves them at 0 = automatic (FuseFL's stages and columns)
+    derived_settings: str = ""
     to_site: tuple[Exchange, ...] = ()  # array records the server adds to train messages
     to_server: tuple[Exchange, ...] = ()  # array records every reply carries besides the shared arrays
     personal_model: bool = False  # the site evaluates a personal model it keeps beside the global one (Ditto)
@@ -229,6 +232,11 @@ class MethodContract:
         if not self.round_keys:
             return shared, shared
         return _load(self.round_keys)(shared, server_round, site, config)
+
+    def settings_from_federation(self, config: Mapping[str, Any], num_sites: int | None) -> dict[str, Any]:
+        """Settings (kebab-case) that follow from the rest of the configuration and, once the
+        sites are known, from their number; {} for a method that derives none."""
+        return _load(self.derived_settings)(config, num_sites) if self.derived_settings else {}
 
     def config_problem(self, config: Mapping[str, Any]) -> str | None:
         """Why this method cannot run a configuration (kebab-case mapping), or None."""
@@ -382,6 +390,7 @@ METHODS: dict[str, MethodContract] = {
             classifier_builder="models.fused_columns:build",
             round_keys="core.stages:progressive_round_keys",
             config_check="core.stages:progressive_config_problem",
+            derived_settings="core.stages:progressive_settings",
             to_server=(
                 Exchange("fusefl-statistics", "per-class feature statistics for calibration", may_be_empty=True),
             ),

@@ -73,9 +73,29 @@ def progressive_round_keys(
     raise ValueError(f"round {server_round}: a progressive-fusion run has {levels} stages and one calibration round")
 
 
+def progressive_settings(config: Mapping[str, Any], num_sites: int | None) -> dict[str, Any]:
+    """What follows from the run and the federation where the config says 0 (automatic):
+    K = num-server-rounds - 1 stages (the last round calibrates), one column per site
+    connected when the run starts, and every column's reply required in every round."""
+    derived: dict[str, Any] = {}
+    if int(config["fusefl-blocks"]) == 0 and int(config["num-server-rounds"]) >= 2:
+        derived["fusefl-blocks"] = min(int(config["num-server-rounds"]) - 1, COLUMN_UNITS)
+    columns = int(config["fusefl-columns"])
+    if columns == 0 and num_sites is not None:
+        derived["fusefl-columns"] = columns = num_sites
+    if columns > 0 and int(config["min-replies"]) < columns:
+        derived["min-replies"] = columns
+    return derived
+
+
 def progressive_config_problem(config: Mapping[str, Any]) -> str | None:
-    """Why a run configuration cannot run progressive fusion, or None."""
+    """Why a run configuration cannot run progressive fusion, or None (0 = automatic for
+    fusefl-blocks and fusefl-columns: see `progressive_settings`)."""
     levels, rounds = int(config["fusefl-blocks"]), int(config["num-server-rounds"])
+    if levels == 0:
+        return (
+            f"progressive fusion needs at least one stage and a calibration round: num-server-rounds >= 2, got {rounds}"
+        )
     if not 1 <= levels <= COLUMN_UNITS:
         return f"fusefl-blocks must be in 1..{COLUMN_UNITS}, got {levels}"
     if rounds != levels + 1:
@@ -83,8 +103,10 @@ def progressive_config_problem(config: Mapping[str, Any]) -> str | None:
             f"progressive fusion runs fusefl-blocks = {levels} stages and one calibration round: set "
             f"num-server-rounds = {levels + 1}, got {rounds}"
         )
-    if int(config["fusefl-columns"]) < 1:
-        return f"fusefl-columns must be >= 1 (one per site), got {config['fusefl-columns']}"
+    if int(config["fusefl-columns"]) < 0:
+        return (
+            f"fusefl-columns must be >= 1 (one per site), or 0 for the sites connected, got {config['fusefl-columns']}"
+        )
     if float(config["fraction-train"]) != 1.0:
         return "progressive fusion needs every site in every stage: set fraction-train = 1.0"
     if (
@@ -96,7 +118,7 @@ def progressive_config_problem(config: Mapping[str, Any]) -> str | None:
             "progressive fusion stacks the sites' blocks: differential privacy, robust aggregation and "
             "max-update-norm do not apply"
         )
-    if int(config["min-replies"]) != int(config["fusefl-columns"]):
+    if int(config["fusefl-columns"]) and int(config["min-replies"]) != int(config["fusefl-columns"]):
         return (
             f"every column must be trained in every stage: set min-replies = fusefl-columns "
             f"({config['fusefl-columns']}), got {config['min-replies']}"

@@ -143,6 +143,7 @@ class FederatedRun:
         console.rule(f"{cfg.method} on {cfg.dataset} ({cfg.partition}) -> {self.results.dir}")
         num_nodes = wait_for_nodes(self.grid, minimum=cfg.min_replies)
         num_nodes = self.wait_for_resumed_sites(num_nodes)
+        cfg = self.settle_for_federation(num_nodes)
         partition_summary(cfg, num_nodes, self.results.dir)
         model = initial_model(cfg)  # built once: what is shared, and whether every site evaluates the same model
         everywhere = self.contract.same_model_everywhere(model, cfg.head_blocks)
@@ -160,6 +161,18 @@ class FederatedRun:
         self.rows = ckpt.rows
         console.print(f"resuming {cfg.run_name} after round {ckpt.server_round} from {ckpt.path}")
         return ckpt.server_round + 1
+
+    def settle_for_federation(self, num_nodes: int) -> RunConfig:
+        """Settings the method derives from the federation (FuseFL: one column per connected
+        site, each required every round), said once and written to config.json."""
+        derived = self.cfg.for_federation(num_nodes)
+        changed = {k: v for k, v in derived.to_mapping().items() if self.cfg.to_mapping()[k] != v}
+        if changed:
+            said = ", ".join(f"{k} = {v}" for k, v in changed.items())
+            console.print(f"{said}: derived from the {num_nodes} sites connected")
+            self.cfg = derived
+            self.results.write_config(derived.to_mapping())
+        return self.cfg
 
     def wait_for_resumed_sites(self, num_nodes: int) -> int:
         """A resumed run (e.g. after the SuperLink restarted) waits a while for as many sites

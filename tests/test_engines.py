@@ -8,8 +8,6 @@ import json
 import pytest
 
 METHODS_ADDED = ("lg-fedavg", "fedper", "fedrep", "ditto", "feddaf", "fraug", "fusefl")
-#: settings a method needs beside the common ones (FuseFL: one stage and its calibration round)
-OWN_SETTINGS = {"fusefl": {"fusefl-blocks": 1, "fusefl-columns": 2, "min-replies": 2}}
 
 
 @pytest.mark.slow
@@ -24,7 +22,8 @@ def test_runs_in_flowers_simulation_and_the_lean_engine_alike(tmp_path, method):
     from tests.conftest import tiny_blood_run, write_fake_medmnist
 
     write_fake_medmnist(tmp_path / "data", "bloodmnist", sizes=(120, 30, 40))
-    config = tiny_blood_run(tmp_path / "data", method, **{"run-name": "same", **OWN_SETTINGS.get(method, {})})
+    # every method on its own defaults (FuseFL derives its stage, its 2 columns and min-replies)
+    config = tiny_blood_run(tmp_path / "data", method, **{"run-name": "same"})
     run_simulation(
         server_app=create_server_app({**config, "results-dir": str(tmp_path / "flower")}),
         client_app=client.app,
@@ -40,3 +39,21 @@ def test_runs_in_flowers_simulation_and_the_lean_engine_alike(tmp_path, method):
     flower, lean = rows("flower"), rows("lean")
     assert len(flower) == 2 and flower[-1]["num_evaluated"] == 2 and flower[-1]["failed_sites"] == []
     assert lean == flower
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(__import__("core.methods", fromlist=["METHODS"]).METHODS))
+def test_every_method_runs_on_its_defaults(tmp_path, method):
+    """A short run of every registered method with none of its own settings given (the
+    common ones only: data, 2 rounds of 1 epoch, 2 sites): what follows from the federation,
+    such as FuseFL's columns and the replies it needs, is derived, never a config error."""
+    from benchmarks.lean import run_lean
+    from tests.conftest import tiny_blood_run, write_fake_medmnist
+
+    write_fake_medmnist(tmp_path / "data", "bloodmnist", sizes=(60, 16, 20))
+    config = tiny_blood_run(tmp_path / "data", method, **{"run-name": "defaults", "results-dir": str(tmp_path)})
+    run_lean(config, 2)
+    rows = [json.loads(line) for line in (tmp_path / "defaults" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [1, 2]
+    assert rows[-1]["failed_sites"] == [] and rows[-1]["num_evaluated"] == 2
+    assert json.loads((tmp_path / "defaults" / "summary.json").read_text())

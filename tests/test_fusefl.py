@@ -10,7 +10,7 @@ import torch
 
 from client_app.site import evaluate_round
 from client_app.state import node_private_state
-from core.config import ConfigError
+from core.config import ConfigError, RunConfig
 from core.stages import fused_keys, level_keys, level_units, progressive_round_keys
 from models.fused_columns import FusedColumns, StageModel
 from tests.fl_harness import run, small_config
@@ -66,13 +66,41 @@ def test_the_fused_model_sums_the_columns_features_and_a_stage_model_reads_all_c
 
 def test_a_run_needs_one_round_per_stage_and_one_to_calibrate(tmp_path):
     with pytest.raises(ConfigError, match="min-replies = fusefl-columns"):
-        small_config(tmp_path, "fusefl", num_server_rounds=3, fusefl_columns=3).validate()
+        small_config(
+            tmp_path, "fusefl", num_server_rounds=3, fusefl_blocks=2, fusefl_columns=3, min_replies=2
+        ).validate()
     with pytest.raises(ConfigError, match="num-server-rounds = 3"):
-        small_config(tmp_path, "fusefl", num_server_rounds=2, fusefl_columns=3, min_replies=3).validate()
+        small_config(
+            tmp_path, "fusefl", num_server_rounds=2, fusefl_blocks=2, fusefl_columns=3, min_replies=3
+        ).validate()
     with pytest.raises(ConfigError, match="fraction-train"):
         small_config(
-            tmp_path, "fusefl", num_server_rounds=3, fusefl_columns=3, min_replies=3, fraction_train=0.5
+            tmp_path,
+            "fusefl",
+            num_server_rounds=3,
+            fusefl_blocks=2,
+            fusefl_columns=3,
+            min_replies=3,
+            fraction_train=0.5,
         ).validate()
+
+
+def test_stages_columns_and_replies_follow_from_the_run_and_its_sites():
+    """On its defaults (0 = automatic) FuseFL takes K = rounds - 1 stages, one column per
+    site connected at the start, and needs every column's reply: `method = 'fusefl'` runs
+    on the default federation instead of stopping at a config error."""
+    cfg = RunConfig.from_mapping({"method": "fusefl", "num-server-rounds": 4})
+    assert (cfg.fusefl_blocks, cfg.fusefl_columns, cfg.min_replies) == (3, 0, 1)
+    sited = cfg.for_federation(5)
+    assert (sited.fusefl_blocks, sited.fusefl_columns, sited.min_replies) == (3, 5, 5)
+    given = RunConfig.from_mapping(
+        {"method": "fusefl", "num-server-rounds": 3, "fusefl-blocks": 2, "fusefl-columns": 4}
+    )
+    assert given.min_replies == 4 and given.for_federation(6).fusefl_columns == 4  # what is given stays
+    with pytest.raises(ConfigError, match="num-server-rounds >= 2"):
+        RunConfig.from_mapping({"method": "fusefl", "num-server-rounds": 1})
+    plain = RunConfig.from_mapping({"method": "fedavg"})
+    assert plain.for_federation(7) == plain  # other methods derive nothing
 
 
 def test_a_fusefl_run_stacks_the_sites_blocks_keeps_the_rest_and_calibrates_the_head(tmp_path):
