@@ -17,7 +17,9 @@
 # A local SuperLink this script starts gets the same default for later plain `flwr run .` calls.
 # Exit status: 0 only when the run finished as `finished:completed` (python -m core.run_status
 # reads it from the SuperLink; `flwr run --stream` itself exits 0 even when the ServerApp failed),
-# 2 for a configuration error, otherwise non-zero.
+# 2 for a configuration error, 3 when the local SuperLink belongs to another checkout or install
+# (core/local_superlink.py; one of this checkout's that predates its last install is restarted),
+# otherwise non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
@@ -63,13 +65,29 @@ check=()
 for rc in "${run_configs[@]+"${run_configs[@]}"}"; do check+=(--run-config "$rc"); done
 "$VENV/bin/python" -m core.check_config "${check[@]+"${check[@]}"}" || exit $?
 
+# The local SuperLink runs the simulation with the code and packages it was started with: one
+# left by another checkout (or a stale install of this one) must not run this app silently.
+local_federation=0
+if [[ ! -f "$FLWR_HOME/config.toml" ]] || grep -q '^default = "local"' "$FLWR_HOME/config.toml"; then
+  local_federation=1
+fi
+if [[ "$local_federation" == 1 ]]; then
+  guard=0
+  "$VENV/bin/python" -m core.local_superlink check || guard=$?
+  case "$guard" in
+    0) ;;
+    4) scripts/stop-local-superlink.sh >&2 ;;
+    *) exit 3 ;;
+  esac
+fi
+
 cpus="${FSF_CPUS_PER_SITE-1}"
 defaults=()
 if [[ -n "$cpus" && "$federation_sets_cpus" == 0 ]]; then
   # first, so that a later --federation-config of the caller's own wins
   defaults=(--federation-config "client-resources-num-cpus=$cpus")
   # A local SuperLink started here gets the same default, for plain `flwr run .` calls after this one.
-  if [[ ! -f "$FLWR_HOME/config.toml" ]] || grep -q '^default = "local"' "$FLWR_HOME/config.toml"; then
+  if [[ "$local_federation" == 1 ]]; then
     if ! (exec 3<>"/dev/tcp/127.0.0.1/${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39091}") 2>/dev/null; then
       flwr federation simulation-config --client-resources-num-cpus "$cpus" >/dev/null ||
         echo "warning: could not set the local SuperLink's default CPUs per site" >&2

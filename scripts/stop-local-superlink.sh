@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
-# Stop the background SuperLink that `flwr run` started for local simulations, and every
-# process it started (the simulation, its Ray head, raylet, agents and workers).
+# Stop the background SuperLink that `flwr run` started for this checkout's local simulations
+# (its FLWR_HOME and .venv: core/local_superlink.py), and every process it started (the
+# simulation, its Ray head, raylet, agents and workers).
+#   scripts/stop-local-superlink.sh          this checkout's
+#   scripts/stop-local-superlink.sh --all    any local SuperLink on this machine, whoever started it
 set -uo pipefail
-roots=$(pgrep -f "flower-superlink --insecure --simulation" || true)
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+export FLWR_HOME="${FLWR_HOME:-$PWD/.flwr-home}"
+if [[ "${1:-}" == --all || ! -x "$VENV/bin/python" ]]; then
+  roots=$(pgrep -f "flower-superlink --insecure --simulation" || true)
+else
+  roots=$("$VENV/bin/python" -m core.local_superlink pids)
+fi
 if [[ -z "$roots" ]]; then
-  echo "no local SuperLink running"
+  echo "no local SuperLink of this checkout running${1:+ (--all: none at all)}"
   exit 0
 fi
 descendants() {
