@@ -17,7 +17,9 @@ results="$(mkdir -p "${RESULTS:-results}" && cd "${RESULTS:-results}" && pwd)"
 python="${VENV:-.venv}/bin/python"
 demo="$("$python" -m core.demo "data-root='$data_root' results-dir='$results' \
 ${DEMO_ROUNDS:+num-server-rounds=$DEMO_ROUNDS} ${RUN_CONFIG:-}")"
-federation="num-supernodes=$("$python" -c 'from core.demo import DEMO_SITES; print(DEMO_SITES)') client-resources-num-cpus=1"
+# every site at once: 5 sites with 1 CPU each on 2 cores would train in three waves (2, 2, 1),
+# the last on one core; with cores/sites CPUs each (at most 1) they share the cores evenly
+federation="$("$python" -m core.demo --federation)"
 started=$(date +%s)
 for method in fusedspacefed fedavg; do
   echo "== $method"
