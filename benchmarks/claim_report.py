@@ -30,15 +30,12 @@ import numpy as np
 import scipy.stats
 
 from benchmarks.sweep import DEFAULT_DATA, all_runs
-from core.methods import METHODS, PUBLISHED
+from core.methods import BASELINE, DEFAULT_METHOD, METHODS, PUBLISHED
 from server_app.tracking import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "benchmarks" / "claim-grid.toml"
 RESULTS = ROOT / "benchmarks" / "evidence-claim"
-CLAIM = ("fusedspacefed-ref-warmup", "fedavg-ref")  # the comparison the published table makes
-PAPER_METHOD = {"fusedspacefed-ref-warmup": "fusedspacefed", "fedavg-ref": "fedavg", "fedprox-ref": "fedprox"}
-PAPER_METHOD["scaffold-ref"] = "scaffold"
 
 
 @dataclass
@@ -103,6 +100,17 @@ def label(method: str, variant: str, protocol: str) -> str:
     if protocol == "reference":
         return f"{method}-ref" + (f"-{variant}" if METHODS[method].uses_encoder else "")
     return method + ("-decoupled" if variant == "decoupled" else "")
+
+
+# the comparison the published table makes: FusedSpaceFed's warm-up variant against FedAvg,
+# both under the reference protocol; and each published method's row label
+CLAIM = (label(DEFAULT_METHOD, "warmup", "reference"), label(BASELINE, "warmup", "reference"))
+PAPER_METHOD = {
+    label(method, "warmup", "reference"): method
+    for table in PUBLISHED.values()
+    for row in table.values()
+    for method in row
+}
 
 
 def collect(results: Path, grid: Path = GRID) -> list[Cell]:
@@ -207,7 +215,7 @@ def render(cells: list[Cell], data_root: Path = DEFAULT_DATA) -> str:
         fsf = {r.seed: r for r in cell.runs.get(CLAIM[0], [])}
         avg = {r.seed: r for r in cell.runs.get(CLAIM[1], [])}
         seeds = sorted(set(fsf) & set(avg))
-        lead = (published["fusedspacefed"] - published["fedavg"]) if published else None
+        lead = (published[DEFAULT_METHOD] - published[BASELINE]) if published else None
         out += ["", "FusedSpaceFed (warm-up) − FedAvg, reference protocol, paired by seed:", ""]
         out += [
             "| selection | per seed | mean | 95 % interval | separated from 0 | published |",
