@@ -31,9 +31,9 @@ test: install
 	$(VENV)/bin/pytest
 
 ## Unit and small integration tests, without the `slow` and `integration` ones (flwr, Ray, the
-## pilot): under 3 minutes on 2 cores, for the edit-test loop.
+## pilot), one pytest worker per core (pytest-xdist), for the edit-test loop (times: README).
 test-fast: install
-	$(VENV)/bin/pytest -m "not slow and not integration"
+	$(VENV)/bin/pytest -n auto -m "not slow and not integration"
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
