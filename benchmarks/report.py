@@ -7,7 +7,10 @@ Only finished runs (summary.json present) enter the tables; runs still going are
 A cell is (dataset, partition, alpha or k, method, variant, rounds, local epochs, norm); its
 numbers are the mean +- sample standard deviation over the seeds it has. `norm` (BatchNorm
 handling: "batch-recal", "batch", "group") is named in a cell's title only where it is not
-"batch", which runs older than the key were (their titles stay as they were). Accuracy is the
+"batch", which runs older than the key were (their titles stay as they were). A method whose
+default is scored its own way (FuseFL: the calibrated model's own statistics, `norm = "batch"`)
+sits in the recipe's cells with both its default runs and its `batch-recal` ones, the latter
+labelled "(batch-recal: ...)". Accuracy is the
 global accuracy of method.md section 4 (official test split; FusedSpaceFed through each
 site's own encoder, mean over sites), in percent.
 """
