@@ -7,7 +7,10 @@ Only finished runs (summary.json present) enter the tables; runs still going are
 A cell is (dataset, partition, alpha or k, method, variant, rounds, local epochs, norm); its
 numbers are the mean +- sample standard deviation over the seeds it has. `norm` (BatchNorm
 handling: "batch-recal", "batch", "group") is named in a cell's title only where it is not
-"batch", which runs older than the key were (their titles stay as they were). Accuracy is the
+"batch", which runs older than the key were (their titles stay as they were). A method whose
+default is scored its own way (FuseFL: the calibrated model's own statistics, `norm = "batch"`)
+sits in the recipe's cells with both its default runs and its `batch-recal` ones, the latter
+labelled "(batch-recal: ...)". Accuracy is the
 global accuracy of method.md section 4 (official test split; FusedSpaceFed through each
 site's own encoder, mean over sites), in percent.
 """
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.methods import BASELINE, DEFAULT_METHOD, METHODS, PUBLISHED, PUBLISHED_ROUNDS
+from core.methods import BASELINE, DEFAULT_METHOD, METHODS, PUBLISHED, PUBLISHED_ROUNDS, RECIPE_NORM
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = ROOT / "benchmarks" / "runs"
@@ -43,6 +46,8 @@ def _labels() -> dict[str, str]:
             labels[f"{name}-decoupled"] = f"{contract.label} (decoupled)"
         else:
             labels[name] = contract.label
+        if contract.default_norm != RECIPE_NORM:  # scored its own way by default; the recipe's way is an option
+            labels[f"{name}-{RECIPE_NORM}"] = f"{contract.label} ({RECIPE_NORM}: statistics recomputed at each site)"
     for name, contract in METHODS.items():  # the reference protocol (method.md section 7)
         if contract.uses_encoder:
             for variant, words in (("no-warmup", "no warm-up"), ("warmup", "warm-up"), ("l2sp", "L2-SP")):
@@ -81,7 +86,16 @@ class Run:
             if c.get("l2sp-lambda", 0.0) > 0:
                 return f"{m}-ref-l2sp"
             return f"{m}-ref-" + ("warmup" if c.get("warmup-epochs", 0) > 0 else "no-warmup")
+        if self.scored_its_own_way and self.norm == RECIPE_NORM:
+            return f"{m}-{RECIPE_NORM}"
         return f"{m}-decoupled" if fused and not c.get("task-aware", True) else m
+
+    @property
+    def scored_its_own_way(self) -> bool:
+        """The method's default evaluation is not the recipe's (FuseFL: the calibrated model's
+        own BatchNorm statistics, not statistics recomputed at each site)."""
+        m = self.config["method"]
+        return m in METHODS and METHODS[m].default_norm != RECIPE_NORM
 
     def reference_acc(self) -> float | None:
         pick = self.summary.get("reference_selection") or {}
@@ -100,11 +114,20 @@ class Run:
         return self.config.get("norm") or DEFAULT_NORM
 
     @property
+    def cell_norm(self) -> str:
+        """The normalisation of the cell the run belongs to: its own, except for a method
+        scored its own way, whose default and the recipe's both sit in the recipe's cells
+        (their labels say which statistics scored them)."""
+        if self.scored_its_own_way and self.norm in (RECIPE_NORM, METHODS[self.config["method"]].default_norm):
+            return RECIPE_NORM
+        return self.norm
+
+    @property
     def group(self) -> tuple:
         """Everything but method and seed: the runs compared in one table (runs of another
         BatchNorm recipe never average with the old ones)."""
         c = self.config
-        return (c["dataset"], c["partition"], self.spread, c["num-server-rounds"], c["local-epochs"], self.norm)
+        return (c["dataset"], c["partition"], self.spread, c["num-server-rounds"], c["local-epochs"], self.cell_norm)
 
     def acc(self, which: str) -> float | None:
         pick = self.summary.get(which) or {}

@@ -66,6 +66,8 @@ VARIANT_SETTINGS: dict[str, dict[str, Any]] = {
     "warmup": {"task-aware": False, "ae-arch": "unet", "warmup-epochs": 2},
     "l2sp": {"task-aware": False, "ae-arch": "unet", "warmup-epochs": 0, "l2sp-lambda": 1e-3},
 }
+# run-config keys that, when a plan sets them, name the run (key -> the tag before its value)
+NAMED_SETTINGS = {"norm": "", "fraug-distance-g": "g", "fraug-distance-ft": "ft"}
 AXES = ("methods", "protocols", "variants", "datasets", "partitions", "alphas", "seeds")
 ENGINES = ("lean", "flower")
 
@@ -107,15 +109,17 @@ class RunSpec:
     @property
     def name(self) -> str:
         """Standard-protocol names are what they always were (committed runs stay valid);
-        reference-protocol runs say `-ref-<variant>`, runs with a `norm` set say `-<norm>`."""
+        reference-protocol runs say `-ref-<variant>`, runs with a `norm` set say `-<norm>`, FRAug
+        runs with a distance set `-g<distance>` and `-ft<distance>` (NAMED_SETTINGS)."""
         method = self.method
         if self.protocol == "reference":
             method += "-ref" + (f"-{self.variant}" if self.fused else "")
         elif self.fused and self.variant == "decoupled":
             method += "-decoupled"
-        norm = dict(self.extra).get("norm")
-        if norm:  # a grid that compares normalisations (`set = {norm = ...}`) names them
-            method += f"-{norm}"
+        extra = dict(self.extra)
+        for key, tag in NAMED_SETTINGS.items():  # a grid that compares these (`set = {norm = ...}`) names them
+            if extra.get(key):
+                method += f"-{tag}{extra[key]}"
         if self.partition.startswith("dirichlet"):
             spread = f"a{self.alpha:g}"
         elif self.partition == "pathological":

@@ -18,9 +18,10 @@ from core.protocol import PROTOCOLS, Protocol
 DEVICES = ("auto", "cpu", "cuda")
 PARTITION_SCHEMES = ("dirichlet-equal", "dirichlet", "pathological", "iid")
 AE_ARCHS = ("bottleneck", "unet")
-NORMS = ("batch-recal", "batch", "group")
+NORMS = ("auto", "batch-recal", "batch", "group")  # auto: the method's own (MethodContract.default_norm)
 AE_OPTIMIZERS = ("adam", "sgd")
 REC_LOSSES = ("image-sum", "pixel-mean")
+FRAUG_DISTANCES = ("mse", "mmd")  # FRAug's distances: mean squared error, or kernel MMD (client_app/trainers/fraug.py)
 LR_SCHEDULES = ("constant", "cosine")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum")  # strategies/robust.py
 
@@ -55,7 +56,7 @@ class RunConfig:
     rec_loss: str = "image-sum"
     dz: int = 16
     ae_arch: str = "unet"
-    norm: str = "batch-recal"
+    norm: str = "auto"  # resolved in __post_init__: the method's own (batch-recal; FuseFL batch)
     task_aware: bool = True
     weighted: bool = True
     proximal_mu: float = 0.01
@@ -67,6 +68,8 @@ class RunConfig:
     fraug_lambda_g: float = 1.0
     fraug_lambda_ft: float = 1.0
     fraug_lr_aux: float = 0.05
+    fraug_distance_g: str = "mse"
+    fraug_distance_ft: str = "mse"
     fusefl_blocks: int = 0  # 0: num-server-rounds - 1 (core/stages.py)
     fusefl_columns: int = 0  # 0: the sites connected when the run starts
     fusefl_calibration_samples: int = 500
@@ -94,6 +97,12 @@ class RunConfig:
     krum_byzantine: int = 1
     max_update_norm: float = 0.0
     max_examples: int = 0
+
+    def __post_init__(self) -> None:
+        """`norm = "auto"` becomes the method's own normalisation here, once, so that
+        config.json, the sites and every later reader see a concrete value."""
+        if self.norm == "auto" and self.method in METHODS:
+            object.__setattr__(self, "norm", METHODS[self.method].default_norm)
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> RunConfig:
@@ -188,6 +197,14 @@ class RunConfig:
             ),
             (self.fraug_lr_aux > 0, f"fraug-lr-aux must be > 0, got {self.fraug_lr_aux}"),
             (
+                self.fraug_distance_g in FRAUG_DISTANCES,
+                f"fraug-distance-g must be one of {FRAUG_DISTANCES}, got {self.fraug_distance_g!r}",
+            ),
+            (
+                self.fraug_distance_ft in FRAUG_DISTANCES,
+                f"fraug-distance-ft must be one of {FRAUG_DISTANCES}, got {self.fraug_distance_ft!r}",
+            ),
+            (
                 self.fusefl_calibration_samples >= 1,
                 f"fusefl-calibration-samples must be >= 1, got {self.fusefl_calibration_samples}",
             ),
@@ -250,6 +267,25 @@ class RunConfig:
         problem = contract.config_problem(self.to_mapping())
         if problem:
             raise ConfigError(f"method {self.method!r}: {problem}")
+
+    def describe_model(self) -> str:
+        """One line for the run's start-up and summary: the autoencoder that runs (and
+        whether `dz` applies to it) and which BatchNorm statistics score the model."""
+        parts = []
+        if self.fused:
+            if self.ae_arch == "unet":
+                parts.append(
+                    f"autoencoder: unet (the reference code's U-Net, no latent vector: dz = {self.dz} does not apply)"
+                )
+            else:
+                parts.append(f"autoencoder: {self.ae_arch} (latent vector of dz = {self.dz})")
+        scoring = {
+            "batch-recal": "BatchNorm statistics recomputed on each site's training images before it evaluates",
+            "batch": "the model's own (averaged or calibrated) BatchNorm statistics",
+            "group": "GroupNorm, no running statistics",
+        }[self.norm]
+        parts.append(f"norm: {self.norm} (scored with {scoring})")
+        return "; ".join(parts)
 
     @property
     def fused(self) -> bool:

@@ -90,6 +90,9 @@ def check_site_metrics(name: str, record: Mapping[str, object]) -> None:
         raise BadRecord(f"{name} record has {SITE_ID_KEY} = {site!r}, expected a non-negative integer")
 
 
+#: the normalisation `norm = "auto"` gives a method unless its contract says otherwise
+RECIPE_NORM = "batch-recal"
+
 # -- which state_dict keys a method shares ------------------------------------------
 
 #: stands for the classifier's head in a `KeySet`: its linear layer and, with `head-blocks`
@@ -212,6 +215,9 @@ class MethodContract:
     to_site: tuple[Exchange, ...] = ()  # array records the server adds to train messages
     to_server: tuple[Exchange, ...] = ()  # array records every reply carries besides the shared arrays
     personal_model: bool = False  # the site evaluates a personal model it keeps beside the global one (Ditto)
+    # what `norm = "auto"` (the default) means for this method: BatchNorm statistics recomputed at
+    # each site before it evaluates, or (FuseFL) the model's own, those its head was calibrated on
+    default_norm: str = RECIPE_NORM
 
     def shared_keys(self, model: PartedModel, head_blocks: int = 0) -> list[str]:
         """State_dict keys sent to and received from the server; all others stay private."""
@@ -395,6 +401,7 @@ METHODS: dict[str, MethodContract] = {
                 Exchange("fusefl-statistics", "per-class feature statistics for calibration", may_be_empty=True),
             ),
             personal_model=True,
+            default_norm="batch",  # scored as the single fused model whose head it calibrated
         ),
         MethodContract(
             name="feddaf",

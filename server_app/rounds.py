@@ -141,6 +141,7 @@ class FederatedRun:
         cfg = self.cfg
         self.results.write_config(cfg.to_mapping())
         console.rule(f"{cfg.method} on {cfg.dataset} ({cfg.partition}) -> {self.results.dir}")
+        console.print(cfg.describe_model())
         num_nodes = wait_for_nodes(self.grid, minimum=cfg.min_replies)
         num_nodes = self.wait_for_resumed_sites(num_nodes)
         cfg = self.settle_for_federation(num_nodes)
@@ -260,7 +261,12 @@ class FederatedRun:
 
     def finish(self) -> dict[str, Any]:
         self.results.write_model(self.arrays.to_torch_state_dict())
-        extra = {"run_name": self.cfg.run_name, "method": self.cfg.method, "dataset": self.cfg.dataset}
+        extra = {
+            "run_name": self.cfg.run_name,
+            "method": self.cfg.method,
+            "dataset": self.cfg.dataset,
+            "model": self.cfg.describe_model(),
+        }
         if self.cfg.dp_noise_multiplier > 0:  # the delta that summary.json's dp_epsilon holds at
             extra["dp_delta"] = self.cfg.dp_delta
         summary = self.results.write_summary(self.rows, extra)

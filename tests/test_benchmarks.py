@@ -435,13 +435,39 @@ def test_the_side_by_side_table_lists_every_method_of_a_recipe_cell_with_its_upl
     for method in ("fedavg", "lg-fedavg"):
         _write_recipe_run(tmp_path, method, 1, [{"round": 1, "num_replies": 5}, {"round": 2, **final}])
     rows = [{"round": 1, "upload_bytes": 2e6}, {"round": 2, "upload_bytes": 3e6, **final}]
-    _write_recipe_run(tmp_path, "fusefl", 1, rows)
+    _write_recipe_run(tmp_path, "fusefl", 1, rows, norm="batch")  # FuseFL's default: its calibrated model
+    _write_recipe_run(tmp_path, "fusefl", 1, rows)  # the recipe's recomputed statistics, an option for FuseFL
     runs, _ = report.load_runs(tmp_path)
     lines = report.side_by_side(report.cells(runs))
     by_method = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
-    assert set(by_method) >= {"FedAvg", "LG-FedAvg", "FuseFL"}
+    assert set(by_method) >= {
+        "FedAvg",
+        "LG-FedAvg",
+        "FuseFL",
+        "FuseFL (batch-recal: statistics recomputed at each site)",
+    }
     assert "70.00" in by_method["FuseFL"] and "90.00" in by_method["FuseFL"]
     assert by_method["FuseFL"].rstrip(" |").endswith("5.00 MB (2 r)")
     avg_mb = float(by_method["FedAvg"].split("|")[-2].split()[0])
     lg_mb = float(by_method["LG-FedAvg"].split("|")[-2].split()[0])
     assert 2.0 < avg_mb < 2.5 and lg_mb < 0.01  # 2 rounds of ~1.09 MB; 2 rounds of a 64 x 2 head
+
+
+def test_a_plan_that_sets_a_fraug_distance_or_a_norm_names_its_runs():
+    """Runs of another FRAug distance or normalisation never take a default run's name (the
+    sweep would skip them as done)."""
+    plan = {
+        "methods": "fraug",
+        "datasets": "pneumoniamnist",
+        "alphas": "0.5",
+        "seeds": "1",
+        "rounds": 4,
+        "sites": 5,
+        "local-epochs": 1,
+    }
+    plain = sweep.expand(plan)[0].name
+    mmd = sweep.expand({**plan, "set": {"fraug-distance-g": "mmd", "fraug-distance-ft": "mmd"}})[0].name
+    recal = sweep.expand({**plan, "methods": "fusefl", "set": {"norm": "batch-recal"}})[0].name
+    assert plain == "fraug-pneumoniamnist-dirichlet-equal-a0.5-n5-r4-e1-s1"
+    assert mmd == "fraug-gmmd-ftmmd-pneumoniamnist-dirichlet-equal-a0.5-n5-r4-e1-s1"
+    assert recal == "fusefl-batch-recal-pneumoniamnist-dirichlet-equal-a0.5-n5-r4-e1-s1"

@@ -1,4 +1,5 @@
 import tomllib
+from dataclasses import fields
 
 import pytest
 
@@ -7,8 +8,10 @@ from tests.conftest import REPO
 
 
 def test_pyproject_defaults_equal_code_defaults():
+    """The field defaults as written (`norm = "auto"` before a method resolves it)."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert pyproject == RunConfig().to_mapping()
+    assert pyproject == {f.name.replace("_", "-"): f.default for f in fields(RunConfig)}
+    assert RunConfig.from_mapping(pyproject).to_mapping() == RunConfig().to_mapping()
 
 
 def test_every_key_is_documented_in_readme():

@@ -8,11 +8,14 @@ feature-representation augmentation. Three steps per mini-batch, each with its o
    `use_homo_label_aug = 2`: balanced labels with the class means as reference, and the
    batch's labels with its real features as reference. The class means (momentum 0.3) are
    updated from the real features;
-2. the generator G: `CE(head(G(z, y)), y) - lambda_G MSE(G(z, y), mean_y)` (the distance is
-   maximised: diverse features), on balanced labels (over the classes this site has seen:
-   an unseen class has no mean), uniform noise;
-3. the transformation T: `-H(softmax(head(T(.)))) + lambda_FT MSE(T(.), reference)` on both
-   branches, G's output detached.
+2. the generator G: `CE(head(G(z, y)), y) - lambda_G dist_G` (the distance is maximised:
+   diverse features), on balanced labels (over the classes this site has seen: an unseen
+   class has no mean), uniform noise. `fraug-distance-g`: `mse`, MSE(G(z, y), mean_y), or
+   `mmd`, kernel MMD between the generated batch and the batch's real features (the code's
+   MMD choice compares with the real features, not the class means);
+3. the transformation T: `-H(softmax(head(T(.)))) + lambda_FT dist_FT(T(.), reference)` on
+   both branches, G's output detached; `fraug-distance-ft`: `mse` or `mmd` (kernel MMD
+   between the transformed batch and its references).
 
 What leaves the site is the contract's business: the classifier and G (BatchNorm running
 statistics excluded); T, the class means and the statistics stay here. The model's optimiser
@@ -46,6 +49,32 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Mean prediction entropy of a batch."""
     p = torch.softmax(logits, dim=1)
     return -(p * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def kernel_mmd(x: torch.Tensor, y: torch.Tensor, kernels: int = 5, ratio: float = 2.0) -> torch.Tensor:
+    """Squared maximum mean discrepancy between two samples (rows) under a sum of Gaussian
+    kernels, the biased estimate mean(k(x, x')) + mean(k(y, y')) - 2 mean(k(x, y)).
+    Bandwidths: the pooled sample's mean squared pairwise distance (off the diagonal, taken
+    as a constant) times ratio^(i - kernels // 2), i < kernels: the multi-kernel form of
+    FRAug's `MMD_kernel` (and of deep domain adaptation generally)."""
+    pooled = torch.cat([x, y])
+    squares = pooled.pow(2).sum(dim=1)
+    distances = (squares[:, None] + squares[None, :] - 2 * pooled @ pooled.T).clamp_min(0)
+    n = len(pooled)
+    base = distances.detach().sum() / max(n * n - n, 1)
+    base = base.clamp_min(1e-12) / ratio ** (kernels // 2)
+    gram = sum(torch.exp(-distances / (base * ratio**i)) for i in range(kernels))
+    k = len(x)
+    return gram[:k, :k].mean() + gram[k:, k:].mean() - 2 * gram[:k, k:].mean()
+
+
+def distance(kind: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`fraug-distance-g` / `fraug-distance-ft`: mean squared error or kernel MMD."""
+    if kind == "mse":
+        return nn.functional.mse_loss(x, y)
+    if kind == "mmd":
+        return kernel_mmd(x, y)
+    raise ValueError(f"unknown FRAug distance {kind!r}: choose 'mse' or 'mmd'")
 
 
 def update_class_means(means: torch.Tensor, features: torch.Tensor, y: torch.Tensor) -> None:
@@ -114,8 +143,9 @@ class FRAugTrainer(Trainer):
                 classifier.eval()
                 generator.train()
                 fake = generator(draw(n), balanced)
-                g_loss = ce(classifier.head(fake), balanced) - cfg.fraug_lambda_g * nn.functional.mse_loss(
-                    fake, means[balanced]
+                anchor = real.detach() if cfg.fraug_distance_g == "mmd" else means[balanced]
+                g_loss = ce(classifier.head(fake), balanced) - cfg.fraug_lambda_g * distance(
+                    cfg.fraug_distance_g, fake, anchor
                 )
                 g_opt.zero_grad(set_to_none=True)
                 g_loss.backward()
@@ -130,7 +160,7 @@ class FRAugTrainer(Trainer):
                     moved = transform(raw, reference, labels)
                     t_loss = t_loss + 0.5 * (
                         -entropy(classifier.head(moved))
-                        + cfg.fraug_lambda_ft * nn.functional.mse_loss(moved, reference)
+                        + cfg.fraug_lambda_ft * distance(cfg.fraug_distance_ft, moved, reference)
                     )
                 t_opt.zero_grad(set_to_none=True)
                 t_loss.backward()
