@@ -9,7 +9,8 @@ the wrong code, without a word. scripts/simulate.sh asks this module first:
                                               exit 4: ours but older than the install (restart it)
     python -m core.local_superlink pids       this checkout's local SuperLinks (for stopping them)
 
-A local SuperLink is recognised by its command line (`flower-superlink ... --simulation`):
+A local SuperLink is recognised by its command line (`flower-superlink ... --simulation`) and
+counts when it holds this checkout's local ports (so checkouts on other ports coexist):
 its `--log-file` lies under the FLWR_HOME that started it, the `flower-superlink` it runs
 lies in its venv. Linux only (/proc), as the scripts are.
 """
@@ -30,6 +31,11 @@ class LocalSuperLink:
     flwr_home: Path | None  # from its --log-file (FLWR_HOME/local-superlink/superlink.log)
     venv: Path | None  # the environment whose `flower-superlink` it runs
     started: float  # epoch seconds
+    ports: frozenset[str] = frozenset()  # its HTTP (`--port`) and Control API ports
+
+    def answers_on(self, ports: set[str]) -> bool:
+        """It is the SuperLink `flwr run` reaches with these local ports (or blocks them)."""
+        return bool(self.ports & ports)
 
     def belongs_to(self, flwr_home: Path, venv: Path) -> bool:
         return self.flwr_home == flwr_home.resolve() and self.venv == venv.resolve()
@@ -63,7 +69,11 @@ def parse(pid: int, argv: list[str], started: float) -> LocalSuperLink | None:
     # venv, so the environment is told by where the script lies
     script = Path(argv[names.index("flower-superlink")])
     venv = script.parent.parent.resolve() if script.is_absolute() else None
-    return LocalSuperLink(pid=pid, flwr_home=home, venv=venv, started=started)
+    ports = set()
+    for flag in ("--port", "--control-api-address"):
+        if flag in argv[:-1]:
+            ports.add(argv[argv.index(flag) + 1].rsplit(":", 1)[-1])
+    return LocalSuperLink(pid=pid, flwr_home=home, venv=venv, started=started, ports=frozenset(ports))
 
 
 def running() -> list[LocalSuperLink]:
@@ -100,12 +110,20 @@ def verdict(links: list[LocalSuperLink], flwr_home: Path, venv: Path, installed:
     return 0, ""
 
 
+def local_ports() -> set[str]:
+    """The ports of the local SuperLink `flwr run` uses (Flower's defaults and variables)."""
+    return {
+        os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091"),
+        os.environ.get("FLWR_LOCAL_CONTROL_API_PORT", "39093"),
+    }
+
+
 def main(argv: list[str]) -> int:
     flwr_home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
     venv = Path(sys.prefix)  # run as the checkout's .venv/bin/python
     stamp = venv / ".installed"
     installed = stamp.stat().st_mtime if stamp.exists() else None
-    links = running()
+    links = [link for link in running() if link.answers_on(local_ports())]
     if argv[:1] == ["pids"]:
         print(" ".join(str(link.pid) for link in links if link.belongs_to(flwr_home, venv)))
         return 0

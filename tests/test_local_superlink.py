@@ -11,16 +11,21 @@ import time
 from pathlib import Path
 
 from core.local_superlink import LocalSuperLink, parse, running, verdict
+from tests.pilot_harness import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _argv(venv: Path, home: Path) -> list[str]:
+def _argv(venv: Path, home: Path, port: str = "39091") -> list[str]:
     return [
         str(venv / "bin" / "python"),
         str(venv / "bin" / "flower-superlink"),
         "--insecure",
         "--simulation",
+        "--control-api-address",
+        "127.0.0.1:39093",
+        "--port",
+        port,
         "--log-file",
         str(home / "local-superlink" / "superlink.log"),
     ]
@@ -29,7 +34,10 @@ def _argv(venv: Path, home: Path) -> list[str]:
 def test_a_local_superlink_is_told_by_its_flwr_home_and_environment(tmp_path):
     venv, home = tmp_path / "a" / ".venv", tmp_path / "a" / ".flwr-home"
     link = parse(7, _argv(venv, home), started=100.0)
-    assert link == LocalSuperLink(pid=7, flwr_home=home.resolve(), venv=venv.resolve(), started=100.0)
+    assert link == LocalSuperLink(
+        pid=7, flwr_home=home.resolve(), venv=venv.resolve(), started=100.0, ports=frozenset({"39091", "39093"})
+    )
+    assert link.answers_on({"39091"}) and not link.answers_on({"40001", "40002"})  # another checkout's ports
     assert link.belongs_to(home, venv)
     assert not link.belongs_to(tmp_path / "b" / ".flwr-home", venv)
     assert not link.belongs_to(home, tmp_path / "b" / ".venv")
@@ -58,12 +66,19 @@ def test_simulate_refuses_a_superlink_of_another_checkout(tmp_path):
     script.parent.mkdir(parents=True)
     script.write_text("#!/bin/sh\nsleep 60\n")
     script.chmod(0o755)
-    fake = subprocess.Popen(_argv(other / ".venv", other / ".flwr-home")[1:])
+    port = str(free_port())
+    fake = subprocess.Popen(_argv(other / ".venv", other / ".flwr-home", port)[1:])
     try:
         deadline = time.time() + 10
         while fake.pid not in {link.pid for link in running()} and time.time() < deadline:
             time.sleep(0.1)
-        env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "VENV": str(Path(sys.prefix))}
+        env = {
+            **os.environ,
+            "FLWR_HOME": str(tmp_path / "home"),
+            "VENV": str(Path(sys.prefix)),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": port,
+            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        }
         done = subprocess.run(
             [str(REPO / "scripts" / "simulate.sh"), "--run-config", "num-server-rounds=1"],
             cwd=REPO,
