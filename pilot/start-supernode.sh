@@ -4,7 +4,8 @@
 #   pilot/start-supernode.sh --superlink HOST:PORT --ca ca.crt --key SITE.key \
 #       --data-path FILE_OR_FOLDER --site-name NAME --state-dir DIR \
 #       [--dataset FLAG] [--image-size N] [--port PORT] [--retry N] [--retry-wait S]
-#       [--allow-gradients] [--no-worker] [--isolate-app-user USER [--app-dir DIR]] [-- EXTRA...]
+#       [--allow-gradients] [--min-dp-noise-multiplier M] [--no-worker]
+#       [--isolate-app-user USER [--app-dir DIR]] [-- EXTRA...]
 #
 #   --superlink  the SuperLink's address, a name its certificate holds (make-certs.sh)
 #   --ca         the pilot's ca.crt (not the CA key)
@@ -16,6 +17,8 @@
 #   --port       local port for the ClientApp runtime API (default 9094; one per SuperNode)
 #   --allow-gradients  opt this site in to sending classifier gradients when a run sets
 #                measure-gamma = true (off by default: gradients can be inverted to images)
+#   --min-dp-noise-multiplier M  take part only in runs with differential privacy of at
+#                least noise multiplier M (node config min-dp-noise-multiplier; docs/privacy.md)
 #   --no-worker  do not start the warm site worker (python -m client_app.worker): every
 #                message then imports PyTorch and loads the data in a fresh process
 #   --retry N    restart the SuperNode up to N times when it exits with an error or gives up
@@ -37,7 +40,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 superlink="" ca="" key="" data="" name="" state="" dataset="" size=28 port=9094 retry=0 retry_wait=10
-gradients=false worker=true app_user="" app_dir=""
+gradients=false worker=true app_user="" app_dir="" min_dp=""
 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -53,6 +56,7 @@ while [[ $# -gt 0 ]]; do
     --retry) retry="$2"; shift 2 ;;
     --retry-wait) retry_wait="$2"; shift 2 ;;
     --allow-gradients) gradients=true; shift ;;
+    --min-dp-noise-multiplier) min_dp="$2"; shift 2 ;;
     --no-worker) worker=false; shift ;;
     --isolate-app-user) app_user="$2"; shift 2 ;;
     --app-dir) app_dir="$2"; shift 2 ;;
@@ -66,9 +70,13 @@ for v in superlink ca key data name state; do
 done
 [[ "$name" =~ ^[A-Za-z0-9._-]+$ ]] || { echo "error: --site-name may only hold letters, digits, . _ -" >&2; exit 2; }
 fail() { echo "error: $*" >&2; exit 2; }
+[[ -z "$min_dp" || "$min_dp" =~ ^[0-9]+(\.[0-9]+)?$ ]] || fail "--min-dp-noise-multiplier must be a number, got '$min_dp'"
+# everything this site writes (state, worker.log with its pre-clip norms, keys) is its user's only
+umask 077
 abs() { (cd "$(dirname "$1")" && printf '%s/%s\n' "$(pwd)" "$(basename "$1")"); }
 data="$(abs "$data")"
 mkdir -p "$state"
+chmod 0700 "$state"
 state="$(abs "$state")"
 
 python="${PYTHON:-python3}"
@@ -94,7 +102,6 @@ if [[ -n "$app_user" ]]; then
   [[ "$app_dir/" != "$state/"* ]] || fail "--app-dir must lie outside --state-dir (which $app_user must not read)"
   chown "0:$app_gid" "$app_dir" && chmod 0750 "$app_dir"
   chown "$app_uid:$app_gid" "$app_dir/home" && chmod 0700 "$app_dir/home"
-  chmod 0700 "$state"
   superexec="$(command -v flower-superexec)" || fail "flower-superexec is not on PATH"
   "${as_app[@]}" env -i "$superexec" -V >/dev/null 2>&1 ||
     fail "$app_user cannot run $superexec (or its Python): install the project's environment where others may read and run it (e.g. /opt/fusedspacefed with a system Python)"
@@ -125,6 +132,7 @@ export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0
 # user's folder (0660, its group), the worker takes the node config from here, and
 # messages fail while it is down (the app user cannot read the data).
 node_config="data-path=\"$data\" site-name=\"$name\" state-dir=\"$state\" allow-gradients=$gradients"
+[[ -z "$min_dp" ]] || node_config="$node_config min-dp-noise-multiplier=$min_dp"  # the worker's too
 # supervised: a process that dies (killed, out of memory) is started again; a TERM to the
 # supervisor stops it and its process
 supervise() {
@@ -150,6 +158,7 @@ if [[ "$worker" == true ]]; then
     worker_args=(--socket "$sock" --group "$app_gid" --node-config "$node_config")
   fi
   rm -f "$sock"
+  touch "$state/worker.log" && chmod 0600 "$state/worker.log"  # it logs the pre-clip update norms
   PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" \
     supervise "site worker" "$python" -m client_app.worker "${worker_args[@]}" >>"$state/worker.log" 2>&1 &
   worker_pid=$!
