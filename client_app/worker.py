@@ -13,7 +13,8 @@ site's own user can talk to it.
     python -m client_app.worker --socket STATE_DIR/worker.sock
 
 Where the ClientApp runs as its own user (`start-supernode.sh --isolate-app-user`), that
-user cannot read the data or the state: the worker is their only reader. The socket then
+user cannot read the data or the state: the worker, run as the site's own user
+(`--site-user`: neither root nor the app user), is their only reader. The socket then
 lives in a folder the app user can reach, mode 0660 with the app user's group
 (`--group`), and the worker takes its node config (data path, state folder, the
 gradient opt-in) from its own command line (`--node-config`), never from the untrusted
