@@ -88,7 +88,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "unnamed"
+    """`name` as one folder name: never "." or ".." (a run named ".." once put the state,
+    and the chmod, one level above the state folder), nor hidden."""
+    return re.sub(r"^\.+", "_", re.sub(r"[^A-Za-z0-9._-]+", "_", name)) or "unnamed"
 
 
 def state_digest(arrays: dict[str, torch.Tensor]) -> str:
@@ -199,8 +201,9 @@ class PrivateState:
     def save(self, arrays: PrivateArrays, server_round: int) -> None:
         """Keep in memory and write atomically to disk (the previous file goes to history)."""
         arrays = arrays.cpu()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.dir.chmod(0o700)  # the site's encoder and optimiser state: for the site's own user only
+        for folder in (self.dir.parent, self.dir):  # <run>/<site>: for the site's own user only, whatever the umask
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.chmod(0o700)  # the site's encoder and optimiser state
         self._archive_current(server_round)
         buffer = io.BytesIO()
         torch.save({"format": FORMAT, "round": server_round, "model": arrays.model, "extras": arrays.extras}, buffer)

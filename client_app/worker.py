@@ -13,7 +13,8 @@ site's own user can talk to it.
     python -m client_app.worker --socket STATE_DIR/worker.sock
 
 Where the ClientApp runs as its own user (`start-supernode.sh --isolate-app-user`), that
-user cannot read the data or the state: the worker is their only reader. The socket then
+user cannot read the data or the state: the worker, run as the site's own user
+(`--site-user`: neither root nor the app user), is their only reader. The socket then
 lives in a folder the app user can reach, mode 0660 with the app user's group
 (`--group`), and the worker takes its node config (data path, state folder, the
 gradient opt-in) from its own command line (`--node-config`), never from the untrusted
@@ -56,7 +57,12 @@ CODE_PACKAGES = ("client_app", "core", "models", "partitions")
 #: the largest frame either side accepts (a message of this project is a few MB): a bigger
 #: length prefix is refused before anything is allocated
 MAX_FRAME = int(os.environ.get("FSF_WORKER_MAX_FRAME", str(1 << 30)))
-RECEIVE_TIMEOUT = float(os.environ.get("FSF_WORKER_RECEIVE_TIMEOUT", "120"))  # s a client may take to send
+#: the largest JSON header (configs, metrics, the packing layout: tens of KB in this project).
+#: Parsed JSON takes up to ~25 times its text in Python objects, so this bounds that too.
+MAX_HEADER = int(os.environ.get("FSF_WORKER_MAX_HEADER", str(4 << 20)))
+#: seconds a client may take to send its whole frame (one deadline, not one per recv: a
+#: client trickling a byte at a time cannot hold the single-threaded worker)
+RECEIVE_TIMEOUT = float(os.environ.get("FSF_WORKER_RECEIVE_TIMEOUT", "120"))
 
 
 class FrameError(ConnectionError):
@@ -105,11 +111,28 @@ def encode(header: dict[str, Any], records: RecordDict | None) -> bytes:
 
 def decode(frame: bytes, keep_packed: bool = False) -> tuple[dict[str, Any], RecordDict]:
     """(header, content); the arrays unpacked (their layout checked by core.transport), or
-    still packed with `keep_packed` (for content that only passes through)."""
+    still packed with `keep_packed` (for content that only passes through). A frame that
+    is not one raises FrameError, and nothing else."""
+    try:
+        return _decoded(frame, keep_packed)
+    except FrameError:
+        raise
+    except Exception as exc:  # bad JSON, too deep (RecursionError), records Flower refuses, a bad layout
+        raise FrameError(f"malformed frame ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _decoded(frame: bytes, keep_packed: bool) -> tuple[dict[str, Any], RecordDict]:
     (size,) = _LENGTH.unpack_from(frame)
+    if size > MAX_HEADER or _LENGTH.size + size > len(frame):
+        raise FrameError(f"a frame header of {size} bytes (at most {MAX_HEADER}, inside a frame of {len(frame)})")
     header = json.loads(frame[_LENGTH.size : _LENGTH.size + size])
     body = memoryview(frame)[_LENGTH.size + size :]
-    layout = header.pop("records")
+    layout = header.pop("records", None) if isinstance(header, dict) else None
+    sections = (layout or {}).get("configs"), (layout or {}).get("metrics")
+    if not all(
+        isinstance(section, dict) and all(isinstance(v, dict) for v in section.values()) for section in sections
+    ):
+        raise FrameError("a frame header that is not {..., records: {configs: {name: {...}}, metrics: {...}}}")
     records = RecordDict()
     for name, values in layout["configs"].items():
         records[name] = ConfigRecord(values)
@@ -124,18 +147,25 @@ def _send(sock: socket.socket, frame: bytes) -> None:
     sock.sendall(_LENGTH.pack(len(frame)) + frame)
 
 
-def _receive(sock: socket.socket, limit: int | None = None) -> bytes:
+def _receive(sock: socket.socket, limit: int | None = None, within: float | None = None) -> bytes:
+    """One frame; `within` seconds for all of it (else the socket's timeout per recv)."""
     limit = MAX_FRAME if limit is None else limit
-    head = _exactly(sock, _LENGTH.size)
+    deadline = None if within is None else time.monotonic() + within
+    head = _exactly(sock, _LENGTH.size, deadline)
     (size,) = _LENGTH.unpack(head)
     if size > limit:
         raise FrameError(f"a frame of {size} bytes is over the limit of {limit} (FSF_WORKER_MAX_FRAME)")
-    return _exactly(sock, size)
+    return _exactly(sock, size, deadline)
 
 
-def _exactly(sock: socket.socket, count: int) -> bytes:
+def _exactly(sock: socket.socket, count: int, deadline: float | None = None) -> bytes:
     buffer = bytearray()
     while len(buffer) < count:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the frame did not arrive within its time ({len(buffer)} of {count} bytes)")
+            sock.settimeout(left)
         chunk = sock.recv(min(1 << 20, count - len(buffer)))
         if not chunk:
             raise ConnectionError("the site worker closed the connection")
@@ -191,7 +221,11 @@ class Worker:
         self.node_config = node_config
 
     def handle(self, frame: bytes) -> bytes:
-        header, content = decode(frame)
+        """The reply frame to one message frame (a refusal, with the reason, for a bad one)."""
+        try:
+            header, content = decode(frame)
+        except FrameError as exc:
+            return encode({"error": f"malformed message: {exc}", "refused": True}, None)
         if header.get("protocol") != PROTOCOL:
             return encode({"error": f"protocol {header.get('protocol')} != {PROTOCOL}", "refused": True}, None)
         if header.get("code") != self.code:
@@ -203,14 +237,18 @@ class Worker:
                 },
                 None,
             )
-        node_config = self.node_config if self.node_config is not None else header["node_config"]
-        key = (int(header["run_id"]), json.dumps(node_config, sort_keys=True))
+        node_config = self.node_config if self.node_config is not None else header.get("node_config")
+        run_id, kind = header.get("run_id"), header.get("kind")
+        known = isinstance(kind, str) and kind in self.site.HANDLERS
+        if not isinstance(node_config, dict) or not isinstance(run_id, int) or not known:
+            return encode({"error": "malformed message (node_config, run_id or kind)", "refused": True}, None)
+        key = (run_id, json.dumps(node_config, sort_keys=True))
         state = self.states.setdefault(key, RecordDict())
         context = self.Context(run_id=key[0], node_id=0, node_config=node_config, state=state, run_config={})
         from client_app.timeline import Timeline
 
         try:
-            reply = self.site.HANDLERS[header["kind"]](content, context, Timeline(self.site.IMPORTED, via="worker"))
+            reply = self.site.HANDLERS[kind](content, context, Timeline(self.site.IMPORTED, via="worker"))
         except Exception as exc:  # the thin app turns this into the message's error
             return encode({"error": f"{type(exc).__name__}: {exc}"}, None)
         return encode({}, reply)
@@ -221,12 +259,11 @@ def serve_one(worker: Worker, connection: socket.socket) -> None:
     the worker logs it and goes on to the next connection."""
     started = time.time()
     try:
-        connection.settimeout(RECEIVE_TIMEOUT)
-        frame = _receive(connection)
+        frame = _receive(connection, within=RECEIVE_TIMEOUT)
         connection.settimeout(None)  # training takes as long as it takes
         try:
             reply = worker.handle(frame)
-        except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:  # a malformed frame
+        except Exception as exc:  # whatever a malformed frame causes, the worker goes on serving
             reply = encode({"error": f"malformed message ({type(exc).__name__})"}, None)
         connection.settimeout(RECEIVE_TIMEOUT)
         _send(connection, reply)

@@ -4,7 +4,7 @@
 # only from the operator's addresses.
 #
 #   pilot/start-proxy.sh --superlink 127.0.0.1:8001 [--certs DIR] [--host ADDR] [--port PORT]
-#       [--operator ADDR_OR_CIDR ...] [--state-dir DIR] [--max-body SIZE] [--check]
+#       [--operator ADDR_OR_CIDR ...] [--state-dir DIR] [--max-body SIZE] [--max-fleet-body SIZE] [--check]
 #
 #   --superlink  the SuperLink's own address: loopback only (start-superlink.sh --host
 #                127.0.0.1 --port 8001), so nobody reaches its Control API around this proxy
@@ -17,14 +17,16 @@
 #                repeat for several. 127.0.0.1 and ::1 (the coordinator itself) always are.
 #   --state-dir  the rendered nginx.conf, its pid file and logs (access.log: every request
 #                with its source address and status) (default pilot/state/proxy)
-#   --max-body   largest request body (default 1g: a run's app bundle, a model update)
+#   --max-body   largest request body from the operator (default 1g: a run's app bundle)
+#   --max-fleet-body  largest request body from a SuperNode (default 64m: Flower sends a
+#                message, or one array chunk of at most 5 MiB, per request)
 #   --check      render the configuration and test it (nginx -t), then exit
 # Needs nginx (apt-get install nginx-light, or nginx). Runs in the foreground; stop it
 # with Ctrl-C or `kill PID` (SIGTERM, or SIGQUIT to let requests finish).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-certs="pilot/certs" host="0.0.0.0" port=8000 upstream="" state="pilot/state/proxy" max_body="1g" check=0
+certs="pilot/certs" host="0.0.0.0" port=8000 upstream="" state="pilot/state/proxy" max_body="1g" max_fleet_body="64m" check=0
 operators=(127.0.0.1 ::1)
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -35,6 +37,7 @@ while [[ $# -gt 0 ]]; do
     --operator) operators+=("$2"); shift 2 ;;
     --state-dir) state="$2"; shift 2 ;;
     --max-body) max_body="$2"; shift 2 ;;
+    --max-fleet-body) max_fleet_body="$2"; shift 2 ;;
     --check) check=1; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -49,6 +52,7 @@ command -v nginx >/dev/null || fail "nginx is not installed (apt-get install ngi
 [[ "$port" =~ ^[0-9]+$ ]] || fail "--port must be a number, got '$port'"
 [[ "$host" =~ ^[0-9A-Fa-f.:]+$ ]] || fail "--host must be an IP address, got '$host'"
 [[ "$max_body" =~ ^[0-9]+[kKmMgG]?$ ]] || fail "--max-body must be a size such as 512m or 1g, got '$max_body'"
+[[ "$max_fleet_body" =~ ^[0-9]+[kKmMgG]?$ ]] || fail "--max-fleet-body must be a size such as 64m, got '$max_fleet_body'"
 allow=""
 for op in "${operators[@]}"; do
   [[ "$op" =~ ^[0-9A-Fa-f.:]+(/[0-9]{1,3})?$ ]] || fail "--operator must be an IP address or network (a.b.c.d, a.b.c.d/nn), got '$op'"
@@ -73,6 +77,7 @@ conf="${conf//@CERTS@/$certs}"
 conf="${conf//@UPSTREAM@/$upstream}"
 conf="${conf//@LISTEN@/$listen}"
 conf="${conf//@MAX_BODY@/$max_body}"
+conf="${conf//@MAX_FLEET_BODY@/$max_fleet_body}"
 conf="${conf//@ALLOW@$'\n'/$allow}"
 umask 077
 printf '%s\n' "$conf" >"$state/nginx.conf"

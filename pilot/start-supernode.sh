@@ -4,7 +4,8 @@
 #   pilot/start-supernode.sh --superlink HOST:PORT --ca ca.crt --key SITE.key \
 #       --data-path FILE_OR_FOLDER --site-name NAME --state-dir DIR \
 #       [--dataset FLAG] [--image-size N] [--port PORT] [--retry N] [--retry-wait S]
-#       [--allow-gradients] [--no-worker] [--isolate-app-user USER [--app-dir DIR]] [-- EXTRA...]
+#       [--allow-gradients] [--min-dp-noise-multiplier M] [--no-worker]
+#       [--isolate-app-user USER --site-user SITE_USER [--app-dir DIR]] [-- EXTRA...]
 #
 #   --superlink  the SuperLink's address, a name its certificate holds (make-certs.sh)
 #   --ca         the pilot's ca.crt (not the CA key)
@@ -16,6 +17,8 @@
 #   --port       local port for the ClientApp runtime API (default 9094; one per SuperNode)
 #   --allow-gradients  opt this site in to sending classifier gradients when a run sets
 #                measure-gamma = true (off by default: gradients can be inverted to images)
+#   --min-dp-noise-multiplier M  take part only in runs with differential privacy of at
+#                least noise multiplier M (node config min-dp-noise-multiplier; docs/privacy.md)
 #   --no-worker  do not start the warm site worker (python -m client_app.worker): every
 #                message then imports PyTorch and loads the data in a fresh process
 #   --retry N    restart the SuperNode up to N times when it exits with an error or gives up
@@ -30,6 +33,10 @@
 #                (required) is the only reader of the data and takes its node config from
 #                this script, and its socket is USER's only way in. Create USER once:
 #                useradd --system --user-group --no-create-home --shell /usr/sbin/nologin USER
+#   --site-user SITE_USER  with --isolate-app-user: the site worker (which the untrusted app
+#                talks to) runs as SITE_USER, neither root nor USER. SITE_USER must read
+#                --data-path (e.g. chown SITE_USER FILE; chmod 0600 FILE); the script gives it
+#                --state-dir. Create it once like USER (another name, e.g. fsf-site)
 #   --app-dir DIR  USER's side (default STATE-DIR.app): the worker's socket and the SuperExec
 #                secret (group USER, 0750) and USER's own FLWR_HOME (home/); every folder
 #                above it must be searchable by USER
@@ -37,7 +44,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 superlink="" ca="" key="" data="" name="" state="" dataset="" size=28 port=9094 retry=0 retry_wait=10
-gradients=false worker=true app_user="" app_dir=""
+gradients=false worker=true app_user="" app_dir="" min_dp="" site_user=""
 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -53,9 +60,11 @@ while [[ $# -gt 0 ]]; do
     --retry) retry="$2"; shift 2 ;;
     --retry-wait) retry_wait="$2"; shift 2 ;;
     --allow-gradients) gradients=true; shift ;;
+    --min-dp-noise-multiplier) min_dp="$2"; shift 2 ;;
     --no-worker) worker=false; shift ;;
     --isolate-app-user) app_user="$2"; shift 2 ;;
     --app-dir) app_dir="$2"; shift 2 ;;
+    --site-user) site_user="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -66,10 +75,14 @@ for v in superlink ca key data name state; do
 done
 [[ "$name" =~ ^[A-Za-z0-9._-]+$ ]] || { echo "error: --site-name may only hold letters, digits, . _ -" >&2; exit 2; }
 fail() { echo "error: $*" >&2; exit 2; }
+[[ -z "$min_dp" || "$min_dp" =~ ^[0-9]+(\.[0-9]+)?$ ]] || fail "--min-dp-noise-multiplier must be a number, got '$min_dp'"
 abs() { (cd "$(dirname "$1")" && printf '%s/%s\n' "$(pwd)" "$(basename "$1")"); }
 data="$(abs "$data")"
 mkdir -p "$state"
+chmod 0700 "$state"
 state="$(abs "$state")"
+# everything this site writes from here on (worker.log with its pre-clip norms, Flower's files) is its user's only
+umask 077
 
 python="${PYTHON:-python3}"
 check() { PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$python" -m pilot.preflight "$@"; }
@@ -78,7 +91,8 @@ check site --data-path "$data" ${dataset:+--dataset "$dataset"} --image-size "$s
 check tls --superlink "$superlink" --root-certificates "$ca"
 
 # The ClientApp as its own user: it may hand messages to the worker, and read nothing of the site's.
-as_app=()
+as_app=() as_site=()
+[[ -z "$site_user" || -n "$app_user" ]] || fail "--site-user goes with --isolate-app-user (without it, run this script as the site's user)"
 if [[ -n "$app_user" ]]; then
   [[ $EUID -eq 0 ]] || fail "--isolate-app-user needs root (to start the ClientApp side as $app_user)"
   [[ "$worker" == true ]] || fail "--isolate-app-user needs the site worker (drop --no-worker): it is the only reader of the data"
@@ -88,13 +102,29 @@ if [[ -n "$app_user" ]]; then
   app_gid="$(id -g "$app_user")"
   [[ "$app_uid" -ne 0 ]] || fail "--isolate-app-user must name an unprivileged user, not $app_user (uid 0)"
   as_app=(setpriv --reuid "$app_uid" --regid "$app_gid" --init-groups --inh-caps=-all --no-new-privs --)
+  [[ -n "$site_user" ]] ||
+    fail "--isolate-app-user needs --site-user SITE_USER: the worker the app talks to must not run as root; create it: useradd --system --user-group --no-create-home --shell /usr/sbin/nologin fsf-site"
+  site_uid="$(id -u "$site_user" 2>/dev/null)" ||
+    fail "user $site_user does not exist; create it: useradd --system --user-group --no-create-home --shell /usr/sbin/nologin $site_user"
+  site_gid="$(id -g "$site_user")"
+  [[ "$site_uid" -ne 0 && "$site_uid" -ne "$app_uid" ]] ||
+    fail "--site-user must be an unprivileged user other than $app_user, not $site_user (uid $site_uid)"
+  if id -G "$site_user" | tr ' ' '\n' | grep -qx "$app_gid"; then
+    fail "$site_user must not be in $app_user's group ($app_gid)"
+  fi
+  as_site=(setpriv --reuid "$site_uid" --regid "$site_gid" --init-groups --inh-caps=-all --no-new-privs --)
+  chown -R "$site_uid:$site_gid" "$state"
+  "${as_site[@]}" test -w "$state" ||
+    fail "$site_user cannot reach $state: every folder above it must be searchable by $site_user (chmod o+x)"
+  "${as_site[@]}" test -r "$data" ||
+    fail "$site_user cannot read $data; make it $site_user's (chown -R $site_user PATH; chmod -R go-rwx PATH)"
   app_dir="${app_dir:-$state.app}"
   mkdir -p "$app_dir/home"
   app_dir="$(abs "$app_dir")"
   [[ "$app_dir/" != "$state/"* ]] || fail "--app-dir must lie outside --state-dir (which $app_user must not read)"
-  chown "0:$app_gid" "$app_dir" && chmod 0750 "$app_dir"
+  # the worker (as the site user) makes its socket here; setgid: the socket gets the app user's group
+  chown "$site_uid:$app_gid" "$app_dir" && chmod 2750 "$app_dir"
   chown "$app_uid:$app_gid" "$app_dir/home" && chmod 0700 "$app_dir/home"
-  chmod 0700 "$state"
   superexec="$(command -v flower-superexec)" || fail "flower-superexec is not on PATH"
   "${as_app[@]}" env -i "$superexec" -V >/dev/null 2>&1 ||
     fail "$app_user cannot run $superexec (or its Python): install the project's environment where others may read and run it (e.g. /opt/fusedspacefed with a system Python)"
@@ -125,6 +155,7 @@ export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0
 # user's folder (0660, its group), the worker takes the node config from here, and
 # messages fail while it is down (the app user cannot read the data).
 node_config="data-path=\"$data\" site-name=\"$name\" state-dir=\"$state\" allow-gradients=$gradients"
+[[ -z "$min_dp" ]] || node_config="$node_config min-dp-noise-multiplier=$min_dp"  # the worker's too
 # supervised: a process that dies (killed, out of memory) is started again; a TERM to the
 # supervisor stops it and its process
 supervise() {
@@ -150,8 +181,10 @@ if [[ "$worker" == true ]]; then
     worker_args=(--socket "$sock" --group "$app_gid" --node-config "$node_config")
   fi
   rm -f "$sock"
+  touch "$state/worker.log" && chmod 0600 "$state/worker.log"  # it logs the pre-clip update norms
   PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" \
-    supervise "site worker" "$python" -m client_app.worker "${worker_args[@]}" >>"$state/worker.log" 2>&1 &
+    supervise "site worker" "${as_site[@]}" env HOME="$state" "$python" -m client_app.worker "${worker_args[@]}" \
+    >>"$state/worker.log" 2>&1 &
   worker_pid=$!
   for _ in $(seq 1 600); do
     [[ -S "$sock" ]] && break

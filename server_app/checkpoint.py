@@ -146,6 +146,27 @@ def find_resume_checkpoint(cfg: RunConfig) -> Checkpoint | None:
     return read_checkpoint(cfg.resume_from)
 
 
+def refuse_stale_private_resume(cfg: RunConfig, checkpoint: Checkpoint) -> None:
+    """Under differential privacy, resume only from the run's newest checkpoint.
+
+    A checkpoint holds the noise generator and the accountant as they were after its round,
+    so re-running later rounds from an older one would draw the same noise again: with a
+    different set of replying sites, a site holding both releases recovers an absent site's
+    clipped update exactly (n1*M1 - n2*M2), and the abandoned releases would be missing from
+    epsilon. The newest checkpoint is never followed by a released model (a round's model is
+    sent only after its checkpoint is written), so resuming from it reuses nothing
+    (docs/privacy.md, "Resume")."""
+    if not (cfg.dp_clip_norm > 0 and cfg.dp_noise_multiplier > 0):
+        return
+    newer = [r for r, _ in list_checkpoints(cfg.results_dir, cfg.run_name) if r > checkpoint.server_round]
+    if newer:
+        raise CheckpointError(
+            f"cannot resume {checkpoint.path} (round {checkpoint.server_round}) under differential privacy: the run "
+            f"has a newer checkpoint (round {max(newer)}), and re-running rounds would release the same noise twice; "
+            'resume with resume-from = "latest"'
+        )
+
+
 def resumed_config(cfg: RunConfig, checkpoint: Checkpoint) -> RunConfig:
     """The run configuration to continue with: the checkpoint's run name, and a clear
     error when a setting that shapes the results differs from the checkpoint's."""

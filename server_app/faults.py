@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 
 from core.console import console
 from core.methods import EVALUATION_RECORD, METRICS_RECORD, SITE_ID_KEY, BadRecord, check_site_metrics
-from core.transport import PackingError, pack, unpack
+from core.transport import PackingError, check_arrays, pack, unpack
 
 # Replies are pulled every POLL_START seconds at first, backing off to POLL_MAX: a fast
 # round is noticed within tens of milliseconds, a slow one costs a few requests a second
@@ -61,6 +61,22 @@ class SiteBook:
         return f"node {node_id}" + (f" (site {site})" if site is not None else "")
 
 
+def refusal(msg: Message) -> str:
+    """Why a reply cannot be read ("" when it can), its content unpacked in place. Nothing a
+    site sends may stop the ServerApp: every array is checked readable (core.transport) and
+    every metric a plain number, and whatever else goes wrong reading it is a failed site too."""
+    try:
+        msg.content = unpack(msg.content)
+        check_arrays(msg.content)
+        for name, record in msg.content.metric_records.items():
+            check_site_metrics(name, record)
+    except (PackingError, BadRecord) as exc:
+        return f"malformed reply ({exc})"
+    except Exception as exc:  # the last line of defence: reported, never raised
+        return f"malformed reply (unreadable: {type(exc).__name__})"
+    return ""
+
+
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: SiteBook, what: str = "") -> Exchange:
     """Push, pull until every site answered or `timeout` seconds passed, and sort the
     answers: replies, error replies (the SuperLink reports an unreachable node as one)
@@ -99,12 +115,9 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: Site
             if msg.has_error():
                 result.failed.append(f"{book.label(node)}: {str(msg.error.reason)[:2000]}")
                 continue
-            try:  # nothing a site sends may stop the ServerApp: a malformed reply is a failed site
-                msg.content = unpack(msg.content)
-                for name, record in msg.content.metric_records.items():
-                    check_site_metrics(name, record)
-            except (PackingError, BadRecord) as exc:
-                result.failed.append(f"{book.label(node)}: malformed reply ({exc})")
+            reason = refusal(msg)
+            if reason:
+                result.failed.append(f"{book.label(node)}: {reason}")
             else:
                 result.replies.append(msg)
         if not waiting or time.monotonic() >= deadline:

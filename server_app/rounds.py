@@ -30,6 +30,7 @@ from server_app.checkpoint import (
     CheckpointError,
     checkpoint_dir,
     find_resume_checkpoint,
+    refuse_stale_private_resume,
     resumed_config,
     write_checkpoint,
 )
@@ -106,6 +107,7 @@ class FederatedRun:
         self.checkpoint = find_resume_checkpoint(cfg)
         if self.checkpoint is not None:
             cfg = resumed_config(cfg, self.checkpoint)
+            refuse_stale_private_resume(cfg, self.checkpoint)
         else:
             cfg = cfg.replace(run_name=cfg.run_name or cfg.default_run_name())
             refuse_to_overwrite(Path(cfg.results_dir) / cfg.run_name)

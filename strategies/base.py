@@ -31,6 +31,7 @@ from core.methods import (
     RecordMismatch,
 )
 from core.metrics import HEALTH_WORST_OF
+from core.transport import PackingError, check_arrays
 from strategies.aggregation import average_arrays, mean_metrics, worst_metrics
 from strategies.gamma import gamma, gamma_decomposition
 from strategies.privacy import EPSILON_KEY, NOISE_STD_KEY, STATE_PREFIX, NoiseSource, PrivacyLedger, noise_std
@@ -131,6 +132,10 @@ class SharedModelStrategy(FedAvg):
     def check_reply(self, msg: Message) -> None:
         """Raise BadReply (PrivacyViolation for private content) unless the reply is fit to aggregate."""
         node = msg.metadata.src_node_id
+        try:  # every array readable as what it declares, before anything reads one
+            check_arrays(msg.content)
+        except PackingError as exc:
+            raise BadReply(f"site (node {node}) sent an unreadable array: {exc}") from None
         records = msg.content.array_records
         extra = set(records) - self.contract.allowed_reply_records()
         if extra:
@@ -234,6 +239,8 @@ class SharedModelStrategy(FedAvg):
                 self.check_reply(msg)
             except BadReply as exc:
                 bad.append((msg, str(exc)))
+            except Exception as exc:  # nothing a site sends may stop the round: a failed site, with the reason
+                bad.append((msg, f"reply could not be checked ({type(exc).__name__}: {str(exc)[:200]})"))
             else:
                 good.append(msg)
         # A fixed order makes float sums, and so whole runs, repeatable whatever the arrival order.

@@ -25,6 +25,10 @@ from strategies.base import BadReply, SharedModelStrategy
 
 STATISTICS = ("mean", "moment", "count")
 HEAD = "classifier.head"
+#: the largest |feature mean| a site may report (its second moments: the square). The pooled
+#: features are the head's inputs, O(1-100) after the model's normalisation; near 1e200,
+#: mean**2 overflowed to inf, the moment check passed and the fused head turned NaN.
+MAX_FEATURE = 1e6
 
 
 class FuseFL(SharedModelStrategy):
@@ -97,6 +101,11 @@ class FuseFL(SharedModelStrategy):
         if mean.shape != (classes, d) or moment.shape != (classes, d, d) or count.shape != (classes,):
             raise BadReply(f"site (node {node}) sent {exchange.meaning} of shapes that do not fit the model")
         self.check_arrays(node, exchange.name, record, None)
+        if np.abs(mean).max(initial=0) > MAX_FEATURE or np.abs(moment).max(initial=0) > MAX_FEATURE**2:
+            raise BadReply(
+                f"site (node {node}) sent {exchange.meaning} beyond |mean| <= {MAX_FEATURE:g} (second moments "
+                f"<= {MAX_FEATURE**2:g}): no feature of this model is that large"
+            )
         examples = msg.content.metric_records.get(METRICS_RECORD, {}).get("num-examples")
         if (count < 0).any() or not np.array_equal(count, np.round(count)) or int(count.sum()) != examples:
             raise BadReply(
@@ -159,5 +168,8 @@ class FuseFL(SharedModelStrategy):
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-        arrays[f"{HEAD}.weight"] = head.weight.detach().numpy().astype(arrays[f"{HEAD}.weight"].dtype)
-        arrays[f"{HEAD}.bias"] = head.bias.detach().numpy().astype(arrays[f"{HEAD}.bias"].dtype)
+        trained = head.weight.detach().numpy(), head.bias.detach().numpy()
+        if not all(np.isfinite(t).all() for t in trained):  # a diverged retraining: keep the mean of the heads
+            trained = weight, bias
+        arrays[f"{HEAD}.weight"] = np.asarray(trained[0]).astype(arrays[f"{HEAD}.weight"].dtype)
+        arrays[f"{HEAD}.bias"] = np.asarray(trained[1]).astype(arrays[f"{HEAD}.bias"].dtype)

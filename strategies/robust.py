@@ -3,7 +3,9 @@
 - `median`: the coordinate-wise median of the sites' arrays (Yin et al. 2018), as Flower's
   `FedMedian` computes it;
 - `trimmed-mean`: the coordinate-wise mean after cutting `trim-fraction` of the values at each
-  end, with Flower's `trim_mean` (the helper of its `FedTrimmedAvg`);
+  end, with Flower's `trim_mean` (the helper of its `FedTrimmedAvg`), and at least one value
+  at each end whenever three or more sites replied (`trim_cut`: int(0.2 * 4) is 0, which made
+  it the plain mean at the pilot's sizes); with two sites it is their median;
 - `krum`: the one site's arrays closest to its n - f - 2 nearest neighbours (Blanchard et al.
   2017), selected with Flower's `select_multikrum`, f = `krum-byzantine`.
 
@@ -51,11 +53,22 @@ def robust_arrays(records: Sequence[ArrayRecord], rule: str, trim_fraction: floa
         if rule == "median":
             value = np.median(stacked, axis=0)
         elif rule == "trimmed-mean":
-            value = trim_mean(stacked, trim_fraction)
+            cut = trim_cut(trim_fraction, len(records))
+            value = trim_mean(stacked, cut) if cut > 0 or trim_fraction <= 0 else np.median(stacked, axis=0)
         else:
             raise ValueError(f"unknown aggregation {rule!r}; one of {AGGREGATIONS}")
         out[key] = Array(np.asarray(value).astype(first.dtype))
     return ArrayRecord(out)
+
+
+def trim_cut(trim_fraction: float, num_sites: int) -> float:
+    """The fraction to cut at each end: `trim_fraction`, raised so that one value goes at each
+    end when that would cut none of three or more (0 when two or fewer: nothing can be cut)."""
+    if trim_fraction <= 0 or num_sites < 3:
+        return 0.0
+    if int(trim_fraction * num_sites) >= 1:
+        return trim_fraction
+    return 1.0 / num_sites + 1e-9  # int(cut * n) == 1, and below 0.5 for n >= 3
 
 
 def _float_pairs(record: ArrayRecord, sent: Mapping[str, np.ndarray]) -> tuple[list[str], list, list]:

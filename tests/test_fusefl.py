@@ -157,3 +157,11 @@ def test_the_server_holds_each_site_to_one_column_and_checks_its_statistics(tmp_
     first.content["fusefl-statistics"] = ArrayRecord({k: Array(v) for k, v in inflated.items()})
     with pytest.raises(BadReply, match="whole numbers adding up"):
         strategy.check_reply(first)
+    # security review, finding 12: statistics near 1e200 overflowed mean**2 to inf, so the moment
+    # check passed and the fused head turned NaN; now they are refused
+    huge = {k: np.array(stats[k].numpy()) for k in stats.keys()}
+    huge["mean"] = np.full(huge["mean"].shape, 1e200)  # float64: finite, so the finite check passes them
+    huge["moment"] = np.full(huge["moment"].shape, 1e200)
+    first.content["fusefl-statistics"] = ArrayRecord({k: Array(v) for k, v in huge.items()})
+    with pytest.raises(BadReply, match="beyond"):
+        strategy.check_reply(first)

@@ -1,9 +1,10 @@
 """The hospital's guard on loopback: the ClientApp (code that arrives with every run) runs as
 its own unix user, which cannot read the site's data, private state or key; it can only
 hand messages to the site worker, which runs the site's installed code and is the only
-reader of the data (pilot/start-supernode.sh --isolate-app-user).
+reader of the data (pilot/start-supernode.sh --isolate-app-user) and runs as the site's own
+unix user (--site-user), neither root nor the app user.
 
-Needs root, to create a throwaway system user and switch to it (CI runs as root).
+Needs root, to create throwaway system users and switch to them (CI runs as root).
 """
 
 from __future__ import annotations
@@ -37,15 +38,26 @@ if not (shutil.which("useradd") and shutil.which("setpriv")):
 SITE = "hospital-a"
 
 
-@pytest.fixture(scope="module")
-def app_user():
-    name = f"fsf-app-{os.getpid()}"
+def _throwaway_user(kind: str):
+    name = f"fsf-{kind}-{os.getpid()}"
     cmd = ["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", name]
     subprocess.run(cmd, check=True, capture_output=True)
     try:
         yield pwd.getpwnam(name)
     finally:
         subprocess.run(["userdel", name], capture_output=True)
+        subprocess.run(["groupdel", name], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def app_user():
+    yield from _throwaway_user("app")
+
+
+@pytest.fixture(scope="module")
+def site_user():
+    """The site worker's user: it reads the data and the state; the app user reads neither."""
+    yield from _throwaway_user("site")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +91,7 @@ def as_user(user: pwd.struct_passwd, code: str, timeout: float = 120) -> subproc
 
 
 @pytest.fixture(scope="module")
-def isolated(app_user, runnable_python, real_data_root):
+def isolated(app_user, site_user, runnable_python, real_data_root):
     if runnable_python:
         print(f"\nsearch permission for others added to {[str(f) for f, _ in runnable_python]} during these tests")
     probe = as_user(app_user, "import flwr, client_app.app")
@@ -93,17 +105,17 @@ def isolated(app_user, runnable_python, real_data_root):
         "breastmnist", real_data_root, root / "site-files", num_sites=2, partition="iid", show=False
     )
     pilot.app_dir = Path(f"{pilot.state_dir(SITE)}.app")
+    isolate = ("--isolate-app-user", app_user.pw_name, "--site-user", site_user.pw_name)
+    os.chown(pilot.site_files[0], site_user.pw_uid, site_user.pw_gid)  # the site user's data
     try:
         pilot.make_material([SITE])
         pilot.start_superlink()
         pilot.register(SITE)
         pilot.site_files[0].chmod(0o644)  # readable by everyone: the start script must refuse
-        readable = pilot.start_supernode(SITE, pilot.site_files[0], extra=("--isolate-app-user", app_user.pw_name))
+        readable = pilot.start_supernode(SITE, pilot.site_files[0], extra=isolate)
         pilot.refused_log = readable.text() if pilot.exits(readable) == 2 else f"exit {readable.popen.returncode}"
         pilot.site_files[0].chmod(0o600)
-        pilot.supernodes[SITE] = pilot.start_supernode(
-            SITE, pilot.site_files[0], extra=("--isolate-app-user", app_user.pw_name)
-        )
+        pilot.supernodes[SITE] = pilot.start_supernode(SITE, pilot.site_files[0], extra=isolate)
         wait_for(lambda: pilot.node_ids[SITE] in pilot.online(), 180, "the isolated SuperNode online", every=3)
         yield pilot
     finally:
@@ -148,6 +160,20 @@ def test_the_app_user_cannot_read_the_data_state_or_key_and_reaches_only_the_wor
         "site key": "PermissionError",
         "worker socket": "connected",
     }
+
+
+def test_the_site_worker_runs_as_the_site_user_neither_root_nor_the_app_user(isolated, app_user, site_user):
+    """Security review, finding 6: under --isolate-app-user the worker, which the untrusted
+    app drives, ran as root."""
+    socket_path = str(isolated.app_dir / "worker.sock")
+    workers = [
+        proc.info["uids"].real
+        for proc in psutil.process_iter(["cmdline", "uids"])
+        if "client_app.worker" in (proc.info["cmdline"] or []) and socket_path in (proc.info["cmdline"] or [])
+    ]
+    assert workers and set(workers) == {site_user.pw_uid}, workers
+    assert site_user.pw_uid not in (0, app_user.pw_uid)
+    assert os.stat(isolated.state_dir(SITE)).st_uid == site_user.pw_uid
 
 
 def test_a_run_trains_with_every_clientapp_running_as_the_app_user(isolated, app_user):

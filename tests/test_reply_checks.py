@@ -196,6 +196,10 @@ MALFORMED = {
     "layout past the buffer": _layout(lambda lay: lay[-1].__setitem__(4, 10**9)),
     "layout forcing a huge allocation": _layout(lambda lay: lay[0].__setitem__(3, [10**6, 10**6])),
     "layout with an object dtype": _layout(lambda lay: lay[0].__setitem__(2, "|O")),
+    # security review, finding 1: numpy's int64 product of this shape wraps around to the entry's size
+    "layout whose size wraps int64 around": _layout(
+        lambda lay: lay[0].__setitem__(3, [2**61 + 1, 8]) or lay[0].__setitem__(5, 8 * np.dtype(lay[0][2]).itemsize)
+    ),
     "layout entry of the wrong length": _layout(lambda lay: lay.append(["arrays", "x"])),
     "gradients nobody asked for": _repacked(
         lambda c: c.__setitem__("gradients", ArrayRecord({"orig": Array(np.zeros(4, np.float32))}))
@@ -261,3 +265,59 @@ def test_an_undefined_metric_is_not_a_malformed_reply():
     for bad in ({"local_auc": float("inf")}, {"local_acc": [0.7]}, {"site-id": 1.0}):
         with pytest.raises(BadRecord):
             check_site_metrics("evaluation", bad)
+
+
+def _with_raw_array(reply, record, key, array):
+    """`reply` (unpacked, as a site could send it without the packing record) with one Array replaced."""
+    bad = copy.copy(reply)
+    bad.content = copy.deepcopy(unpack(reply.content))
+    arrays = dict(bad.content[record].items()) if record in bad.content.array_records else {}
+    arrays[key] = array
+    bad.content[record] = ArrayRecord(arrays)
+    return bad
+
+
+def test_screen_turns_unreadable_arrays_into_failed_sites(tmp_path):
+    """Security review, finding 2: `screen` caught only BadReply, so an Array that Flower's
+    `numpy()` cannot read (another stype: TypeError; object dtype: ValueError; an .npy header
+    declaring 8 TiB: MemoryError) left the round; and with measure-gamma on, a gradient whose
+    declared shape differs from its bytes passed the shape check and broke the stacking."""
+    import io
+
+    fed, replies = _first_round(tmp_path)
+    fed.strategy.expects_gradients = True  # as with measure-gamma on
+    good = replies[0]
+    key = next(k for k in good.content["arrays"].keys() if "conv" in k)
+    real = good.content["arrays"][key]
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2**41,)})
+    objects = io.BytesIO()
+    np.lib.format.write_array_header_1_0(objects, {"descr": "|O", "fortran_order": False, "shape": real.shape})
+    orig = Array(np.zeros(4, np.float32))
+    cases = {
+        "torch stype": ("arrays", key, Array(dtype=real.dtype, shape=real.shape, stype="torch.Tensor", data=real.data)),
+        "object dtype": (
+            "arrays",
+            key,
+            Array(dtype="object", shape=real.shape, stype="numpy.ndarray", data=objects.getvalue()),
+        ),
+        "8 TiB header": (
+            "arrays",
+            key,
+            Array(dtype="float32", shape=real.shape, stype="numpy.ndarray", data=header.getvalue()),
+        ),
+        "gradient shape lie": (
+            "gradients",
+            "fused",
+            Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=Array(np.zeros(5, np.float32)).data),
+        ),
+    }
+    mangled = {}
+    for name, (record, k, array) in cases.items():
+        mangled[name] = _with_raw_array(good, record, k, array)
+        if record == "gradients":
+            mangled[name].content["gradients"] = ArrayRecord({"orig": orig, "fused": array})
+    accepted, refused = fed.strategy.screen([good, *mangled.values()])
+    assert accepted == [good]
+    assert len(refused) == len(cases)
+    assert all("unreadable array" in reason for _, reason in refused), refused

@@ -165,3 +165,22 @@ def test_one_scaled_site_of_ten_hurts_the_mean_and_not_the_robust_rules(tmp_path
         assert distance(model, clean) < hurt / 5, (rule, distance(model, clean), hurt)
         assert abs(row["global_acc_mean"] - clean_row["global_acc_mean"]) <= 0.02, (rule, row, clean_row)
     assert attacked_row["num_replies"] == 10  # the attack passes every reply check: only aggregation stops it
+
+
+@pytest.mark.parametrize("num_honest", [2, 3])
+def test_trimmed_mean_trims_one_site_at_the_pilots_sizes(num_honest):
+    """Security review, finding 5: with trim-fraction 0.2 and 4 or fewer replying sites,
+    int(0.2 * n) = 0 values were cut, so trimmed-mean was the plain mean and one site
+    steered it. Now one value goes at each end from 3 sites on."""
+    records, honest_mean = _records(num_honest=num_honest)
+    mean = average_arrays(records, [1.0] * len(records))
+    trimmed = robust_arrays(records, "trimmed-mean", trim_fraction=0.2, byzantine=1)
+    assert _distance(mean, honest_mean) > 1.0
+    assert _distance(trimmed, honest_mean) < 0.05 * _distance(mean, honest_mean)
+
+
+def test_trim_cut_cuts_at_least_one_of_three_and_none_of_two():
+    from strategies.robust import trim_cut
+
+    assert [int(trim_cut(0.2, n) * n) for n in (1, 2, 3, 4, 5, 10, 20)] == [0, 0, 1, 1, 1, 2, 4]
+    assert trim_cut(0.0, 4) == 0.0  # trim 0 asks for the plain mean

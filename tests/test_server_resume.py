@@ -174,3 +174,25 @@ def test_a_fresh_start_never_writes_over_an_earlier_run(cfg, tmp_path):
         run(cfg.replace(num_server_rounds=2), LocalGrid(tmp_path / "site-state"))
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     run(cfg.replace(num_server_rounds=1, run_name="another"), LocalGrid(tmp_path / "site-state"))
+
+
+def test_a_private_run_resumes_only_from_its_newest_checkpoint(tmp_path):
+    """Security review, finding 4: a resume from an older checkpoint restored the noise
+    generator and the accountant, so the re-run rounds drew the same noise (with another set
+    of replying sites, n1*M1 - n2*M2 gives an absent site's clipped update) and epsilon left
+    the abandoned releases out. Such a resume is refused; the newest checkpoint resumes."""
+    write_fake_medmnist(tmp_path / "data")
+    cfg = small_config(
+        tmp_path, "fedavg", run_name="private", num_server_rounds=2, dp_clip_norm=0.5, dp_noise_multiplier=1.0
+    )
+    run(cfg, LocalGrid(tmp_path / "site-state"))
+    older = dict(list_checkpoints(cfg.results_dir, cfg.run_name))[1]
+    with pytest.raises(CheckpointError, match="newer checkpoint \\(round 2\\).*same noise"):
+        run(cfg.replace(resume_from=str(older), num_server_rounds=3), LocalGrid(tmp_path / "site-state"))
+    run(cfg.replace(resume_from="latest", num_server_rounds=3), LocalGrid(tmp_path / "site-state"))
+    assert [r["round"] for r in rows(cfg)] == [1, 2, 3]
+    # without DP nothing is reused that matters: an older checkpoint still resumes
+    plain = cfg.replace(run_name="plain", dp_clip_norm=0.0, dp_noise_multiplier=0.0)
+    run(plain, LocalGrid(tmp_path / "site-state-plain"))
+    older = dict(list_checkpoints(plain.results_dir, plain.run_name))[1]
+    run(plain.replace(resume_from=str(older)), LocalGrid(tmp_path / "site-state-plain"))

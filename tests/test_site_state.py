@@ -138,3 +138,31 @@ def test_state_folders_are_the_site_users_only(tmp_path):
     state.save(arrays(2), 2)
     assert state.dir.stat().st_mode & 0o777 == 0o700
     assert (state.dir / HISTORY_DIR).stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("run_name", ["..", ".", "../..", "..hidden"])
+def test_a_run_name_cannot_lead_outside_the_state_folder(tmp_path, run_name):
+    """Security review, finding 7: a run named ".." made the worker (as root) write the state,
+    and chmod 0700, one level above the state folder."""
+    root = tmp_path / "state"
+    root.mkdir()
+    state = PrivateState(RecordDict(), root, run_name, "..")
+    state.save(arrays(1), 1)
+    assert state.dir.resolve().parent.parent == root.resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+    assert all(not p.name.startswith(".") for p in root.rglob("*") if p.is_dir())
+
+
+def test_the_run_folder_is_the_site_users_only_whatever_the_umask(tmp_path):
+    """Security review, finding 9: without isolation the folders kept the default umask (the
+    run folder 0755 lists the site names)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        state = PrivateState(RecordDict(), tmp_path, "run", "site")
+        state.save(arrays(1), 1)
+    finally:
+        os.umask(old)
+    assert state.dir.parent.stat().st_mode & 0o777 == 0o700
+    assert state.dir.stat().st_mode & 0o777 == 0o700

@@ -68,7 +68,7 @@ def test_the_wire_format_keeps_every_record_exactly():
     forged = RecordDict(
         {**dict(packed.items()), "packing": ConfigRecord({"layout": '[["arrays", "x", "<f4", [10000], 0, 40000]]'})}
     )
-    with pytest.raises(ValueError, match="does not fit the buffer"):
+    with pytest.raises(worker.FrameError, match="does not fit the buffer"):
         worker.decode(worker.encode({}, forged))
 
 
@@ -276,3 +276,78 @@ def test_the_thin_app_waits_no_longer_than_the_rounds_timeout(tmp_path, monkeypa
         worker.call(str(path), "train", content, {}, 1, timeout=3600.0)
     assert time.time() - started < 5
     listener.close()
+
+
+def _frame(header_json: bytes, body: bytes = b"") -> bytes:
+    import struct
+
+    return struct.pack("!Q", len(header_json)) + header_json + body
+
+
+HOSTILE_HEADERS = {
+    "a string": b'"x"',
+    "a number": b"1",
+    "configs not a mapping": b'{"records": {"configs": 5, "metrics": {}}}',
+    "a config record not a mapping": b'{"records": {"configs": {"c": [1]}, "metrics": {}}}',
+    "200k nested lists": b"[" * 200_000,
+    "node_config a list": b'{"protocol": 2, "code": "", "kind": "train", "run_id": 1, "node_config": [], '
+    b'"records": {"configs": {}, "metrics": {}}}',
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_HEADERS))
+def test_a_hostile_frame_header_is_a_refusal_and_the_worker_goes_on(name, monkeypatch):
+    """Security review, finding 3: a header of "x", 1, {"records": {"configs": 5}} or 200k
+    nested '[' made the worker raise AttributeError or RecursionError out of serve_one, and
+    it exited. Now each is a refused frame with a reason."""
+    w = worker.Worker.__new__(worker.Worker)  # no torch or data needed to refuse a frame
+    w.code, w.node_config, w.states = worker.code_digest(), None, {}
+    w.site = type("Site", (), {"HANDLERS": {"train": None}})
+    from flwr.app import Context
+
+    w.Context = Context
+    monkeypatch.setattr(worker, "MAX_HEADER", 1 << 20, raising=False)
+    header, _ = worker.decode(
+        w.handle(_frame(HOSTILE_HEADERS[name].replace(b'"code": ""', b'"code": "%s"' % w.code.encode())))
+    )
+    assert header["refused"] and "malformed message" in header["error"]
+
+
+def test_a_header_larger_than_the_json_bound_is_refused_unparsed(monkeypatch):
+    """Security review, finding 3: below the 1 GiB frame cap the JSON header expanded about
+    24 times in memory. Now a header over MAX_HEADER bytes is refused before json reads it."""
+    monkeypatch.setattr(worker, "MAX_HEADER", 1000, raising=False)
+    parsed = []
+    monkeypatch.setattr(worker.json, "loads", lambda text: parsed.append(len(text)) or {})
+    with pytest.raises(worker.FrameError, match="header of 2000 bytes"):
+        worker.decode(_frame(b" " * 2000))
+    assert parsed == []
+
+
+def test_a_client_trickling_bytes_cannot_hold_the_worker(monkeypatch):
+    """Security review, finding 3: the receive timeout applied per recv, so a client sending
+    one byte just inside it held the single-threaded worker for ever. Now the whole frame has
+    RECEIVE_TIMEOUT seconds (asserted by the bytes it got, not by timing)."""
+    import socket
+    import struct
+    import threading
+
+    monkeypatch.setattr(worker, "RECEIVE_TIMEOUT", 1.0)
+    client, server = socket.socketpair()
+    thread = threading.Thread(target=worker.serve_one, args=(EchoWorker(), server), daemon=True)
+    thread.start()
+    client.sendall(struct.pack("!Q", 1000))
+    sent = 0
+    try:
+        for _ in range(40):  # 40 bytes, one every 0.2 s: each recv is well inside 1 s, the frame is not
+            client.sendall(b" ")
+            sent += 1
+            time.sleep(0.2)
+            if not thread.is_alive():
+                break
+    except OSError:  # the worker hung up
+        pass
+    thread.join(10)
+    assert not thread.is_alive() and sent < 40
+    client.close()
+    server.close()
