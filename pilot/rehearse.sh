@@ -53,14 +53,21 @@ superlink_port="$(free_port)"
 export FLWR_HOME="$dir/operator-flwr-home"
 
 started=()  # process-group ids, in start order
+descendants() {  # every process below $1 (Flower starts its SuperExec in a session of its own)
+  local child
+  for child in $(pgrep -P "$1" 2>/dev/null); do echo "$child"; descendants "$child"; done
+}
 stop_all() {
   local status=$?
   trap - EXIT INT TERM
   echo
   echo "== stopping what this rehearsal started"
+  local below=()
+  for pgid in "${started[@]}"; do below+=($(descendants "$pgid")); done
   for ((i = ${#started[@]} - 1; i >= 0; i--)); do  # SuperNodes first, the SuperLink last
     kill -TERM -- "-${started[i]}" 2>/dev/null || true
   done
+  for pid in "${below[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done  # any that left the groups
   for pgid in "${started[@]}"; do
     for _ in $(seq 1 100); do kill -0 -- "-$pgid" 2>/dev/null || break; sleep 0.2; done
     kill -KILL -- "-$pgid" 2>/dev/null || true
@@ -137,7 +144,7 @@ run flwr run . pilot --stream --run-config "dataset=\"breastmnist\" download=fal
     num-server-rounds=$rounds local-epochs=1 warmup-epochs=1 measure-gamma=false
     min-replies=2 round-timeout=600.0 results-dir=\"$dir/results\""
 run flwr ls pilot
-summary="$(ls "$dir"/results/*/summary.json 2>/dev/null | head -n 1)"
+summary="$(ls "$dir"/results/*/summary.json 2>/dev/null | head -n 1 || true)"
 [[ -n "$summary" ]] || { echo "error: the run wrote no summary.json under $dir/results" >&2; exit 1; }
 step "results: $(dirname "$summary")"
 ls "$(dirname "$summary")"
