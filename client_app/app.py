@@ -14,6 +14,7 @@ consent, gradients for Gamma.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from logging import ERROR, WARNING
@@ -23,10 +24,16 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from client_app.worker import WORKER_KEY, WORKER_REQUIRED_KEY, WorkerUnavailable, call
+from core.flower_log import quiet_flower_log
 from core.transport import is_packed, pack, unpack
+
+quiet_flower_log()  # Flower's per-round sampling lines and actor-exit warnings (core/flower_log.py)
 
 IMPORTED = time.time()
 WORKER_TIMEOUT = 24 * 3600.0  # at most; `call` waits no longer than the message's round-timeout
+# pilot/start-supernode.sh marks the worker's socket `<socket>.stopping` when the site is
+# asked to stop, before it stops the worker and the SuperNode (which may take seconds)
+STOPPING_SUFFIX = ".stopping"
 
 app = ClientApp()
 
@@ -39,6 +46,11 @@ def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
         try:
             return call(worker, kind, content, dict(context.node_config), context.run_id, WORKER_TIMEOUT)
         except WorkerUnavailable as exc:
+            if os.path.exists(worker + STOPPING_SUFFIX):
+                # the worker went because the site is stopping: do not start training here
+                raise SiteStopping(
+                    f"{exc}; this site is stopping (its SuperNode was asked to stop), so the message is not run"
+                ) from None
             if str(context.node_config.get(WORKER_REQUIRED_KEY, "")).lower() in ("true", "1"):
                 # an isolated ClientApp (its own user) cannot read the data: do not try
                 raise WorkerUnavailable(
@@ -51,6 +63,10 @@ def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     from client_app.timeline import Timeline
 
     return pack(site.HANDLERS[kind](unpack(content), context, Timeline(site.IMPORTED, app_loaded=IMPORTED)))
+
+
+class SiteStopping(RuntimeError):
+    """A message that reached a site while its SuperNode was stopping."""
 
 
 class SiteFailure(RuntimeError):

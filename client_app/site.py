@@ -8,7 +8,8 @@ on it, saves its private state and replies with the shared arrays only (the meth
 contract says which), its training metrics and that evaluation. An evaluate message
 (after the last round, or for a site not sampled to train) only evaluates.
 
-What leaves a site: the shared arrays, metrics, the records its method's contract
+What leaves a site: the shared arrays, metrics, a description of its data (split sizes,
+the test split's majority-class share, its file's split settings), the records its method's contract
 names (SCAFFOLD's dc_i) and, only when `measure-gamma` is on and the site allows it
 (simulated sites always; a deployed site with `allow-gradients = true` in its own
 node config), classifier gradients on one batch for Gamma. With `dp-clip-norm` > 0 the
@@ -32,10 +33,12 @@ from client_app.timeline import Timeline
 from client_app.trainers import LocalRound, Trainer
 from client_app.training import classification_loss, classifier_gradient, fast_layout
 from core.config import RunConfig
+from core.data_report import MAJORITY_KEY, site_data_record
 from core.device import resolve_device, set_threads
 from core.methods import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
+    DATA_RECORD,
     EVALUATE_KEY,
     EVALUATION_RECORD,
     GRADIENTS_RECORD,
@@ -50,6 +53,7 @@ from core.methods import (
     MethodContract,
     contract_for,
 )
+from core.metrics import majority_share
 from core.seeds import BATCH_ORDER, GAMMA_BATCH, round_seed, site_init_seed
 from models import SiteModel, build_run_model
 from models.evaluation import batchnorm_layers, evaluate_split, recalibrated_batchnorm
@@ -105,6 +109,7 @@ class Site:
         self.allows_gradients = not self.deployed or _flag(node.get(ALLOW_GRADIENTS, False))
         self.data: SiteData
         self.data, meta = site_data_for(self.cfg, node)
+        self.meta = meta
         self.timeline.mark("data_loaded")
         self.site_id = int(node.get("partition-id", meta.get("site", 0)))
         self.num_sites = int(node.get("num-partitions", meta.get("num_sites", 1)))
@@ -204,8 +209,23 @@ class Site:
             )
         else:
             metrics.update(self._scores(model, splits))
+        if "test" in splits:  # what a model that learnt nothing scores on it (the warning's reference)
+            metrics[MAJORITY_KEY] = self.test_majority_share()
         metrics.update({WEIGHT_KEY: len(self.data.test), SITE_ID_KEY: self.site_id})
         return MetricRecord(metrics)
+
+    def test_majority_share(self) -> float:
+        return majority_share(self.data.test.labels.numpy(), self.data.spec.task)
+
+    def data_report(self) -> MetricRecord:
+        """What this site's data is (sizes, its split's settings): core/data_report.py."""
+        sizes = {
+            "train": len(self.data.train),
+            "val": len(self.data.val),
+            "test": len(self.data.test),
+            "local-test": len(self.data.local_test),
+        }
+        return MetricRecord(site_data_record(sizes, self.test_majority_share(), self.meta))
 
     def _scores(self, model: SiteModel, splits: dict[str, TensorSplit]) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -266,6 +286,7 @@ def train_round(incoming: RecordDict, context: Context, timeline: Timeline | Non
     for key, record in (result.outgoing or {}).items():
         content[key] = record
     site.timeline.mark("reply_ready")
+    content[DATA_RECORD] = site.data_report()
     content[TIMELINE_RECORD] = MetricRecord(site.timeline.record())
     return content
 

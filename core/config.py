@@ -328,7 +328,12 @@ class RunConfig:
         differential privacy (whose noise calibration assumes the plain mean)."""
         return self.weighted and self.rules.weighted_mean and not self.dp
 
-    def default_run_name(self) -> str:
+    def default_run_name(self, simulated: bool = True) -> str:
+        """The name of a run without `run-name`. A simulation's partition settings make its
+        data, so they are in the name; a deployment's sites bring their own data, which the
+        run config does not describe (`site-data` in its place)."""
+        if not simulated:
+            return f"{self.method}-{self.dataset}-site-data-s{self.seed}"
         spread = partition_tag(self.partition, self.alpha, self.classes_per_client)
         return f"{self.method}-{self.dataset}-{self.partition}-{spread}-s{self.seed}"
 

@@ -38,6 +38,7 @@ METRICS_RECORD = "metrics"  # site -> server: training metrics and bookkeeping
 EVALUATION_RECORD = "evaluation"  # site -> server: metrics of the model it received (previous round)
 TIMELINE_RECORD = "timeline"  # site -> server: wall-clock marks of the message (client_app/timeline.py)
 GRADIENTS_RECORD = "gradients"  # site -> server: classifier gradients for Gamma (opt-in at a deployed site)
+DATA_RECORD = "site-data"  # site -> server: what the site's data is (sizes, its split's settings; core/data_report.py)
 
 # -- keys of the config record beyond the run configuration --------------------------
 ROUND_KEY = "server-round"  # Flower's FedAvg adds it to every message

@@ -35,6 +35,18 @@ def _auc(y_true: np.ndarray, scores: np.ndarray, task: str) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
+def majority_share(y_true: np.ndarray, task: str) -> float:
+    """The accuracy of always predicting the most common class (per label for ChestMNIST's
+    multi-label task): a model scoring exactly this has learnt nothing beyond the prior."""
+    if len(y_true) == 0:
+        return float("nan")
+    if task == MULTI_LABEL:
+        positive = np.asarray(y_true, dtype=float).mean(axis=0)
+        return float(np.mean(np.maximum(positive, 1 - positive)))
+    counts = np.bincount(np.asarray(y_true).reshape(-1).astype(np.int64))
+    return float(counts.max() / counts.sum())
+
+
 def classification_metrics(y_true: np.ndarray, scores: np.ndarray, task: str) -> dict[str, float]:
     """Accuracy, macro-F1, balanced accuracy (over classes present) and AUC."""
     from medmnist.evaluator import getACC

@@ -180,7 +180,7 @@ if [[ "$worker" == true ]]; then
     node_config="$node_config site-worker=\"$sock\" site-worker-required=true"
     worker_args=(--socket "$sock" --group "$app_gid" --node-config "$node_config")
   fi
-  rm -f "$sock"
+  rm -f "$sock" "$sock.stopping"
   touch "$state/worker.log" && chmod 0600 "$state/worker.log"  # it logs the pre-clip update norms
   PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" \
     supervise "site worker" "${as_site[@]}" env HOME="$state" "$python" -m client_app.worker "${worker_args[@]}" \
@@ -196,6 +196,9 @@ if [[ "$worker" == true ]]; then
   [[ -n "$app_user" ]] || node_config="$node_config site-worker=\"$sock\""
 fi
 stop_worker() {
+  # first the mark that tells the ClientApps started meanwhile not to train without the
+  # worker (client_app/app.py: the site is stopping)
+  [[ -n "$worker_pid" ]] && { : >"$sock.stopping"; } 2>/dev/null
   [[ -n "$worker_pid" ]] && kill -TERM "$worker_pid" 2>/dev/null
   [[ -n "$superexec_pid" ]] && kill -TERM "$superexec_pid" 2>/dev/null
   true
@@ -246,7 +249,7 @@ watch_for_give_up() {
   done
 }
 child=""
-trap '[[ -n "$child" ]] && kill -TERM "$child" 2>/dev/null; stop_worker; rm -f "$pid_file" "$gave_up"; wait; exit 143' TERM INT
+trap '[[ -n "$worker_pid" ]] && { : >"$sock.stopping"; } 2>/dev/null; [[ -n "$child" ]] && kill -TERM "$child" 2>/dev/null; stop_worker; rm -f "$pid_file" "$gave_up"; wait; exit 143' TERM INT
 for ((attempt = 0; ; attempt++)); do
   rm -f "$gave_up"
   "${cmd[@]}" 2> >(watch_for_give_up >&2) &

@@ -11,7 +11,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from core.check_config import describe
 from core.config import ConfigError, RunConfig
+from core.flower_log import quiet_flower_log
 from server_app.rounds import FederatedRun
+
+quiet_flower_log()  # Flower's per-round sampling lines and actor-exit warnings (core/flower_log.py)
 
 
 class RunConfigRejected(RuntimeError):

@@ -26,6 +26,7 @@ import torch
 
 from core.config import ConfigError, RunConfig
 from core.files import atomic_write_bytes, prune_round_files, round_file, round_files
+from server_app.server_data import run_name_for
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -135,7 +136,7 @@ def find_resume_checkpoint(cfg: RunConfig) -> Checkpoint | None:
     if not cfg.resume_from:
         return None
     if cfg.resume_from == LATEST:
-        run_name = cfg.run_name or cfg.default_run_name()
+        run_name = run_name_for(cfg)
         found = list_checkpoints(cfg.results_dir, run_name)
         if not found:
             raise CheckpointError(

@@ -3,6 +3,7 @@ record of which sites failed and why."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,10 +19,22 @@ from core.transport import PackingError, check_arrays, pack, unpack
 # round is noticed within tens of milliseconds, a slow one costs a few requests a second
 # (Grid.send_and_receive of Flower's deployment grid sleeps 3 s between pulls).
 POLL_START, POLL_MAX, POLL_GROWTH = 0.02, 0.5, 1.5
-# A site is reported late (one log line, and another when its reply arrives) once it has
-# not answered for LATE_AFTER seconds and for LATE_FACTOR times as long as the slowest
-# site that did answer took; a site without a reply at the timeout is reported missing.
-LATE_AFTER, LATE_FACTOR = 30.0, 3.0
+# "Late" is relative to the round's other sites: a site is reported late (one line, and
+# another when its reply arrives) once it has not answered for LATE_AFTER seconds and for
+# LATE_FACTOR times the median reply time of the sites that did answer; or, whether or
+# not any site answered, once LATE_SHARE of round-timeout has passed. Sites that share
+# CPUs (a simulation) answer in waves, which stay well within that factor. While no site
+# at all has answered, one line after QUIET_WAIT seconds says the round is still waiting
+# (on CPU, not on a fault). A site without a reply at the timeout is missing.
+LATE_AFTER, LATE_FACTOR, LATE_SHARE, QUIET_WAIT = 30.0, 3.0, 0.5, 120.0
+
+
+def late_after(answered: list[float], timeout: float) -> float:
+    """Seconds after the push from which a site still waiting counts as late."""
+    share = LATE_SHARE * timeout
+    if not answered:
+        return share
+    return min(share, max(LATE_AFTER, LATE_FACTOR * statistics.median(answered)))
 
 
 class TooFewReplies(RuntimeError):
@@ -34,6 +47,7 @@ class Exchange:
 
     replies: list[Message] = field(default_factory=list)  # without errors
     failed: list[str] = field(default_factory=list)  # "node N (site i): reason"
+    missing: list[str] = field(default_factory=list)  # the labels of sites that did not answer in time
     sent: int = 0
     push_start: float = 0.0  # epoch seconds, for the round-cost timeline
     push_done: float = 0.0
@@ -45,9 +59,11 @@ class Exchange:
 
 @dataclass
 class SiteBook:
-    """Which node is which site, learnt from earlier replies (their `site-id` metric)."""
+    """Which node is which site, learnt from earlier replies (their `site-id` metric), and
+    every node the SuperLink has listed as connected during the run."""
 
     sites: dict[int, int] = field(default_factory=dict)
+    seen: set[int] = field(default_factory=set)
 
     def learn(self, replies: Iterable[Message]) -> None:
         for msg in replies:
@@ -57,6 +73,8 @@ class SiteBook:
                     self.sites[msg.metadata.src_node_id] = int(record[SITE_ID_KEY])
 
     def label(self, node_id: int) -> str:
+        """`node N (site i)`, the one name of a site in every line and record; `node N`
+        alone until the site has answered once (only its replies say which site it is)."""
         site = self.sites.get(node_id)
         return f"node {node_id}" + (f" (site {site})" if site is not None else "")
 
@@ -81,8 +99,9 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: Site
     """Push, pull until every site answered or `timeout` seconds passed, and sort the
     answers: replies, error replies (the SuperLink reports an unreachable node as one)
     and sites that never answered. Uses the Grid's public push/pull; arrays travel
-    packed (core.transport) and replies come back unpacked. Late sites get a log line
-    (`what`, e.g. "round 3", names the exchange), and another when they answer."""
+    packed (core.transport) and replies come back unpacked. A late site gets a log line
+    (`what`, e.g. "round 3", names the exchange), and another when its reply arrives;
+    failures and missing sites are left to the caller to report, once."""
     messages = list(messages)
     result = Exchange(sent=len(messages))
     if not messages:
@@ -100,7 +119,8 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: Site
     started = time.monotonic()
     deadline, interval = started + timeout, POLL_START
     late: set[int] = set()
-    slowest = 0.0  # seconds the slowest site that answered took
+    answered: list[float] = []  # seconds each site that answered took
+    quiet_reported = False
     prefix = f"{what}: " if what else ""
     while waiting:
         for msg in grid.pull_messages(list(waiting)):
@@ -109,12 +129,13 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: Site
                 node = msg.metadata.src_node_id
                 waiting = {k: v for k, v in waiting.items() if v != node}
             result.arrived[node] = time.time()
-            slowest = max(slowest, time.monotonic() - started)
-            if node in late:
-                console.print(f"[yellow]{prefix}{book.label(node)} answered late, after {slowest:.0f} s[/yellow]")
-            if msg.has_error():
+            took = time.monotonic() - started
+            if msg.has_error():  # reported once, as failed, by the caller
                 result.failed.append(f"{book.label(node)}: {str(msg.error.reason)[:2000]}")
                 continue
+            answered.append(took)
+            if node in late:
+                console.print(f"[yellow]{prefix}{book.label(node)} answered late, after {took:.0f} s[/yellow]")
             reason = refusal(msg)
             if reason:
                 result.failed.append(f"{book.label(node)}: {reason}")
@@ -123,18 +144,35 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, book: Site
         if not waiting or time.monotonic() >= deadline:
             break
         elapsed = time.monotonic() - started
-        if elapsed >= max(LATE_AFTER, LATE_FACTOR * slowest):
+        if elapsed >= late_after(answered, timeout):
             for node in sorted(set(waiting.values()) - late):
                 late.add(node)
-                others = f"; the others answered within {slowest:.0f} s" if result.arrived else ""
+                others = f"; the others answered within {max(answered):.0f} s" if answered else ""
                 console.print(
                     f"[yellow]{prefix}{book.label(node)} is late: no reply after {elapsed:.0f} s{others}; "
                     f"waiting up to round-timeout = {timeout:g} s[/yellow]"
                 )
+        elif not answered and not quiet_reported and elapsed >= QUIET_WAIT:
+            quiet_reported = True
+            console.print(
+                f"[dim]{prefix}no reply yet from any of the {len(set(waiting.values()))} sites after "
+                f"{elapsed:.0f} s: still training (sites that share CPUs, as in a simulation, answer "
+                f"together), not a fault; waiting up to round-timeout = {timeout:g} s[/dim]"
+            )
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
         interval = min(POLL_MAX, interval * POLL_GROWTH)
     for node in waiting.values():
         result.failed.append(f"{book.label(node)}: no reply within {timeout:g} s")
-        console.print(f"[yellow]{prefix}{book.label(node)} is missing: no reply within {timeout:g} s[/yellow]")
+        result.missing.append(book.label(node))
     book.learn(result.replies)
     return result
+
+
+def report_failures(what: str, failures: list[str], missing: Iterable[str] = ()) -> None:
+    """One line per site that failed an exchange, in the form of its `failed_sites` entry:
+    `<what>: node N (site i) is missing: no reply within T s` or `... failed: <reason>`."""
+    missing = set(missing)
+    for failure in failures:
+        label, _, reason = failure.partition(": ")
+        verb = "is missing" if label in missing and reason.startswith("no reply within") else "failed"
+        console.print(f"[yellow]{what}: {label} {verb}: {reason}[/yellow]")

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from core.data_report import MAJORITY_KEY, majority_class
 from core.files import atomic_write_bytes
 from core.methods import TIMELINE_RECORD
 
@@ -91,6 +92,7 @@ SUMMARY_KEYS = (
     "balanced_acc",
     "auc",
     "gamma",
+    MAJORITY_KEY,
 )
 
 
@@ -107,6 +109,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     def score(key: str):
         return lambda r: -math.inf if r.get(key) is None or not math.isfinite(r[key]) else r[key]
 
+    warning = {"warning": majority_warning(evaluated[-1])} if majority_class(evaluated[-1]) else {}
     return {
         "rounds": len(rows),
         "final": pick(evaluated[-1], "last evaluated round"),
@@ -115,8 +118,16 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ),
         "best_by_val": pick(max(evaluated, key=score("val_acc_mean")), "highest val_acc_mean on the validation split"),
         "reference_selection": reference_selection(evaluated),
+        **warning,
         **privacy,
     }
+
+
+def majority_warning(row: dict[str, Any]) -> str:
+    return (
+        f"round {row['round']}'s global accuracy {row['global_acc_mean']:.4f} equals the test split's majority-class "
+        f"share ({MAJORITY_KEY}): the model predicts the most common class, it learnt nothing beyond the class prior"
+    )
 
 
 def privacy_spent(rows: list[dict[str, Any]]) -> dict[str, Any]:

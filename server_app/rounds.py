@@ -14,6 +14,7 @@ the sites evaluate only their own local shard.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,16 @@ from flwr.serverapp import Grid
 
 from core.config import ConfigError, RunConfig
 from core.console import console
-from core.methods import EVALUATE_KEY, EVALUATION_RECORD, SPLITS_KEY, contract_for
+from core.data_report import config_mismatch, describe_sites, describe_split, majority_class
+from core.methods import (
+    DATA_RECORD,
+    EVALUATE_KEY,
+    EVALUATION_RECORD,
+    METRICS_RECORD,
+    SITE_ID_KEY,
+    SPLITS_KEY,
+    contract_for,
+)
 from models import SiteModel, build_run_model
 from partitions.medmnist_data import input_spec
 from server_app.checkpoint import (
@@ -34,9 +44,9 @@ from server_app.checkpoint import (
     resumed_config,
     write_checkpoint,
 )
-from server_app.faults import Exchange, SiteBook, TooFewReplies, exchange
+from server_app.faults import Exchange, SiteBook, TooFewReplies, exchange, report_failures
 from server_app.results import RunResults
-from server_app.server_data import central_evaluator, partition_summary
+from server_app.server_data import central_evaluator, partition_summary, run_name_for
 from server_app.tracking import RunTracker
 from strategies import build_strategy
 
@@ -85,6 +95,10 @@ def progress_line(row: dict[str, Any], num_rounds: int, eta: str = "") -> str:
         parts.append(f"R2 {row['rec_r2']:.2f} (worst {row['rec_r2_worst']:.2f}) dep {row['rec_dependence']:.2f}")
     if isinstance(row.get("bn_gap"), float):
         parts.append(f"BN gap {100 * row['bn_gap']:+.1f} pts")
+    if majority_class(row):
+        parts.append(
+            f"[yellow]= majority class ({100 * row['test_majority_share']:.2f} %): learnt nothing yet[/yellow]"
+        )
     return "  ".join(parts) + (f"  [dim]{eta}[/dim]" if eta else "")
 
 
@@ -109,12 +123,13 @@ class FederatedRun:
             cfg = resumed_config(cfg, self.checkpoint)
             refuse_stale_private_resume(cfg, self.checkpoint)
         else:
-            cfg = cfg.replace(run_name=cfg.run_name or cfg.default_run_name())
+            cfg = cfg.replace(run_name=run_name_for(cfg))
             refuse_to_overwrite(Path(cfg.results_dir) / cfg.run_name)
         self.cfg = cfg
         self.contract = contract_for(cfg.method)
         self.results = RunResults(cfg.results_dir, cfg.run_name)
         self.book = SiteBook()
+        self.data_reports: dict[int, dict[str, float]] = {}  # site id -> what its data is (core/data_report.py)
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()
         self.tracker = RunTracker(
@@ -217,6 +232,7 @@ class FederatedRun:
             self.grid, train_messages + eval_messages, self.cfg.round_timeout, self.book, f"round {server_round}"
         )
         self.results.write_timeline(server_round, result)
+        self.learn_data(result)
         if pending is not None:
             self.record_evaluation(pending, result)
         train_replies, failed = self.screen(result, "train")
@@ -232,13 +248,11 @@ class FederatedRun:
         row: dict[str, Any] = {"round": server_round, "round_seconds": time.time() - started}
         row.update(dict(metrics or {}))
         row["failed_sites"] = failed
-        if offline:
-            row["offline_sites"] = offline
+        row["offline_sites"] = offline
         self.rows.append(row)
         self.results.write_rounds(self.rows)
         self.save_checkpoint(server_round)
-        for failure in failed:
-            console.print(f"[yellow]  round {server_round} failed: {failure}[/yellow]")
+        report_failures(f"round {server_round}", failed, result.missing)
         if not self.due(server_round):
             self.report(row)
 
@@ -256,9 +270,8 @@ class FederatedRun:
             f"final evaluation of round {pending}",
         )
         self.results.write_timeline(pending, result, final=True)
-        self.record_evaluation(pending, result)
-        self.rows[-1]["round_seconds"] += time.time() - started
-        self.results.write_rounds(self.rows)
+        report_failures(f"final evaluation of round {pending}", result.failed, result.missing)
+        self.record_evaluation(pending, result, started=started)
         self.save_checkpoint(pending)
 
     def finish(self) -> dict[str, Any]:
@@ -271,11 +284,49 @@ class FederatedRun:
         }
         if self.cfg.dp_noise_multiplier > 0:  # the delta that summary.json's dp_epsilon holds at
             extra["dp_delta"] = self.cfg.dp_delta
+        if self.data_reports:
+            extra["data"] = describe_sites(self.data_reports)
         summary = self.results.write_summary(self.rows, extra)
+        if "warning" in summary:
+            console.print(f"[yellow]warning: {self.cfg.method} ({self.cfg.run_name}): {summary['warning']}[/yellow]")
         console.print(f"results written to {self.results.dir}")
         return summary
 
     # -- pieces -------------------------------------------------------------------
+    def learn_data(self, result: Exchange) -> None:
+        """Keep each site's report of its data; on the first reports of a run whose sites
+        read their own split files, say what the split is, and which of the run's own
+        partition settings (its name's) do not apply to it."""
+        first = not self.data_reports
+        for msg in result.replies:
+            record = msg.content.metric_records.get(DATA_RECORD)
+            metrics = msg.content.metric_records.get(METRICS_RECORD) or {}
+            if record is not None and SITE_ID_KEY in metrics:  # (a site's numbers: NaN is allowed, kept out)
+                report = {k: float(v) for k, v in record.items() if math.isfinite(float(v))}
+                self.data_reports[int(metrics[SITE_ID_KEY])] = report
+        if not first or not self.data_reports:
+            return
+        data = describe_sites(self.data_reports)
+        if data["source"] != "site files":
+            return
+        split = data.get("split")
+        if split is None:
+            console.print(
+                "[yellow]the sites' data files were split with different settings: see summary.json's data[/yellow]"
+            )
+            return
+        differ = config_mismatch(self.cfg, split)
+        console.print(
+            f"data as the sites report it: {describe_split(split)}; "
+            f"{', '.join(str(s.get('train', '?')) for s in data['sites'])} training images"
+            + (
+                f"[yellow]; this run's {'; '.join(differ)} do not apply (its name and partition settings are "
+                "the run config's; summary.json's data is the sites')[/yellow]"
+                if differ
+                else ""
+            )
+        )
+
     def due(self, server_round: int) -> bool:
         return server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_server_rounds
 
@@ -291,9 +342,12 @@ class FederatedRun:
         return ConfigRecord({**self.cfg.to_mapping(), EVALUATE_KEY: evaluate_received, SPLITS_KEY: splits})
 
     def report_offline(self, server_round: int, connected: set[int]) -> list[str]:
-        """Sites that answered in an earlier round but that the SuperLink no longer lists as
-        `connected` (it drops a node that missed its heartbeats): one log line each."""
-        offline = [self.book.label(node) for node in sorted(self.book.sites) if node not in connected]
+        """Sites that were connected in an earlier round (answered or not) but that the
+        SuperLink no longer lists as `connected` (it drops a node that missed its
+        heartbeats): one log line each."""
+        known = self.book.seen | set(self.book.sites)
+        offline = [self.book.label(node) for node in sorted(known - connected)]
+        self.book.seen |= connected
         for label in offline:
             console.print(
                 f"[yellow]round {server_round}: {label} is offline (not connected to the SuperLink): "
@@ -314,9 +368,11 @@ class FederatedRun:
         failed = result.failed + [f"{self.book.label(m.metadata.src_node_id)}: {reason}" for m, reason in bad]
         return good, failed
 
-    def record_evaluation(self, server_round: int, result: Exchange) -> None:
+    def record_evaluation(self, server_round: int, result: Exchange, started: float | None = None) -> None:
         """Round `server_round`'s evaluation metrics (from the sites, and from the server
-        when it evaluates the official splits itself) into its row; then report it."""
+        when it evaluates the official splits itself) into its row; then report it.
+        `started`: when the final evaluation began; its time is added to the last round's
+        `round_seconds` before the row is written and printed (one figure in both)."""
         site_tested = any(
             "test_acc" in m.content[EVALUATION_RECORD]
             for m in result.replies
@@ -329,6 +385,8 @@ class FederatedRun:
         row.update(dict(metrics))
         row[EVALUATED_KEY] = row.get(EVALUATED_KEY, 0)
         row["failed_eval_sites"] = result.failed
+        if started is not None:
+            row["round_seconds"] += time.time() - started
         self.results.write_rounds(self.rows)
         self.report(row)
 

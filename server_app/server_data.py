@@ -15,6 +15,8 @@ from flwr.app import ArrayRecord
 
 from core.config import RunConfig
 from core.console import console
+from core.data_report import MAJORITY_KEY
+from core.metrics import majority_share
 from models import build_run_model
 from models.evaluation import evaluate_split
 from partitions.medmnist_data import DataError, npz_filename, partition_labels
@@ -24,6 +26,12 @@ from partitions.summary import write_summary
 
 def dataset_on_server(cfg: RunConfig) -> bool:
     return (Path(cfg.data_root) / npz_filename(cfg.dataset, cfg.image_size)).exists()
+
+
+def run_name_for(cfg: RunConfig) -> str:
+    """`run-name`, or the default one: a simulation's (the dataset file is on the server)
+    or a deployment's (core.config.RunConfig.default_run_name)."""
+    return cfg.run_name or cfg.default_run_name(simulated=dataset_on_server(cfg))
 
 
 def partition_summary(cfg: RunConfig, num_sites: int, out_dir: Path) -> None:
@@ -57,6 +65,7 @@ class CentralEvaluator:
         for prefix, split in (("test", self.test), ("val", self.val)):
             scores = evaluate_split(model, split, self.spec.task, cpu)
             metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
+        metrics[MAJORITY_KEY] = majority_share(self.test.labels.numpy(), self.spec.task)
         return metrics
 
 

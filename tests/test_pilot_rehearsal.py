@@ -1,0 +1,74 @@
+"""pilot/rehearse.sh, the operator's walk-through of docs/pilot.md on loopback, run as an
+operator runs it (issue 30.1): certificates, keys, SuperLink, proxy, CLI connection,
+registration with names, site files, two SuperNodes and a 2-round run; then nothing it
+started is left running."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.pilot_harness import REPO, base_env
+
+pytestmark = pytest.mark.integration
+
+if not (shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")):
+    if os.environ.get("FSF_REQUIRE_NGINX"):  # .ci/run installs nginx and sets this
+        pytest.fail("nginx is not installed but FSF_REQUIRE_NGINX is set", pytrace=False)
+    pytest.skip("nginx is not installed (apt-get install nginx-light); .ci/run installs it", allow_module_level=True)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Processes whose command line names the rehearsal's folder (none may outlive it)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(folder) in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(f"{proc.info['pid']}: {cmdline[:200]}")
+    return found
+
+
+def test_the_rehearsal_runs_the_whole_pilot_and_stops_everything(tmp_path, real_data_root):
+    folder = tmp_path / "rehearsal"
+    env = {**base_env(tmp_path / "unused-home"), "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(REPO / "pilot" / "rehearse.sh"), "--dir", str(folder), "--data-root", str(real_data_root)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-6000:]
+    # every step printed with its command
+    for command in (
+        "$ pilot/make-certs.sh",
+        "$ pilot/make-site-keys.sh",
+        "start-superlink.sh",
+        "$ pilot/start-proxy.sh",
+        "-m pilot.connection pilot",
+        "keys/hospital-a.key.pub pilot --name hospital-a",
+        "-m partitions.split --dataset breastmnist",
+        "$ pilot/start-supernode.sh",
+        "$ flwr run . pilot --stream",
+    ):
+        assert command in out, command
+    assert "hospital-a" in out and "hospital-b" in out  # `flwr supernode list` names the owners
+    [summary_path] = list((folder / "results").glob("*/summary.json"))
+    summary = json.loads(summary_path.read_text())
+    assert summary["rounds"] == 2 and summary["final"]["global_acc_mean"] is not None
+    # the data as the sites report it: their split, not the run config's defaults
+    assert summary["data"]["split"]["alpha"] == 0.5 and summary["data"]["source"] == "site files"
+    assert summary_path.parent.name == "fusedspacefed-breastmnist-site-data-s0"
+    rows = [json.loads(line) for line in (summary_path.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["num_replies"], r["failed_sites"]) for r in rows] == [(1, 2, []), (2, 2, [])]
+    assert "== stopping what this rehearsal started" in out
+    assert leftovers(folder) == []
