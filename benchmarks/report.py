@@ -446,8 +446,10 @@ PROTOCOL_KEYS = (
     "lr-schedule",
     "ae-optimizer",
     "rec-loss",
+    "ae-lr-ramp",
+    "warmup-min-steps",
 )
-RECIPE_KEYS = ("norm", "lr-schedule", "ae-optimizer", "rec-loss")
+RECIPE_KEYS = ("norm", "lr-schedule", "ae-optimizer", "rec-loss", "ae-lr-ramp", "warmup-min-steps")
 
 
 def protocol(runs: list[Run]) -> list[str]:

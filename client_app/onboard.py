@@ -127,7 +127,8 @@ def onboard(
     before = mean_reconstruction_loss(net, split, dev, batch_size)
     log(f"reconstruction loss before: {before:.5f}")
 
-    job_cfg = cfg.replace(warmup_epochs=1, batch_size=batch_size)
+    # one epoch per call, as many calls as --epochs asks (no minimum number of steps here)
+    job_cfg = cfg.replace(warmup_epochs=1, batch_size=batch_size, warmup_min_steps=0)
     generator = torch.Generator().manual_seed(
         round_seed(cfg.seed, run.server_round, site_number(site_name), BATCH_ORDER)
     )

@@ -50,6 +50,8 @@ class RunConfig:
     lr_schedule: str = "cosine"
     lr_ae: float = 0.003
     ae_optimizer: str = "adam"
+    ae_lr_ramp: int = 10
+    warmup_min_steps: int = 100
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lambda_rec: float = 1.0
@@ -161,6 +163,8 @@ class RunConfig:
             ),
             (self.local_epochs >= 1, f"local-epochs must be >= 1, got {self.local_epochs}"),
             (self.warmup_epochs >= 0, f"warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.warmup_min_steps >= 0, f"warmup-min-steps must be >= 0, got {self.warmup_min_steps}"),
+            (self.ae_lr_ramp >= 0, f"ae-lr-ramp must be >= 0, got {self.ae_lr_ramp}"),
             (self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}"),
             (self.lr > 0 and self.lr_ae > 0, f"lr and lr-ae must be > 0, got lr={self.lr}, lr-ae={self.lr_ae}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),

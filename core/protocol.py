@@ -46,11 +46,14 @@ PROTOCOLS: dict[str, Protocol] = {
         weighted_mean=False,
         quiet_autoencoder_start=False,
         first_warmup_trains_decoder=False,
-        # averaged BatchNorm, the plain SGD autoencoder at lr 0.01, the per-pixel MSE, a constant lr
+        # averaged BatchNorm, the plain SGD autoencoder at lr 0.01 (no ramp), warm-ups of whole epochs only,
+        # the per-pixel MSE, a constant lr
         fixed={
             "norm": "batch",
             "ae_optimizer": "sgd",
             "lr_ae": 0.01,
+            "ae_lr_ramp": 0,
+            "warmup_min_steps": 0,
             "rec_loss": "pixel-mean",
             "lr_schedule": "constant",
         },

@@ -162,3 +162,77 @@ def test_demo_settings_take_overrides_once_each():
     parsed = parse_config_args([run_config_string(merged)])
     assert parsed == merged
     RunConfig.from_mapping(parsed)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 24: round 1 is healthy now, but the averaged decoder fits no site's private encoder in round 2 "
+    "(worst-site R^2 0.37 after round 2; docs/recipe.md)",
+)
+def test_default_fusedspacefed_keeps_an_informative_fused_space_at_every_small_site(tmp_path, real_data_root):
+    """Issue 24 item 4: on real RetinaMNIST over 10 sites (108 images each, Dirichlet 0.05),
+    after round 2's fused training every site's reconstruction has R^2 >= 0.8 and input
+    dependence >= 0.5 on its own images (the recipe's defaults, with eval-every = 2 so that
+    only round 2 is evaluated)."""
+    from benchmarks.lean import run_lean
+
+    torch.set_num_threads(1)
+    config = {
+        "dataset": "retinamnist",
+        "data-root": str(real_data_root),
+        "download": False,
+        "alpha": 0.05,
+        "num-server-rounds": 2,
+        "eval-every": 2,
+        "num-threads": 1,
+        "device": "cpu",
+        "seed": 0,
+        "results-dir": str(tmp_path),
+        "run-name": "retina10",
+        "track-tensorboard": False,
+    }
+    run_lean(config, 10)
+    rows = [json.loads(line) for line in (tmp_path / "retina10" / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    assert last["round"] == 2 and last["num_replies"] == 10
+    assert last["rec_r2_worst"] >= 0.8 and last["rec_dependence_worst"] >= 0.5, {
+        k: v for k, v in last.items() if k.startswith("rec_")
+    }
+
+
+def test_a_fresh_autoencoder_adam_ramps_its_learning_rate_up_and_the_reference_protocol_does_not():
+    """Issue 24 item 4: each fresh Adam of the autoencoder starts at lr-ae / ae-lr-ramp and
+    reaches lr-ae after ae-lr-ramp steps (its first steps otherwise move every weight by
+    about lr-ae and undo the warm-up); the reference code's SGD autoencoder has no ramp."""
+    from client_app.training import RoundOptimizers
+
+    weight = nn.Parameter(torch.zeros(3))
+    optimizers = RoundOptimizers(RunConfig(lr_ae=0.004, ae_lr_ramp=4), {})
+    optimizer = optimizers.autoencoder("autoencoder", [weight])
+    ramp = optimizers.autoencoder_ramp(optimizer)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        weight.grad = torch.ones(3)
+        optimizer.step()
+        ramp.step()
+    assert lrs == pytest.approx([0.001, 0.002, 0.003, 0.004, 0.004, 0.004])
+    reference = RunConfig.from_mapping({"protocol": "reference", "ae-lr-ramp": 10})
+    assert reference.ae_lr_ramp == 0 and reference.warmup_min_steps == 0
+    sgd = RoundOptimizers(reference, {})
+    assert sgd.autoencoder_ramp(sgd.autoencoder("autoencoder", [weight])) is None
+
+
+def test_a_small_site_warms_up_for_at_least_the_minimum_steps():
+    """A site of 108 images at batch 32 has 4 batches an epoch: 2 warm-up epochs would be 8
+    Adam steps; `warmup-min-steps = 100` makes it 25 whole epochs. A large site keeps its epochs,
+    and no warm-up stays none."""
+    from client_app.training import epochs_for_steps
+
+    small = TensorSplit(torch.zeros(108, 1, 4, 4, dtype=torch.uint8), torch.zeros(108, dtype=torch.long))
+    large = TensorSplit(torch.zeros(2392, 1, 4, 4, dtype=torch.uint8), torch.zeros(2392, dtype=torch.long))
+    assert epochs_for_steps(small, 2, 32, 100) == 25
+    assert epochs_for_steps(small, 2, 32, 0) == 2
+    assert epochs_for_steps(large, 2, 32, 100) == 2
+    assert epochs_for_steps(small, 0, 32, 100) == 0
