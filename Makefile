@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 ## The default job: FusedSpaceFed and FedAvg side by side on a small non-IID federation
-## (BloodMNIST, 5 sites, alpha 0.5, 3 rounds of 1 local epoch; about 6 minutes on 2 cores), a comparison and a plot.
+## (BloodMNIST, 2 sites, alpha 0.5, 2 rounds of 1 local epoch; 333 s on 2 cores: README "Times, measured"), a comparison and a plot.
 run: install
 	RUN_CONFIG="$(RUN_CONFIG)" scripts/demo.sh "$(DATA_ROOT)"
 
@@ -26,7 +26,7 @@ published: install
 	scripts/simulate.sh --run-config "data-root='$(DATA_ROOT)' num-server-rounds=50 warmup-epochs=2 batch-size=256 $(RUN_CONFIG)" \
 	  --federation-config "num-supernodes=$(SITES)"
 
-## Everything (what CI runs; about 9 minutes on 2 cores).
+## Everything, one test at a time (what CI runs; README "Times, measured").
 test: install
 	$(VENV)/bin/pytest
 
