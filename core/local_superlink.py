@@ -17,6 +17,7 @@ lies in its venv. Linux only (/proc), as the scripts are.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -77,17 +78,18 @@ def parse(pid: int, argv: list[str], started: float) -> LocalSuperLink | None:
 
 
 def running() -> list[LocalSuperLink]:
+    """The local SuperLinks on this machine; only theirs is a start time read."""
     found = []
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
             continue
         try:
             argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-            link = parse(int(entry.name), argv, _started(int(entry.name))) if argv else None
+            link = parse(int(entry.name), argv, started=0.0) if argv else None
+            if link is not None:
+                found.append(dataclasses.replace(link, started=_started(link.pid)))
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile, or not ours to read
-        if link is not None:
-            found.append(link)
     return found
 
 
