@@ -17,7 +17,6 @@ only where it was measured ("—" elsewhere). A verdict per cell closes it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import tomllib
@@ -31,7 +30,7 @@ import scipy.stats
 
 from benchmarks.sweep import DEFAULT_DATA, all_runs
 from core.methods import BASELINE, DEFAULT_METHOD, METHODS, PUBLISHED
-from server_app.tracking import read_rows
+from core.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "benchmarks" / "claim-grid.toml"
@@ -68,11 +67,10 @@ def _last(rows: list[dict[str, Any]], key: str) -> float | None:
 
 def read_run(run_dir: Path, seed: int) -> Run | None:
     """A finished run (summary.json present), or None."""
-    summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
+    run = RunFolder(run_dir)
+    if not run.finished:
         return None
-    summary = json.loads(summary_path.read_text())
-    rows = read_rows(run_dir / "metrics.jsonl")
+    summary, rows = run.summary(), run.rows()
     paper = summary.get("reference_selection", {}).get("acc")
     if paper is None:
         paper = summary["best_by_test"]["global_acc_mean"]

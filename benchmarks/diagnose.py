@@ -39,6 +39,7 @@ from torch import nn
 
 from client_app.site_model import SiteModelError, build_site_model, load_run_model, run_cli
 from client_app.state import read_state_file
+from core.run_folder import RunFolder
 from models import SiteModel
 from models.evaluation import batchnorm_layers, predict_scores, recalibrated_batchnorm, reconstruction_health
 from partitions.sites import simulation_site_data
@@ -133,7 +134,7 @@ def diagnose(run_dir: str | Path, max_images: int = 1000, sites: list[int] | Non
     run_dir = Path(run_dir)
     run = load_run_model(run_dir)
     cfg = run.cfg
-    partition = json.loads((run_dir / "partition.json").read_text()) if (run_dir / "partition.json").exists() else {}
+    partition = RunFolder(run_dir).partition()
     num_sites = len(partition.get("counts", []))
     if not num_sites:
         raise SiteModelError(f"{run_dir} has no partition.json naming its sites; is it a simulated run?")

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.run_folder import RunFolder
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "medmnist"
 OUT_JSON = ROOT / "benchmarks" / "dp_cost.json"
@@ -77,7 +79,7 @@ def run_setting(
     started = time.time()
     summary = run_lean(config, NUM_SITES)
     seconds = time.time() - started
-    rows = [json.loads(line) for line in (results / name / "metrics.jsonl").read_text().splitlines() if line]
+    rows = RunFolder(results / name).rows()
     norms = [r["dp_update_norm"] for r in rows if "dp_update_norm" in r]
     clipped = [r["dp_clipped"] for r in rows if "dp_clipped" in r]
     run = {

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from core.methods import BASELINE, DEFAULT_METHOD
+from core.run_folder import RunFolder, RunFolderError
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "medmnist"
@@ -103,7 +104,7 @@ def run_child(payload: dict[str, Any], sample_memory: bool = False, module: str 
     env = child_env(RunSpec(BASELINE, "x", "iid", 1.0, 0, 1))
     threads = str(payload["run_config"].get("num-threads") or 1)
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    metrics = Path(payload["run_config"]["results-dir"]) / payload["run_config"]["run-name"] / "metrics.jsonl"
+    run = RunFolder(Path(payload["run_config"]["results-dir"]) / payload["run_config"]["run-name"])
     started = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-m", module, "--child", json.dumps(payload)],
@@ -148,8 +149,8 @@ def run_child(payload: dict[str, Any], sample_memory: bool = False, module: str 
             if pss > peak_pss["pss"]:
                 peak_pss.update(pss=pss, by_part=pss_by_part)
             try:
-                done = sum(1 for line in metrics.read_text().splitlines() if line.strip())
-            except OSError:
+                done = run.rounds_done()
+            except RunFolderError:
                 done = 0
             cpu_at_round.setdefault(done, cpu)  # first sample that sees `done` rounds finished
             time.sleep(0.25)
@@ -184,7 +185,7 @@ def flower_rounds(cfg: dict[str, Any], sites: int, cpus: float) -> dict[str, Any
     with tempfile.TemporaryDirectory(prefix="perf-") as tmp:
         run_config = {**cfg, "results-dir": tmp, "run-name": "flower"}
         info = run_child({"run_config": run_config, "sites": sites, "cpus_per_site": cpus})
-        rows = [json.loads(line) for line in (Path(tmp) / "flower" / "metrics.jsonl").read_text().splitlines()]
+        rows = RunFolder(Path(tmp) / "flower").rows()
     info["round_seconds"] = [r["round_seconds"] for r in rows]
     return info
 
@@ -412,7 +413,7 @@ def profile(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
         info = run_child(payload, module="benchmarks.performance")
         wall = info["wall_s"]
         handlers = [json.loads(line) for line in log.read_text().splitlines()]
-        rows = [json.loads(line) for line in (Path(tmp) / "profile" / "metrics.jsonl").read_text().splitlines()]
+        rows = RunFolder(Path(tmp) / "profile").rows()
     per_round = []
     for row in rows:
         mine = [h for h in handlers if h["round"] == row["round"] and h["kind"] == "train"]
@@ -453,7 +454,7 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
             "run-name": "memory",
         }
         info = run_child({"run_config": cfg, "sites": args.memory_sites, "cpus_per_site": 1.0}, sample_memory=True)
-        rows = [json.loads(line) for line in (Path(tmp) / "memory" / "metrics.jsonl").read_text().splitlines()]
+        rows = RunFolder(Path(tmp) / "memory").rows()
     info.update(config=cfg, sites=args.memory_sites, round_seconds=[r["round_seconds"] for r in rows])
     return info
 

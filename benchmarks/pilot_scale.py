@@ -30,6 +30,7 @@ MEMORY_RESERVE_GB = 4.0  # stop adding SuperNodes below this much available memo
 sys.path.insert(0, str(REPO))
 
 from core.methods import DEFAULT_METHOD  # noqa: E402
+from core.run_folder import RunFolder  # noqa: E402
 from tests.pilot_harness import SMALL_RUN  # noqa: E402
 
 # the pilot tests' small run (1 warm-up and 1 local epoch, batch 64), on BloodMNIST
@@ -117,7 +118,6 @@ def measure(n: int, rounds: int, worker: bool, keep: Path | None, idle: bool = F
     import psutil
 
     from partitions.split import split_dataset
-    from server_app.tracking import read_rows
     from tests.pilot_harness import Pilot, wait_for
 
     root = Path(tempfile.mkdtemp(prefix=f"pilot-scale-{n}-", dir=keep))
@@ -182,7 +182,7 @@ def measure(n: int, rounds: int, worker: bool, keep: Path | None, idle: bool = F
         result["run_seconds"] = round(elapsed, 1)
         result["superlink_cpu_seconds"] = round(cpu_seconds(tree_of(pilot.superlink.pid)) - cpu0, 1)
         result["superlink_cpu_percent"] = round(100 * result["superlink_cpu_seconds"] / elapsed, 1)
-        rows = read_rows(pilot.results / f"scale-{n}" / "metrics.jsonl")
+        rows = RunFolder(pilot.results / f"scale-{n}").rows()
         result["round_seconds"] = [round(r["round_seconds"], 1) for r in rows]
         result["num_replies"] = [r["num_replies"] for r in rows]
         result["failed_sites"] = sum(len(r.get("failed_sites", [])) for r in rows)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from core.methods import BASELINE, DEFAULT_METHOD, METHODS, PUBLISHED, PUBLISHED_ROUNDS, RECIPE_NORM
+from core.run_folder import run_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = ROOT / "benchmarks" / "runs"
@@ -149,22 +150,12 @@ class Run:
 def load_runs(results_dir: Path) -> tuple[list[Run], list[str]]:
     """Finished runs, and the names of unfinished ones."""
     runs, unfinished = [], []
-    for run_dir in sorted(p for p in results_dir.iterdir() if p.is_dir()) if results_dir.exists() else []:
-        if not (run_dir / "config.json").exists():
+    for run in run_folders(results_dir):
+        if not run.finished:
+            unfinished.append(run.name)
             continue
-        if not (run_dir / "summary.json").exists():
-            unfinished.append(run_dir.name)
-            continue
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        part = run_dir / "partition.json"
         runs.append(
-            Run(
-                name=run_dir.name,
-                config=json.loads((run_dir / "config.json").read_text()),
-                summary=json.loads((run_dir / "summary.json").read_text()),
-                rows=rows,
-                partition=json.loads(part.read_text()) if part.exists() else {},
-            )
+            Run(name=run.name, config=run.config(), summary=run.summary(), rows=run.rows(), partition=run.partition())
         )
     return runs, unfinished
 

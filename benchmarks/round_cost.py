@@ -31,6 +31,8 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+from core.run_folder import RunFolder
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "medmnist"
 OUT = ROOT / "benchmarks" / "round_cost.json"
@@ -84,8 +86,7 @@ def load_average() -> list[float]:
 
 
 def rows_of(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return RunFolder(run_dir).rows()
 
 
 def timeline_of(run_dir: Path) -> list[dict[str, Any]]:

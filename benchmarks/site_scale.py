@@ -25,6 +25,7 @@ from typing import Any
 
 from benchmarks.sweep import ENGINES
 from core.methods import DEFAULT_METHOD
+from core.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "medmnist"
@@ -61,7 +62,6 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """One run in a child process (the sweep's child mode), its process tree sampled by
     benchmarks.performance.run_child; its figures, or the child's error."""
     from benchmarks.performance import run_child
-    from server_app.tracking import read_rows
 
     with tempfile.TemporaryDirectory(prefix="site-scale-") as tmp:
         config = run_config(
@@ -78,7 +78,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             info = run_child(payload, sample_memory=True)
         except RuntimeError as exc:
             return {**spec, "error": str(exc)[-2000:]}
-        rows = read_rows(Path(tmp) / "scale" / "metrics.jsonl")
+        rows = RunFolder(Path(tmp) / "scale").rows()
         disk = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file() and "site-state" in p.parts)
     mb = 2**20
     return {

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from core.methods import BASELINE, DEFAULT_METHOD, METHODS
+from core.run_folder import CONFIG_FILE, METRICS_FILE, PARTITION_FILE, SUMMARY_FILE, RunFolder, RunFolderError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = ROOT / "benchmarks" / "runs"
@@ -278,10 +279,10 @@ def all_runs(plans: list[dict[str, Any]]) -> list[RunSpec]:
 
 def run_state(results_dir: Path, spec: RunSpec) -> str:
     """`done` (summary.json exists), `partial` (a folder without one) or `new`."""
-    run_dir = results_dir / spec.name
-    if (run_dir / "summary.json").exists():
+    run = RunFolder(results_dir / spec.name)
+    if run.finished:
         return "done"
-    return "partial" if run_dir.exists() else "new"
+    return "partial" if run.path.exists() else "new"
 
 
 # where and how a run executes, not what it computes: not compared with a finished run's config
@@ -304,10 +305,9 @@ def config_differences(results_dir: Path, spec: RunSpec) -> dict[str, tuple[Any,
     (`{key: (stored, wanted)}`). Run names carry neither batch size nor warm-up epochs, so a
     folder can hold a run of another recipe under the grid's name: it is skipped as done, and
     this says so. Keys the stored config lacks are not compared (older runs)."""
-    path = results_dir / spec.name / "config.json"
     try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
+        stored = RunFolder(results_dir / spec.name).config()
+    except RunFolderError:
         return {}
     return {
         key: (stored[key], wanted)
@@ -324,10 +324,9 @@ def clear_partial(results_dir: Path, spec: RunSpec) -> None:
 
 
 def rounds_done(results_dir: Path, spec: RunSpec) -> int:
-    path = results_dir / spec.name / "metrics.jsonl"
     try:
-        return sum(1 for line in path.read_text().splitlines() if line.strip())
-    except OSError:
+        return RunFolder(results_dir / spec.name).rounds_done()
+    except RunFolderError:
         return 0
 
 
@@ -353,8 +352,8 @@ def child_main(spec_json: str) -> int:
             num_supernodes=int(payload["sites"]),
             backend_config={"client_resources": {"num_cpus": payload["cpus_per_site"], "num_gpus": 0}},
         )
-    summary = Path(payload["run_config"]["results-dir"]) / payload["run_config"]["run-name"] / "summary.json"
-    return 0 if summary.exists() else 1
+    run = RunFolder(Path(payload["run_config"]["results-dir"]) / payload["run_config"]["run-name"])
+    return 0 if run.finished else 1
 
 
 def child_env(spec: RunSpec) -> dict[str, str]:
@@ -541,7 +540,7 @@ def sweep(
     return counts
 
 
-SMALL_FILES = ("config.json", "metrics.jsonl", "summary.json", "partition.json")
+SMALL_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, PARTITION_FILE)
 
 
 def collect(runs: list[RunSpec], results_dir: Path, into: Path) -> int:

@@ -28,6 +28,7 @@ from client_app.state import StateError
 from core.config import ConfigError, RunConfig
 from core.files import round_files
 from core.methods import contract_for
+from core.run_folder import CONFIG_FILE, RunFolder, RunFolderError, read_json
 from core.seeds import site_init_seed
 from models import SiteModel, build_run_model
 from partitions.medmnist_data import DataError, DatasetSpec, Split, dataset_spec, input_spec, reference_inputs
@@ -35,8 +36,6 @@ from partitions.sites import IMAGE_SUFFIXES, _read_image
 from partitions.split import META_KEY  # the JSON metadata (`site_meta`) in a site's npz
 
 GLOBAL_MODEL = "global_model.pt"
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 NPZ_ARRAYS = ("images", "train_images")  # arrays of an npz read by default, first found wins
 
@@ -145,8 +144,8 @@ def _global_model(path: Path, payload: Any) -> RunModel:
             "run's folder together or pass a server checkpoint, which holds its configuration"
         )
     try:
-        mapping = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
+        mapping = read_json(config_path)
+    except RunFolderError as exc:
         raise SiteModelError(f"run configuration {config_path} cannot be read ({exc})") from exc
     cfg = _config(mapping, config_path)
     if not cfg.run_name:
@@ -155,14 +154,11 @@ def _global_model(path: Path, payload: Any) -> RunModel:
 
 
 def _last_round(run_dir: Path, cfg: RunConfig) -> int:
-    rounds = []
-    metrics = run_dir / METRICS_FILE
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                rounds.append(int(json.loads(line)["round"]))
-            except (ValueError, KeyError, TypeError):
-                continue
+    try:
+        rows = RunFolder(run_dir).rows()
+    except RunFolderError:  # an unreadable history: the configured length is the best guess
+        rows = []
+    rounds = [row["round"] for row in rows if isinstance(row.get("round"), int)]
     return max(rounds) if rounds else cfg.num_server_rounds
 
 

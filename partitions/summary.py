@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.run_folder import PARTITION_FILE
+
 
 def label_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
     """(sites, classes) matrix of training-sample counts."""
@@ -75,6 +77,6 @@ def write_summary(
     if show:
         print_table(counts, title, class_names)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "partition.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / PARTITION_FILE).write_text(json.dumps(summary, indent=1))
     save_plot(counts, out_dir / "partition.png", title, class_names)
     return summary

@@ -12,28 +12,19 @@ round for all runs on one figure.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from core.console import console
 from core.files import atomic_write_bytes
+from core.run_folder import METRICS_FILE, RunFolder, RunFolderError
 
 
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: is it a run folder (results/<run-name>)?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _label(run_dir: Path) -> str:
-    config = run_dir / "config.json"
-    if config.exists():
-        c = json.loads(config.read_text())
-        return f"{c.get('method', run_dir.name)} ({run_dir.name})"
-    return run_dir.name
+def _label(run: RunFolder) -> str:
+    if run.is_run:
+        return f"{run.config().get('method', run.name)} ({run.name})"
+    return run.name
 
 
 def _pct(value: Any) -> str:
@@ -44,21 +35,24 @@ def comparison(run_dirs: list[Path], majority: float | None = None) -> list[dict
     """One summary per run (for the table and for tests)."""
     out = []
     for run_dir in run_dirs:
-        rows = [r for r in _rows(run_dir) if r.get("global_acc_mean") is not None]
-        summary_path = run_dir / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        run = RunFolder(run_dir)
+        if not run.metrics_path.exists():
+            raise RunFolderError(f"{run.path} has no {METRICS_FILE}: is it a run folder (results/<run-name>)?")
+        all_rows = run.rows()
+        rows = [r for r in all_rows if r.get("global_acc_mean") is not None]
+        summary = run.summary() if run.finished else {}
         final = rows[-1] if rows else {}
         out.append(
             {
-                "run": _label(run_dir),
-                "rounds": len(_rows(run_dir)),
+                "run": _label(run),
+                "rounds": len(all_rows),
                 "final": final.get("global_acc_mean"),
                 "worst site": final.get("global_acc_worst"),
                 "local": final.get("local_acc_mean"),
                 "best-val": (summary.get("best_by_val") or {}).get("global_acc_mean"),
                 "past majority": None if majority is None or not rows else final.get("global_acc_mean", 0) > majority,
                 "curve": [(r["round"], r["global_acc_mean"]) for r in rows],
-                **health(_rows(run_dir)),
+                **health(all_rows),
             }
         )
     return out
@@ -139,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     run_dirs = [Path(r) for r in args.runs]
     try:
-        config = json.loads((run_dirs[0] / "config.json").read_text())
+        config = RunFolder(run_dirs[0]).config()
         majority = majority_share(config["dataset"], config["data-root"])
         results = comparison(run_dirs, majority)
     except (OSError, KeyError, ValueError) as exc:

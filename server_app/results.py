@@ -1,4 +1,5 @@
-"""The results layout of a run: config.json, metrics.jsonl, summary.json, final model.
+"""The writer of a run's folder: config.json, metrics.jsonl, summary.json, final model
+(core/run_folder.py names the files and reads them).
 
 Every file is written atomically (temporary file, then rename) so an interrupted run
 never leaves a half-written file behind.
@@ -17,6 +18,7 @@ import torch
 from core.data_report import MAJORITY_KEY, majority_class
 from core.files import atomic_write_bytes
 from core.methods import TIMELINE_RECORD
+from core.run_folder import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 
 def _clean(value: Any) -> Any:
@@ -40,10 +42,10 @@ class RunResults:
     def __init__(self, results_dir: str | Path, run_name: str) -> None:
         self.dir = Path(results_dir) / run_name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.dir / "metrics.jsonl"
+        self.metrics_path = self.dir / METRICS_FILE
 
     def write_config(self, config: dict[str, Any]) -> None:
-        atomic_write_json(self.dir / "config.json", config)
+        atomic_write_json(self.dir / CONFIG_FILE, config)
 
     def write_rounds(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite metrics.jsonl with all rounds so far (atomic; rows are small)."""
@@ -51,7 +53,7 @@ class RunResults:
         atomic_write_bytes(self.metrics_path, text.encode())
 
     def write_summary(self, rows: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
-        atomic_write_json(self.dir / "summary.json", {**summarise(rows), **extra})
+        atomic_write_json(self.dir / SUMMARY_FILE, {**summarise(rows), **extra})
         return summarise(rows)
 
     def write_timeline(self, server_round: int, exchange: Any, final: bool = False) -> None:

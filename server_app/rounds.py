@@ -34,6 +34,7 @@ from core.methods import (
     SPLITS_KEY,
     contract_for,
 )
+from core.run_folder import METRICS_FILE
 from models import SiteModel, build_run_model
 from partitions.medmnist_data import input_spec
 from server_app.checkpoint import (
@@ -105,7 +106,7 @@ def progress_line(row: dict[str, Any], num_rounds: int, eta: str = "") -> str:
 def refuse_to_overwrite(run_dir: Path) -> None:
     """A fresh start never writes over an earlier run's metrics, checkpoints or site state
     (they would be lost, and simulated sites would refuse to go back to round 1)."""
-    held = [name for name in ("metrics.jsonl", "checkpoints", "site-state") if (run_dir / name).exists()]
+    held = [name for name in (METRICS_FILE, "checkpoints", "site-state") if (run_dir / name).exists()]
     if held:
         raise ConfigError(
             f"{run_dir} already holds a run ({', '.join(held)}): resume it with resume-from = 'latest', "

@@ -12,7 +12,6 @@ process logged from the first round run again, and the plots take earlier rounds
 from __future__ import annotations
 
 import io
-import json
 import math
 import numbers
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 
 from core.console import console
 from core.files import atomic_write_bytes
+from core.run_folder import METRICS_FILE, RunFolder, RunFolderError
 
 # plot name -> (y-axis label, series plotted when present)
 PLOTS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -194,20 +194,14 @@ class RunTracker:
 
     def _earlier_rows(self) -> list[dict[str, Any]]:
         """Rounds a resumed run did in an earlier process (from metrics.jsonl), so plots cover the whole run."""
-        path = self.run_dir / "metrics.jsonl"
-        if not self.rows or not path.exists():
+        if not self.rows:
             return []
         first = self.rows[0]["round"]
         try:
-            return [r for r in read_rows(path) if isinstance(r.get("round"), int) and r["round"] < first]
+            return [r for r in RunFolder(self.run_dir).rows() if isinstance(r.get("round"), int) and r["round"] < first]
         except Exception as exc:
             _warn(f"earlier rounds left out of the plots ({type(exc).__name__}: {exc})")
             return []
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl (blank lines skipped)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,12 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m server_app.tracking RUN_DIR", file=sys.stderr)
         return 2
-    run_dir = Path(args[0])
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.exists():
-        print(f"no metrics.jsonl in {run_dir}", file=sys.stderr)
+    run = RunFolder(Path(args[0]))
+    if not run.metrics_path.exists():
+        print(f"no {METRICS_FILE} in {run.path}", file=sys.stderr)
         return 1
-    for path in write_plots(run_dir, read_rows(metrics)):
+    try:
+        rows = run.rows()
+    except RunFolderError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for path in write_plots(run.path, rows):
         print(path)
     return 0
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from client_app.state import FILE_NAME, read_state_file
+from core.run_folder import read_rows
 from pilot.faulty_link import Faults, FaultyLink
 from server_app.checkpoint import list_checkpoints
-from server_app.tracking import read_rows
 from tests.pilot_harness import Pilot, wait_for
 
 
