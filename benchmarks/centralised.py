@@ -31,7 +31,7 @@ def train_pooled(dataset: str, data_root: str, epochs: int, every: int, seed: in
     from models import build_model
     from models.evaluation import evaluate_split
     from partitions.medmnist_data import dataset_spec, load_medmnist
-    from partitions.sites import to_tensors
+    from partitions.site_data import to_tensors
 
     torch.set_num_threads(1)
     spec = dataset_spec(dataset)

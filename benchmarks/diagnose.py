@@ -42,7 +42,7 @@ from client_app.state import read_state_file
 from core.run_folder import RunFolder
 from models import SiteModel
 from models.evaluation import batchnorm_layers, predict_scores, recalibrated_batchnorm, reconstruction_health
-from partitions.sites import simulation_site_data
+from partitions.simulated import simulation_site_data
 from partitions.tensors import TensorSplit, to_float
 
 COLUMNS = ("as evaluated", "averaged stats", "batch stats", "recalibrated", "const x_rec", "x alone")

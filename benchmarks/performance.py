@@ -6,7 +6,7 @@
 (a) Overhead: seconds per round of the Flower simulation (Ray backend, one process, as
     `benchmarks/sweep.py` runs it) against the same local training in a plain single-process
     PyTorch loop that calls the project's own trainer and data code (client_app.trainers,
-    partitions.sites) with no Flower: same sites, epochs, batch size, model, method,
+    partitions.simulated) with no Flower: same sites, epochs, batch size, model, method,
     seed. Evaluation is off in both for the measured rounds (eval-every beyond them) and Gamma
     is off in both. Steady-state rounds only: the first round (data loading, Ray actors
     starting) and the last (Flower always evaluates after the last round) are excluded.
@@ -201,7 +201,7 @@ def plain_rounds(cfg: dict[str, Any], sites: int, threads: int) -> dict[str, Any
     from core.methods import contract_for
     from core.seeds import round_seed, site_init_seed
     from models import build_run_model
-    from partitions.sites import simulation_site_data
+    from partitions.simulated import simulation_site_data
 
     torch.set_num_threads(threads)
     rc = RunConfig.from_mapping({k: v for k, v in cfg.items() if k not in ("results-dir", "run-name")})
@@ -511,7 +511,7 @@ def render(data: dict[str, Any]) -> str:
             f"{o.get('cores', m['logical_cores'])} CPUs per site, so one Ray actor trains the sites one after "
             "another, as the plain loop does; `num-threads = 1` and OMP_NUM_THREADS=1.",
             "- Plain loop: one process, the sites one after another, 1 torch thread, the project's trainer "
-            "(`client_app.trainers`) and data (`partitions.sites`); a fresh model per site per round loaded "
+            "(`client_app.trainers`) and data (`partitions.simulated`); a fresh model per site per round loaded "
             "with the global and private arrays, example-weighted averaging of the shared arrays, as the server does.",
             "- Seconds per round are the median of the steady-state rounds (2 .. R-1): round 1 includes data "
             "loading and actor start-up, and Flower always evaluates after the last round.",

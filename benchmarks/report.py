@@ -290,7 +290,7 @@ def upload_megabytes(run: Run) -> float | None:
     if key not in _SHARED_BYTES:
         from core.config import RunConfig
         from models import build_run_model
-        from partitions.medmnist_data import input_spec
+        from partitions.inputs import input_spec
 
         known = {f.replace("_", "-") for f in RunConfig.__dataclass_fields__}
         cfg = RunConfig.from_mapping({k: v for k, v in c.items() if k in known})

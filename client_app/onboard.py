@@ -43,7 +43,7 @@ from core.device import resolve_device, set_threads
 from core.methods import contract_for
 from core.seeds import BATCH_ORDER, round_seed
 from models import SiteModel
-from partitions.sites import SiteData
+from partitions.site_data import SiteData
 from partitions.tensors import TensorSplit
 
 

@@ -31,8 +31,9 @@ from core.methods import contract_for
 from core.run_folder import CONFIG_FILE, RunFolder, RunFolderError, read_json
 from core.seeds import site_init_seed
 from models import SiteModel, build_run_model
-from partitions.medmnist_data import DataError, DatasetSpec, Split, dataset_spec, input_spec, reference_inputs
-from partitions.sites import IMAGE_SUFFIXES, _read_image
+from partitions.deployed import IMAGE_SUFFIXES, read_image
+from partitions.inputs import input_spec, reference_inputs
+from partitions.medmnist_data import DataError, DatasetSpec, Split, dataset_spec
 from partitions.split import META_KEY  # the JSON metadata (`site_meta`) in a site's npz
 
 GLOBAL_MODEL = "global_model.pt"
@@ -255,7 +256,7 @@ def _read_folder(root: Path, spec: DatasetSpec) -> SiteImages:
     size = spec.image_size
     images = np.empty((len(files), spec.channels, size, size), dtype=np.uint8)
     for i, file in enumerate(files):
-        images[i] = _read_image(str(file), spec.channels, size)
+        images[i] = read_image(str(file), spec.channels, size)
     return SiteImages(images, [f.relative_to(root).as_posix() for f in files], root)
 
 

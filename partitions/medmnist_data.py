@@ -8,7 +8,7 @@ network allows, and otherwise the error names the file and where to put it.
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -88,38 +88,6 @@ def dataset_spec(flag: str, size: int = 28) -> DatasetSpec:
         image_size=size,
         class_names=tuple(info["label"][str(i)] for i in range(num_classes)),
     )
-
-
-def input_spec(flag: str, size: int = 28, reference: bool = False) -> DatasetSpec:
-    """What the model sees: the dataset's own channels and size, or under the reference
-    protocol 3 channels at 32 x 32 (method.md section 7)."""
-    spec = dataset_spec(flag, size)
-    if not reference:
-        return spec
-    from core.protocol import REFERENCE_CHANNELS, REFERENCE_IMAGE_SIZE
-
-    return replace(spec, channels=REFERENCE_CHANNELS, image_size=REFERENCE_IMAGE_SIZE)
-
-
-def reference_inputs(split: Split, chunk: int = 4096) -> Split:
-    """The reference code's inputs: bilinear resize of the uint8 images to 32 x 32, and
-    grayscale repeated to 3 channels; still uint8 (scaled to [0, 1] per batch as always)."""
-    import torch
-    from torch.nn.functional import interpolate
-
-    from core.protocol import REFERENCE_CHANNELS, REFERENCE_IMAGE_SIZE
-
-    images = split.images
-    size = REFERENCE_IMAGE_SIZE
-    out = np.empty((len(images), REFERENCE_CHANNELS, size, size), dtype=np.uint8)
-    for start in range(0, len(images), chunk):
-        x = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk])).float()
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        if x.shape[1] == 1:
-            x = x.expand(-1, REFERENCE_CHANNELS, -1, -1)
-        out[start : start + chunk] = x.round().clamp(0, 255).to(torch.uint8).numpy()
-    return Split(images=out, labels=split.labels)
 
 
 def _download(flag: str, info: dict, root: Path, size: int) -> None:
@@ -208,15 +176,3 @@ def validate_split(
     else:
         images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     return Split(images=images, labels=labels)
-
-
-def partition_labels(labels: np.ndarray) -> np.ndarray:
-    """One integer label per sample for partitioning.
-
-    Multi-label data (ChestMNIST) is partitioned on its first positive finding, with
-    samples that have none ("no finding") as an extra class L.
-    """
-    if labels.ndim == 1:
-        return labels
-    has_any = labels.any(axis=1)
-    return np.where(has_any, labels.argmax(axis=1), labels.shape[1])

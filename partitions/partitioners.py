@@ -144,3 +144,15 @@ def local_test_indices(
     wanted[np.argmax(counts)] += shard_size - wanted.sum()
     chosen = [rng.choice(pool, size=min(n, len(pool)), replace=False) for pool, n in zip(pools, wanted)]
     return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.array([], dtype=np.int64)
+
+
+def partition_labels(labels: np.ndarray) -> np.ndarray:
+    """One integer label per sample for partitioning.
+
+    Multi-label data (ChestMNIST) is partitioned on its first positive finding, with
+    samples that have none ("no finding") as an extra class L.
+    """
+    if labels.ndim == 1:
+        return labels
+    has_any = labels.any(axis=1)
+    return np.where(has_any, labels.argmax(axis=1), labels.shape[1])

@@ -32,8 +32,8 @@ import numpy as np
 
 from core.files import atomic_write_bytes
 from core.seeds import VAL_SHARD_OFFSET, local_shard_seed
-from partitions.medmnist_data import DataError, MedMNISTData, load_medmnist, partition_labels
-from partitions.partitioners import SCHEMES, PartitionError, local_test_indices, partition_indices
+from partitions.medmnist_data import DataError, MedMNISTData, load_medmnist
+from partitions.partitioners import SCHEMES, PartitionError, local_test_indices, partition_indices, partition_labels
 from partitions.summary import write_summary
 
 HOLDOUTS = ("shared", "local")

@@ -130,8 +130,8 @@ def check_site(
     data_path: str | Path, dataset: str = "", image_size: int = 28, state_dir: str | Path | None = None
 ) -> str:
     """The site's own data (validated as the ClientApp will load it) and its state folder."""
+    from partitions.deployed import load_site_file
     from partitions.medmnist_data import DataError
-    from partitions.sites import load_site_file
     from partitions.split import META_KEY
 
     path = Path(data_path).expanduser()

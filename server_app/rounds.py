@@ -36,7 +36,7 @@ from core.methods import (
 )
 from core.run_folder import METRICS_FILE
 from models import SiteModel, build_run_model
-from partitions.medmnist_data import input_spec
+from partitions.inputs import input_spec
 from server_app.checkpoint import (
     CheckpointError,
     checkpoint_dir,

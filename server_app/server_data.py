@@ -19,8 +19,16 @@ from core.data_report import MAJORITY_KEY
 from core.metrics import majority_share
 from models import build_run_model
 from models.evaluation import evaluate_split
-from partitions.medmnist_data import DataError, npz_filename, partition_labels
-from partitions.sites import cached_dataset, cached_partition, dataset_key, evaluation_splits, inputs_key, partition_key
+from partitions.medmnist_data import DataError, npz_filename
+from partitions.partitioners import partition_labels
+from partitions.simulated import (
+    cached_dataset,
+    cached_partition,
+    dataset_key,
+    evaluation_splits,
+    inputs_key,
+    partition_key,
+)
 from partitions.summary import write_summary
 
 

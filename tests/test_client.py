@@ -15,7 +15,7 @@ from client_app.trainers.fusedspacefed import FusedSpaceFedTrainer, decoupled_lo
 from client_app.training import classification_loss
 from core.config import RunConfig
 from models import build_model, part_of
-from partitions.sites import simulation_site_data
+from partitions.simulated import simulation_site_data
 from server_app.rounds import initial_model_arrays
 
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 import partitions.medmnist_data as md
-from partitions.medmnist_data import DataError, load_medmnist, partition_labels
+from partitions.medmnist_data import DataError, load_medmnist
+from partitions.partitioners import partition_labels
 from tests.conftest import write_fake_medmnist
 
 

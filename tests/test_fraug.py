@@ -11,7 +11,7 @@ from client_app.state import node_private_state
 from client_app.trainers.fraug import CLASS_MEANS, augmentation_share, update_class_means
 from core.methods import contract_for
 from models import build_run_model
-from partitions.medmnist_data import input_spec
+from partitions.inputs import input_spec
 from tests.fl_harness import all_outgoing_arrays, run, small_config
 
 

@@ -98,7 +98,7 @@ def test_default_fusedspacefed_warm_up_carries_information_at_every_demo_site(re
     from client_app.trainers.fusedspacefed import FusedSpaceFedTrainer, health_images
     from core.demo import DEMO
     from models import build_run_model
-    from partitions.sites import simulation_site_data
+    from partitions.simulated import simulation_site_data
 
     torch.set_num_threads(1)
     cfg = RunConfig.from_mapping({**DEMO, "data-root": str(real_data_root)})

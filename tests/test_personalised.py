@@ -15,7 +15,7 @@ from client_app.trainers.fedrep import head_parameters
 from client_app.training import classification_loss, run_epochs, sgd
 from core.methods import HEAD, KeySet, contract_for
 from models import build_model
-from partitions.sites import simulation_site_data
+from partitions.simulated import simulation_site_data
 from tests.fl_harness import all_outgoing_arrays, run, small_config, write_fake_medmnist
 
 PERSONALISED = ("lg-fedavg", "fedper", "fedrep", "ditto")

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from core.config import RunConfig
+from partitions.deployed import deployment_site_data, load_site_file
 from partitions.medmnist_data import DataError
-from partitions.sites import deployment_site_data, load_site_file, simulation_site_data, site_data_for
+from partitions.simulated import simulation_site_data
+from partitions.site_data import site_data_for
 from partitions.split import main as split_main
 from partitions.split import split_dataset
 from pilot.connection import add_connection
@@ -201,7 +203,7 @@ def test_cli_connection(tmp_path, monkeypatch):
 def test_a_deployed_site_prepares_its_data_once_and_memory_maps_it(site_files, tmp_path):
     import shutil
 
-    from partitions.sites import cached_site_file
+    from partitions.deployed import cached_site_file
 
     cfg = RunConfig(dataset="breastmnist")
     site = tmp_path / "site.npz"

@@ -16,7 +16,8 @@ from client_app.training import RoundOptimizers
 from core.config import ConfigError, RunConfig
 from core.seeds import site_init_seed
 from models import build_run_model
-from partitions.medmnist_data import Split, input_spec, reference_inputs
+from partitions.inputs import input_spec, reference_inputs
+from partitions.medmnist_data import Split
 from server_app.results import summarise
 from tests.fl_harness import federation, small_config, state_dict
 

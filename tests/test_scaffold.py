@@ -15,7 +15,7 @@ from client_app.trainers.scaffold import control_keys
 from client_app.training import classification_loss, classifier_gradient
 from core.methods import contract_for
 from models import build_model
-from partitions.sites import simulation_site_data
+from partitions.simulated import simulation_site_data
 from strategies import PrivacyViolation
 from tests.fl_harness import (
     all_outgoing_arrays,

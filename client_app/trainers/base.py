@@ -9,7 +9,7 @@ from flwr.app import RecordDict
 
 from core.config import RunConfig
 from models import SiteModel
-from partitions.sites import SiteData
+from partitions.site_data import SiteData
 
 
 @dataclass

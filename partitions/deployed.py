@@ -1,14 +1,6 @@
-"""A site's data, for simulated and deployed sites, loaded once per process.
-
-In simulation a site is a partition of a MedMNIST training set (by `partition-id`);
-its evaluation data are the official test and validation splits plus its personalised
-test shard. Caches are keyed by everything the data depends on, so one Ray actor that
-serves many sites loads each dataset file only once.
-
-In a deployment a site reads its own data from the node config's `data-path`: an npz
-in MedMNIST's layout (as `python -m partitions.split` writes) or an image folder, and
-evaluates on its own held-out arrays. The server never sees site data.
-"""
+"""A deployed site's data: the node config's `data-path`, an npz in MedMNIST's layout (as
+`python -m partitions.split` writes) or an image folder. The site trains on its train
+split and evaluates on its own held-out arrays; the server never sees site data."""
 
 from __future__ import annotations
 
@@ -22,117 +14,34 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from core.config import RunConfig
-from core.protocol import PROTOCOLS
-from core.seeds import local_shard_seed
+from partitions.inputs import as_protocol, reference_inputs
 from partitions.medmnist_data import (
     MULTI_LABEL,
     DataError,
-    DatasetSpec,
     MedMNISTData,
     Split,
     dataset_spec,
-    input_spec,
-    load_medmnist,
     medmnist_info,
-    partition_labels,
-    reference_inputs,
     validate_npz,
     validate_split,
 )
-from partitions.partitioners import local_test_indices, partition_indices
+from partitions.site_data import SiteData, to_tensors
 from partitions.split import META_KEY
-from partitions.tensors import TensorSplit
 
 
-@dataclass
-class SiteData:
-    spec: DatasetSpec
-    train: TensorSplit
-    test: TensorSplit  # the official test split (global accuracy)
-    val: TensorSplit  # the official validation split (round selection)
-    local_test: TensorSplit  # test shard with the site's label distribution (local accuracy)
+@dataclass(frozen=True)
+class SiteFolder:
+    """The `DataSource` of a deployed site: its own data, prepared once into `cache_dir`
+    (memory-mapped afterwards) when a state folder is given."""
 
+    data_path: str
+    cache_dir: str | None = None
 
-def to_tensors(split: Split, multi_label: bool, indices: np.ndarray | None = None) -> TensorSplit:
-    images, labels = split.images, split.labels
-    if indices is not None:
-        images, labels = images[indices], labels[indices]
-    y = torch.from_numpy(np.ascontiguousarray(labels))
-    return TensorSplit(torch.from_numpy(np.ascontiguousarray(images)), y.float() if multi_label else y.long())
+    def load(self, cfg: RunConfig) -> tuple[SiteData, dict]:
+        return deployment_site_data(cfg, self.data_path, self.cache_dir)
 
-
-@lru_cache(maxsize=4)
-def cached_dataset(name: str, root: str, size: int, download: bool, protocol: str = "standard") -> MedMNISTData:
-    """The dataset file, loaded once per process; its inputs as the protocol feeds them."""
-    data = load_medmnist(name, root, size=size, download=download)
-    return as_protocol(data, PROTOCOLS[protocol].reference_inputs)
-
-
-def as_protocol(data: MedMNISTData, to_reference_inputs: bool) -> MedMNISTData:
-    """`data` itself, or with the reference protocol's 32-px 3-channel inputs."""
-    if not to_reference_inputs:
-        return data
-    splits = {name: reference_inputs(split) for name, split in data.splits.items()}
-    return MedMNISTData(spec=input_spec(data.spec.name, data.spec.image_size, True), splits=splits)
-
-
-@lru_cache(maxsize=4)
-def evaluation_splits(
-    name: str, root: str, size: int, download: bool, protocol: str = "standard"
-) -> tuple[TensorSplit, TensorSplit]:
-    data = cached_dataset(name, root, size, download, protocol)
-    return to_tensors(data["test"], data.spec.multi_label), to_tensors(data["val"], data.spec.multi_label)
-
-
-@lru_cache(maxsize=8)
-def cached_partition(
-    name: str, root: str, size: int, download: bool, scheme: str, num_sites: int, alpha: float, k: int, seed: int
-) -> tuple[np.ndarray, ...]:
-    labels = partition_labels(cached_dataset(name, root, size, download)["train"].labels)
-    return tuple(partition_indices(labels, scheme, num_sites, alpha=alpha, classes_per_site=k, seed=seed))
-
-
-def dataset_key(cfg: RunConfig) -> tuple[str, str, int, bool]:
-    return (cfg.dataset, cfg.data_root, cfg.image_size, cfg.download)
-
-
-def inputs_key(cfg: RunConfig) -> tuple[str, str, int, bool, str]:
-    """`dataset_key` plus the protocol, which decides what the model is fed."""
-    return (*dataset_key(cfg), cfg.protocol)
-
-
-def partition_key(cfg: RunConfig, num_sites: int) -> tuple:
-    return (*dataset_key(cfg), cfg.partition, num_sites, cfg.alpha, cfg.classes_per_client, cfg.seed)
-
-
-def simulation_site_data(cfg: RunConfig, site_id: int, num_sites: int) -> SiteData:
-    """Site `site_id` of `num_sites`: its training partition and its evaluation data."""
-    if not 0 <= site_id < num_sites:
-        raise ValueError(f"partition-id {site_id} is outside 0..{num_sites - 1}")
-    data = cached_dataset(*inputs_key(cfg))
-    parts = cached_partition(*partition_key(cfg, num_sites))
-    train_idx = parts[site_id]
-    multi = data.spec.multi_label
-    test, val = evaluation_splits(*inputs_key(cfg))
-    shard = local_test_indices(
-        partition_labels(data["test"].labels),
-        partition_labels(data["train"].labels)[train_idx],
-        num_sites,
-        seed=local_shard_seed(cfg.seed, site_id),
-    )
-    return SiteData(
-        spec=data.spec,
-        train=to_tensors(data["train"], multi, train_idx),
-        test=test,
-        val=val,
-        local_test=to_tensors(data["test"], multi, shard),
-    )
-
-
-# -- deployment: the site's own data (node config `data-path`) ------------------------
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 FOLDER_HOLDOUT = (("val", 0.1), ("test", 0.2))  # carved per class from a plain class-folder site
@@ -289,7 +198,7 @@ def _class_index(folder: str, class_names: list[str], path: Path) -> int:
     )
 
 
-def _read_image(file: str, channels: int, size: int) -> np.ndarray:
+def read_image(file: str, channels: int, size: int) -> np.ndarray:
     """One image as uint8 (C, H, W): converted to the dataset's channels, resized to `size`."""
     from PIL import Image
 
@@ -316,7 +225,7 @@ def _folder_split(root: Path, class_names: list[str], channels: int, size: int) 
 
     folder = SiteImageFolder(
         str(root),
-        loader=lambda file: _read_image(file, channels, size),
+        loader=lambda file: read_image(file, channels, size),
         is_valid_file=lambda file: file.lower().endswith(IMAGE_SUFFIXES),
         allow_empty=True,
     )
@@ -366,21 +275,3 @@ def _load_image_folder(path: Path, dataset: str, info: dict, size: int, seed: in
     if len(splits["train"]) == 0:
         raise DataError(f"image folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}) in class sub-folders")
     return SiteFile(data=MedMNISTData(spec=dataset_spec(dataset, size), splits=splits), local_test=None, meta={})
-
-
-def site_data_for(cfg: RunConfig, node_config) -> tuple[SiteData, dict]:
-    """This node's data: its own `data-path` (deployment) or its `partition-id` of the
-    configured dataset (simulation); returns the data and the site file's metadata."""
-    data_path = str(node_config.get("data-path", "") or "")
-    if data_path:
-        state_dir = str(node_config.get("state-dir", "") or "")
-        return deployment_site_data(cfg, data_path, Path(state_dir) / "data-cache" if state_dir else None)
-    if "partition-id" not in node_config:
-        raise DataError(
-            "this SuperNode's node config has no 'data-path' (a deployed site's own data file or image folder) "
-            "and no 'partition-id' (a simulated site): start it with --node-config 'data-path=\"/path/site.npz\" "
-            'site-name="..." state-dir="/path/state"\''
-        )
-    site_id = int(node_config["partition-id"])
-    num_sites = int(node_config.get("num-partitions", 1))
-    return simulation_site_data(cfg, site_id, num_sites), {}
