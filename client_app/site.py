@@ -57,7 +57,8 @@ from core.metrics import majority_share
 from core.seeds import BATCH_ORDER, GAMMA_BATCH, round_seed, site_init_seed
 from models import SiteModel, build_run_model
 from models.evaluation import batchnorm_layers, evaluate_split, recalibrated_batchnorm
-from partitions.site_data import SiteData, site_data_for
+from partitions.site_data import SiteData
+from partitions.sources import site_data_for
 from partitions.tensors import TensorSplit
 
 ALLOW_GRADIENTS = "allow-gradients"  # node config of a deployed site: opt in to sending gradients

@@ -1,7 +1,7 @@
 """A site's data as its trainer and its evaluation see it, and where it comes from.
 
 `SiteData` is what every method trains and evaluates on. A `DataSource` gives it; there
-are two, chosen once from the node config:
+are two, chosen once from the node config (partitions/sources.py):
 - `SimulatedPartition` (partitions/simulated.py): a partition of a MedMNIST training set by
   `partition-id`, evaluated on the official test and validation splits plus a personalised
   test shard;
@@ -13,13 +13,12 @@ are two, chosen once from the node config:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
-from partitions.medmnist_data import DataError, DatasetSpec, Split
+from partitions.medmnist_data import DatasetSpec, Split
 from partitions.tensors import TensorSplit
 
 if TYPE_CHECKING:
@@ -49,27 +48,3 @@ class DataSource(Protocol):
     def load(self, cfg: RunConfig) -> tuple[SiteData, dict]:
         """The site's data for this run, and its split file's metadata ({} where none)."""
         ...
-
-
-def data_source(node_config) -> DataSource:
-    """This node's source: its own `data-path` (deployment) or its `partition-id` of the
-    configured dataset (simulation)."""
-    from partitions.deployed import SiteFolder
-    from partitions.simulated import SimulatedPartition
-
-    data_path = str(node_config.get("data-path", "") or "")
-    if data_path:
-        state_dir = str(node_config.get("state-dir", "") or "")
-        return SiteFolder(data_path, str(Path(state_dir) / "data-cache") if state_dir else None)
-    if "partition-id" not in node_config:
-        raise DataError(
-            "this SuperNode's node config has no 'data-path' (a deployed site's own data file or image folder) "
-            "and no 'partition-id' (a simulated site): start it with --node-config 'data-path=\"/path/site.npz\" "
-            'site-name="..." state-dir="/path/state"\''
-        )
-    return SimulatedPartition(int(node_config["partition-id"]), int(node_config.get("num-partitions", 1)))
-
-
-def site_data_for(cfg: RunConfig, node_config) -> tuple[SiteData, dict]:
-    """This node's data and its split file's metadata, from its source."""
-    return data_source(node_config).load(cfg)

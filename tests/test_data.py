@@ -90,3 +90,18 @@ def test_chestmnist_is_multilabel(tmp_path):
     assert data.spec.multi_label and data["train"].labels.shape[1] == 14
     part = partition_labels(data["train"].labels)
     assert part.min() >= 0 and part.max() <= 14  # 14 = "no finding"
+
+
+def test_a_node_gets_one_data_source_from_its_node_config(tmp_path):
+    """partitions/sources.py: `data-path` means a deployed site's own folder (its cache under
+    its state folder), `partition-id` a simulated partition; neither is a clear error."""
+    from partitions.deployed import SiteFolder
+    from partitions.simulated import SimulatedPartition
+    from partitions.sources import data_source
+
+    assert data_source({"partition-id": 3, "num-partitions": 5}) == SimulatedPartition(3, 5)
+    deployed = data_source({"data-path": "/data/site.npz", "state-dir": str(tmp_path)})
+    assert deployed == SiteFolder("/data/site.npz", str(tmp_path / "data-cache"))
+    assert data_source({"data-path": "/data/site.npz"}).cache_dir is None
+    with pytest.raises(DataError, match="no 'data-path'.*and no 'partition-id'"):
+        data_source({})

@@ -18,7 +18,7 @@ from core.config import RunConfig
 from partitions.deployed import deployment_site_data, load_site_file
 from partitions.medmnist_data import DataError
 from partitions.simulated import simulation_site_data
-from partitions.site_data import site_data_for
+from partitions.sources import site_data_for
 from partitions.split import main as split_main
 from partitions.split import split_dataset
 from pilot.connection import add_connection
