@@ -26,9 +26,10 @@ published: install
 	scripts/simulate.sh --run-config "data-root='$(DATA_ROOT)' num-server-rounds=50 warmup-epochs=2 batch-size=256 $(RUN_CONFIG)" \
 	  --federation-config "num-supernodes=$(SITES)"
 
-## Everything, one test at a time (what CI runs; README "Times, measured").
+## Everything (what CI runs): one pytest worker per core (pytest-xdist); the pilot's integration
+## tests run one at a time on one worker (tests/conftest.py), the rest spread (README "Times, measured").
 test: install
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n auto --dist loadgroup
 
 ## Unit and small integration tests, without the `slow` and `integration` ones (flwr, Ray, the
 ## pilot), one pytest worker per core (pytest-xdist), for the edit-test loop (times: README).

@@ -13,6 +13,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FSF_DATA_ROOT", REPO.parent / "shared" / "data" / "medmnist"))
 
 
+#: tests that run real SuperLink and SuperNode processes with timeouts of their own (the
+#: pilot's): under `pytest -n auto --dist loadgroup` (make test) they run one at a time on one
+#: worker, as they would alone, while the other workers take the rest
+SERIAL_GROUP = "pilot-processes"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Every `integration` test joins one xdist group (read by pytest-xdist's loadgroup)."""
+    for item in items:
+        if item.get_closest_marker("integration") and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(SERIAL_GROUP))
+
+
 @pytest.fixture(scope="session")
 def real_data_root() -> Path:
     """The verified MedMNIST files (../shared/data/medmnist). Missing means a broken checkout: fail."""
