@@ -27,13 +27,14 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.common.logger import log
 
+from client_app.evaluation import evaluate_site, majority_share_of_test
 from client_app.privacy import clip_shared_update
 from client_app.state import PrivateArrays, PrivateState
 from client_app.timeline import Timeline
 from client_app.trainers import LocalRound, Trainer
 from client_app.training import classification_loss, classifier_gradient, fast_layout
 from core.config import RunConfig
-from core.data_report import MAJORITY_KEY, site_data_record
+from core.data_report import site_data_record
 from core.device import resolve_device, set_threads
 from core.methods import (
     ARRAYS_RECORD,
@@ -53,13 +54,10 @@ from core.methods import (
     MethodContract,
     contract_for,
 )
-from core.metrics import majority_share
 from core.seeds import BATCH_ORDER, GAMMA_BATCH, round_seed, site_init_seed
 from models import SiteModel, build_run_model
-from models.evaluation import batchnorm_layers, evaluate_split, recalibrated_batchnorm
 from partitions.site_data import SiteData
 from partitions.sources import site_data_for
-from partitions.tensors import TensorSplit
 
 ALLOW_GRADIENTS = "allow-gradients"  # node config of a deployed site: opt in to sending gradients
 MIN_DP_NOISE = "min-dp-noise-multiplier"  # node config: take part only in runs with at least this much DP noise
@@ -182,41 +180,20 @@ class Site:
         return ArrayRecord(grads)
 
     def evaluate(self) -> MetricRecord:
-        """The site's model (global arrays + this site's private parts; a method with a
-        personal model evaluates that one) on the site's splits: `local_*` always, `test_*` and `val_*` unless the server evaluates them.
-
-        With BatchNorm, also the BatchNorm gap on the local shard: accuracy with the received
-        running statistics (`bn_acc_running`) against statistics recomputed on this site's
-        training images (`bn_acc_recal`); with `norm = "batch-recal"` every split is
-        evaluated with the recomputed ones."""
+        """The model this site holds (a method with a personal model: that one) on its
+        splits, as client_app/evaluation.py says; the official test and validation splits
+        only when the server does not evaluate them itself."""
         model = self.model
         if self.contract.personal_model:
             model = self.contract.load_trainer().personal(self.model, self.extras)
-        splits = {"local": self.data.local_test}
-        if self.evaluate_splits == "all":
-            splits.update({"test": self.data.test, "val": self.data.val})
-        metrics: dict[str, float] = {}
-        if batchnorm_layers(model):
-            running = self._scores(model, {"local": self.data.local_test})
-            with recalibrated_batchnorm(model, self.data.train, self.device):
-                recal = self._scores(model, splits if self.cfg.recalibrate_bn else {"local": self.data.local_test})
-            metrics.update(recal if self.cfg.recalibrate_bn else {**self._scores(model, splits), **running})
-            metrics.update(
-                {
-                    "bn_acc_running": running["local_acc"],
-                    "bn_acc_recal": recal["local_acc"],
-                    "bn_gap": recal["local_acc"] - running["local_acc"],
-                }
-            )
-        else:
-            metrics.update(self._scores(model, splits))
-        if "test" in splits:  # what a model that learnt nothing scores on it (the warning's reference)
-            metrics[MAJORITY_KEY] = self.test_majority_share()
-        metrics.update({WEIGHT_KEY: len(self.data.test), SITE_ID_KEY: self.site_id})
-        return MetricRecord(metrics)
-
-    def test_majority_share(self) -> float:
-        return majority_share(self.data.test.labels.numpy(), self.data.spec.task)
+        metrics = evaluate_site(
+            model,
+            self.data,
+            shared_splits=self.evaluate_splits == "all",
+            recalibrate_bn=self.cfg.recalibrate_bn,
+            device=self.device,
+        )
+        return MetricRecord({**metrics, WEIGHT_KEY: len(self.data.test), SITE_ID_KEY: self.site_id})
 
     def data_report(self) -> MetricRecord:
         """What this site's data is (sizes, its split's settings): core/data_report.py."""
@@ -226,14 +203,7 @@ class Site:
             "test": len(self.data.test),
             "local-test": len(self.data.local_test),
         }
-        return MetricRecord(site_data_record(sizes, self.test_majority_share(), self.meta))
-
-    def _scores(self, model: SiteModel, splits: dict[str, TensorSplit]) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        for prefix, split in splits.items():
-            scores = evaluate_split(model, split, self.data.spec.task, self.device)
-            metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
-        return metrics
+        return MetricRecord(site_data_record(sizes, majority_share_of_test(self.data), self.meta))
 
 
 def train_round(incoming: RecordDict, context: Context, timeline: Timeline | None = None) -> RecordDict:

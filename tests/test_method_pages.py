@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from client_app.site import Site, evaluate_round
+import client_app.evaluation as site_evaluation
+from client_app.site import evaluate_round
 from client_app.trainers.ditto import PERSONAL, DittoTrainer
 from client_app.trainers.fedprox import FedProxTrainer
 from client_app.trainers.fedrep import head_parameters
@@ -239,15 +240,15 @@ def test_fusefl_is_scored_as_the_model_it_calibrated(tmp_path, monkeypatch):
         {k: v for k, v in fed.arrays.to_torch_state_dict().items() if k.endswith(("running_mean", "running_var"))}
     )
     scored_with: dict[str, list[float]] = {}
-    real_scores = Site._scores
+    real_scores = site_evaluation.split_scores
 
-    def recording_scores(self, model, splits):
+    def recording_scores(model, splits, task, device):
         for name in splits:
             values = {n: b for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))}
             scored_with.setdefault(name, []).append(statistics_sum(values))
-        return real_scores(self, model, splits)
+        return real_scores(model, splits, task, device)
 
-    monkeypatch.setattr(Site, "_scores", recording_scores)
+    monkeypatch.setattr(site_evaluation, "split_scores", recording_scores)
     for site in (1, 2, 3):
         evaluate_round(fed.grid_message(3), fed.grid.contexts[site])
     assert scored_with["test"] == pytest.approx([calibrated] * 3, rel=1e-9)
