@@ -45,6 +45,18 @@ def stop_superlinks(control_port: int) -> None:
                 proc.kill()
 
 
+def simulate_sh(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """scripts/simulate.sh with `args`, from the repository, its output captured as text."""
+    return subprocess.run(
+        [str(REPO / "scripts" / "simulate.sh"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 # The small run of the pilot tests and the round-cost benchmark (breastmnist over 3 sites)
 SMALL_RUN = {
     "dataset": "breastmnist",

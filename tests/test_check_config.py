@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 
 import pytest
 from flwr.app import Context, RecordDict
@@ -119,26 +118,17 @@ def test_the_final_status_is_awaited():
 def test_simulate_sh_stops_a_bad_method_before_flwr_starts(tmp_path):
     """One line on stderr, exit status 2, and no SuperLink (own FLWR_HOME and ports, cleaned up
     should the check ever let the run through)."""
-    from tests.conftest import REPO
-    from tests.pilot_harness import stop_superlinks
-    from tests.test_flwr_run import _free_port
+    from tests.pilot_harness import free_port, simulate_sh, stop_superlinks
 
-    control_port = _free_port()
+    control_port = free_port()
     env = {
         **os.environ,
         "FLWR_HOME": str(tmp_path / "flwr-home"),
         "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
     }
     try:
-        proc = subprocess.run(
-            [str(REPO / "scripts" / "simulate.sh"), "--run-config", "method='fedfoo' num-server-rounds=1"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = simulate_sh("--run-config", "method='fedfoo' num-server-rounds=1", env=env, timeout=120)
     finally:
         stop_superlinks(control_port)
     assert proc.returncode == 2, proc.stdout + proc.stderr

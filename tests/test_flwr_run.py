@@ -8,27 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import REPO
-from tests.pilot_harness import stop_superlinks
+from tests.pilot_harness import free_port, simulate_sh, stop_superlinks
 
 pytestmark = pytest.mark.slow  # each starts Flower's local SuperLink and Ray
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def flwr_env(tmp_path):
-    control_port, http_port = _free_port(), _free_port()
+    control_port, http_port = free_port(), free_port()
     env = {
         **os.environ,
         "FLWR_HOME": str(tmp_path / "flwr-home"),
@@ -45,14 +38,7 @@ def test_flwr_run_tiny_configuration(flwr_env, tmp_path, real_data_root):
         f"dataset='breastmnist' num-server-rounds=2 local-epochs=1 warmup-epochs=1 "
         f"data-root='{real_data_root}' results-dir='{results}' run-name='flwr-run' download=false"
     )
-    proc = subprocess.run(
-        [str(REPO / "scripts" / "simulate.sh"), "--run-config", run_config, "--federation-config", "num-supernodes=3"],
-        cwd=REPO,
-        env=flwr_env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = simulate_sh("--run-config", run_config, "--federation-config", "num-supernodes=3", env=flwr_env, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     run_dir = results / "flwr-run"
@@ -70,14 +56,7 @@ def test_a_run_that_fails_exits_non_zero(flwr_env, tmp_path):
         f"dataset='breastmnist' num-server-rounds=1 local-epochs=1 warmup-epochs=0 download=false "
         f"data-root='{tmp_path / 'no-data'}' results-dir='{tmp_path / 'results'}' run-name='fails'"
     )
-    proc = subprocess.run(
-        [str(REPO / "scripts" / "simulate.sh"), "--run-config", run_config, "--federation-config", "num-supernodes=2"],
-        cwd=REPO,
-        env=flwr_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = simulate_sh("--run-config", run_config, "--federation-config", "num-supernodes=2", env=flwr_env, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output[-4000:]
     assert "failed: finished:failed" in output.strip().splitlines()[-1], output[-2000:]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from core.local_superlink import LocalSuperLink, parse, running, verdict
-from tests.pilot_harness import free_port
+from tests.pilot_harness import free_port, simulate_sh
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,14 +79,7 @@ def test_simulate_refuses_a_superlink_of_another_checkout(tmp_path):
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": port,
             "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
         }
-        done = subprocess.run(
-            [str(REPO / "scripts" / "simulate.sh"), "--run-config", "num-server-rounds=1"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = simulate_sh("--run-config", "num-server-rounds=1", env=env, timeout=120)
     finally:
         fake.kill()
         fake.wait()

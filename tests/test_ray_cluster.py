@@ -27,7 +27,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,15 +38,9 @@ import psutil
 import pytest
 
 from tests.conftest import REPO
-from tests.pilot_harness import stop_superlinks
+from tests.pilot_harness import free_port, simulate_sh, stop_superlinks
 
 NODES = ("head", "second")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _started(pid: int) -> float:
@@ -69,12 +62,12 @@ class RayNode:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         ports = {
-            "--node-manager-port": _free_port(),
-            "--object-manager-port": _free_port(),
-            "--dashboard-agent-listen-port": _free_port(),
-            "--dashboard-agent-grpc-port": _free_port(),
-            "--runtime-env-agent-port": _free_port(),
-            "--metrics-export-port": _free_port(),
+            "--node-manager-port": free_port(),
+            "--object-manager-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+            "--metrics-export-port": free_port(),
         }
         command = [str(ray), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}"]
         command += ["--num-cpus=1", "--num-gpus=0", "--disable-usage-stats", *args]
@@ -152,16 +145,16 @@ class ProcessRecorder(threading.Thread):
 @pytest.mark.integration
 def test_flwr_run_across_two_ray_nodes(tmp_path, real_data_root):
     base = Path(tempfile.mkdtemp(prefix="fsfray-", dir="/tmp"))  # short: Ray's socket paths are limited
-    gcs_port = _free_port()
+    gcs_port = free_port()
     nodes = [
         RayNode(
             "head",
             base / "n0",
             tmp_path / "ray-head.log",
-            ["--head", f"--port={gcs_port}", f"--ray-client-server-port={_free_port()}", "--include-dashboard=false"],
+            ["--head", f"--port={gcs_port}", f"--ray-client-server-port={free_port()}", "--include-dashboard=false"],
         ),
     ]
-    control_port, http_port = _free_port(), _free_port()
+    control_port, http_port = free_port(), free_port()
     recorder = ProcessRecorder(nodes)
     try:
         nodes[0].wait_ready()
@@ -183,20 +176,7 @@ def test_flwr_run_across_two_ray_nodes(tmp_path, real_data_root):
             "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",  # inherited by the local SuperLink and its simulation
         }
         federation_config = "num-supernodes=4 client-resources-num-cpus=1"
-        proc = subprocess.run(
-            [
-                str(REPO / "scripts" / "simulate.sh"),
-                "--run-config",
-                run_config,
-                "--federation-config",
-                federation_config,
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        proc = simulate_sh("--run-config", run_config, "--federation-config", federation_config, env=env, timeout=600)
         recorder.done.set()
         recorder.join(5)
         output = proc.stdout + proc.stderr
