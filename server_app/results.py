@@ -52,9 +52,9 @@ class RunResults:
         text = "".join(json.dumps(_clean(r)) + "\n" for r in rows)
         atomic_write_bytes(self.metrics_path, text.encode())
 
-    def write_summary(self, rows: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
-        atomic_write_json(self.dir / SUMMARY_FILE, {**summarise(rows), **extra})
-        return summarise(rows)
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """summary.json: `summarise(rows)` and what the run adds to it."""
+        atomic_write_json(self.dir / SUMMARY_FILE, summary)
 
     def write_timeline(self, server_round: int, exchange: Any, final: bool = False) -> None:
         """Append one line per reply of an exchange to timeline.jsonl: when the server

@@ -1,5 +1,6 @@
 """The round loop, laid out like Flower's `Strategy.start`: configure, exchange,
-aggregate, evaluate, record; plus checkpoints, resume and failing sites.
+aggregate, evaluate; plus resume and failing sites. What happens around it (the run
+folder's files, checkpoints, the console and tracking) listens to it (server_app/listeners.py).
 
 One message per site per round: the train message of round r carries the global model
 of round r-1, and a site evaluates that model (with its private parts) before it
@@ -24,7 +25,7 @@ from flwr.serverapp import Grid
 
 from core.config import ConfigError, RunConfig
 from core.console import console
-from core.data_report import config_mismatch, describe_sites, describe_split, majority_class
+from core.data_report import config_mismatch, describe_sites, describe_split
 from core.methods import (
     DATA_RECORD,
     EVALUATE_KEY,
@@ -43,10 +44,10 @@ from server_app.checkpoint import (
     find_resume_checkpoint,
     refuse_stale_private_resume,
     resumed_config,
-    write_checkpoint,
 )
-from server_app.faults import Exchange, SiteBook, TooFewReplies, exchange, report_failures
-from server_app.results import RunResults
+from server_app.faults import Exchange, SiteBook, TooFewReplies, exchange
+from server_app.listeners import Checkpoints, ConsoleReport, RunFolderFiles, RunListener
+from server_app.results import RunResults, summarise
 from server_app.server_data import central_evaluator, partition_summary, run_name_for
 from server_app.tracking import RunTracker
 from strategies import build_strategy
@@ -75,32 +76,6 @@ def wait_for_nodes(grid: Grid, timeout: float = 600.0, minimum: int = 1) -> int:
             raise RuntimeError(f"{len(nodes)} SuperNodes connected within {timeout:.0f} s, fewer than {minimum}")
         time.sleep(0.2)
     return len(nodes)
-
-
-def progress_line(row: dict[str, Any], num_rounds: int, eta: str = "") -> str:
-    def fmt(key: str, label: str) -> str:
-        value = row.get(key)
-        return f"{label} {value:.4f}" if isinstance(value, float) else f"{label} -"
-
-    parts = [
-        f"[bold]round {row['round']}/{num_rounds}[/bold]",
-        f"{row['round_seconds']:.1f}s",
-        fmt("train_loss", "loss"),
-        fmt("global_acc_mean", "global acc"),
-        fmt("global_acc_worst", "worst"),
-        fmt("local_acc_mean", "local acc"),
-        fmt("gamma", "Gamma"),
-    ]
-    # health (docs/recipe.md): is the fused space informative, do the BatchNorm statistics fit?
-    if isinstance(row.get("rec_r2_worst"), float):
-        parts.append(f"R2 {row['rec_r2']:.2f} (worst {row['rec_r2_worst']:.2f}) dep {row['rec_dependence']:.2f}")
-    if isinstance(row.get("bn_gap"), float):
-        parts.append(f"BN gap {100 * row['bn_gap']:+.1f} pts")
-    if majority_class(row):
-        parts.append(
-            f"[yellow]= majority class ({100 * row['test_majority_share']:.2f} %): learnt nothing yet[/yellow]"
-        )
-    return "  ".join(parts) + (f"  [dim]{eta}[/dim]" if eta else "")
 
 
 def refuse_to_overwrite(run_dir: Path) -> None:
@@ -132,8 +107,7 @@ class FederatedRun:
         self.book = SiteBook()
         self.data_reports: dict[int, dict[str, float]] = {}  # site id -> what its data is (core/data_report.py)
         self.rows: list[dict[str, Any]] = []
-        self.started = time.time()
-        self.tracker = RunTracker(
+        tracker = RunTracker(
             self.results.dir,
             cfg.num_server_rounds,
             tensorboard=cfg.track_tensorboard,
@@ -141,6 +115,17 @@ class FederatedRun:
             run_name=cfg.run_name,
             config=cfg.to_mapping(),
         )
+        # what happens around the loop (server_app/listeners.py), told in this order
+        self.listeners: list[RunListener] = [
+            RunFolderFiles(self.results),
+            Checkpoints(),
+            ConsoleReport(tracker, time.time()),
+        ]
+
+    def tell(self, event: str, *args: Any) -> None:
+        """Every listener's `event` (server_app/listeners.py)."""
+        for listener in self.listeners:
+            getattr(listener, event)(self, *args)
 
     # -- the run ------------------------------------------------------------------
     def start(self) -> dict[str, Any]:
@@ -151,13 +136,14 @@ class FederatedRun:
             self.evaluate_final()
             return self.finish()
         finally:
-            self.tracker.close()  # TensorBoard events flushed and plots written, also after a failure
+            for listener in self.listeners:
+                listener.close()
 
     def prepare(self) -> int:
         """Results folder, partition summary, initial (or restored) model and strategy;
         returns the first round to run."""
         cfg = self.cfg
-        self.results.write_config(cfg.to_mapping())
+        self.tell("configured")
         console.rule(f"{cfg.method} on {cfg.dataset} ({cfg.partition}) -> {self.results.dir}")
         console.print(cfg.describe_model())
         num_nodes = wait_for_nodes(self.grid, minimum=cfg.min_replies)
@@ -170,7 +156,7 @@ class FederatedRun:
         self.arrays, shared_keys = initial_model_arrays(cfg, model)
         self.strategy = build_strategy(cfg, self.arrays)
         if self.checkpoint is None:
-            self.save_checkpoint(0)
+            self.tell("round_closed", 0)
             return 1
         ckpt = self.checkpoint
         if set(ckpt.arrays) != set(shared_keys):
@@ -190,7 +176,7 @@ class FederatedRun:
             said = ", ".join(f"{k} = {v}" for k, v in changed.items())
             console.print(f"{said}: derived from the {num_nodes} sites connected")
             self.cfg = derived
-            self.results.write_config(derived.to_mapping())
+            self.tell("configured")
         return self.cfg
 
     def wait_for_resumed_sites(self, num_nodes: int) -> int:
@@ -232,7 +218,7 @@ class FederatedRun:
         result = exchange(
             self.grid, train_messages + eval_messages, self.cfg.round_timeout, self.book, f"round {server_round}"
         )
-        self.results.write_timeline(server_round, result)
+        self.tell("exchanged", server_round, result, False)
         self.learn_data(result)
         if pending is not None:
             self.record_evaluation(pending, result)
@@ -251,11 +237,11 @@ class FederatedRun:
         row["failed_sites"] = failed
         row["offline_sites"] = offline
         self.rows.append(row)
-        self.results.write_rounds(self.rows)
-        self.save_checkpoint(server_round)
-        report_failures(f"round {server_round}", failed, result.missing)
+        self.tell("rows_changed")
+        self.tell("round_closed", server_round)
+        self.tell("faults", f"round {server_round}", failed, result.missing)
         if not self.due(server_round):
-            self.report(row)
+            self.tell("round_reported", row)
 
     def evaluate_final(self) -> None:
         """After the last round: evaluate the final model (one evaluate message per site)."""
@@ -270,13 +256,12 @@ class FederatedRun:
             self.book,
             f"final evaluation of round {pending}",
         )
-        self.results.write_timeline(pending, result, final=True)
-        report_failures(f"final evaluation of round {pending}", result.failed, result.missing)
+        self.tell("exchanged", pending, result, True)
+        self.tell("faults", f"final evaluation of round {pending}", result.failed, result.missing)
         self.record_evaluation(pending, result, started=started)
-        self.save_checkpoint(pending)
+        self.tell("round_closed", pending)
 
     def finish(self) -> dict[str, Any]:
-        self.results.write_model(self.arrays.to_torch_state_dict())
         extra = {
             "run_name": self.cfg.run_name,
             "method": self.cfg.method,
@@ -287,10 +272,8 @@ class FederatedRun:
             extra["dp_delta"] = self.cfg.dp_delta
         if self.data_reports:
             extra["data"] = describe_sites(self.data_reports)
-        summary = self.results.write_summary(self.rows, extra)
-        if "warning" in summary:
-            console.print(f"[yellow]warning: {self.cfg.method} ({self.cfg.run_name}): {summary['warning']}[/yellow]")
-        console.print(f"results written to {self.results.dir}")
+        summary = {**summarise(self.rows), **extra}
+        self.tell("finished", summary)
         return summary
 
     # -- pieces -------------------------------------------------------------------
@@ -388,16 +371,5 @@ class FederatedRun:
         row["failed_eval_sites"] = result.failed
         if started is not None:
             row["round_seconds"] += time.time() - started
-        self.results.write_rounds(self.rows)
-        self.report(row)
-
-    def save_checkpoint(self, server_round: int) -> None:
-        write_checkpoint(
-            self.cfg, server_round, self.arrays.to_torch_state_dict(), self.strategy.checkpoint_state(), self.rows
-        )
-
-    def report(self, row: dict[str, Any]) -> None:
-        """A finished round (trained and, when due, evaluated): console, TensorBoard, MLflow."""
-        self.tracker.log_round(row)
-        eta = self.tracker.progress(row["round"], self.started, getattr(self, "first_round", 1))
-        console.print(progress_line(row, self.cfg.num_server_rounds, eta))
+        self.tell("rows_changed")
+        self.tell("round_reported", row)

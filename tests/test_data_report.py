@@ -10,8 +10,8 @@ from core.config import RunConfig
 from core.data_report import config_mismatch, describe_sites, describe_split, majority_class, site_data_record
 from core.methods import check_site_metrics
 from core.metrics import majority_share
+from server_app.listeners import progress_line
 from server_app.results import summarise
-from server_app.rounds import progress_line
 
 BREAST_TEST_SHARE = 114 / 156  # breastmnist's test split: 114 of 156 images are its majority class
 

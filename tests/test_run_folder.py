@@ -19,7 +19,7 @@ from core.run_folder import (
     read_rows,
     run_folders,
 )
-from server_app.results import RunResults
+from server_app.results import RunResults, summarise
 from tests.source_files import REPO, project_files
 
 
@@ -30,7 +30,7 @@ def test_what_the_writer_writes_the_reader_reads_back(tmp_path):
     results.write_rounds(rows)
     run = RunFolder(tmp_path / "run-a")
     assert run.is_run and not run.finished and run.rounds_done() == 2
-    results.write_summary(rows, {"note": "x"})
+    results.write_summary({**summarise(rows), "note": "x"})
     assert run.finished
     assert run.config()["method"] == "fedavg"
     assert run.rows() == rows
