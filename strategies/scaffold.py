@@ -81,11 +81,11 @@ class Scaffold(SharedModelStrategy):
         if self.control and set(self.control) != keys:
             raise ValueError("the sites' control variate updates do not match the server's control variate")
         scale = len(updates) / max(self.num_nodes, len(updates))
-        for key in keys:
+        for key in sorted(keys):  # one order in every process (a set's follows the string hash seed)
             mean_dc = np.mean([u[key].astype(np.float64) for u in updates], axis=0)
             current = self.control.get(key, np.zeros_like(mean_dc))
             self.control[key] = (current + scale * mean_dc).astype(updates[0][key].dtype)
-        norm = float(np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in self.control.values())))
+        norm = float(np.sqrt(sum(float((self.control[k].astype(np.float64) ** 2).sum()) for k in sorted(self.control))))
         metrics["control_norm"] = norm
         return arrays, metrics
 
