@@ -34,7 +34,7 @@ from core.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "benchmarks" / "claim-grid.toml"
-RESULTS = ROOT / "benchmarks" / "evidence-claim"
+RESULTS = ROOT / "evidence" / "claim"
 
 
 @dataclass

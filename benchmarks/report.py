@@ -763,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     runs, unfinished = [], []
-    for folder in args.results_dir.split(","):  # e.g. benchmarks/runs (local) and benchmarks/evidence (committed)
+    for folder in args.results_dir.split(","):  # e.g. benchmarks/runs (local) and evidence/reference-grid (committed)
         found, open_runs = load_runs(Path(folder))
         known = {r.name for r in runs}
         runs += [r for r in found if r.name not in known]
