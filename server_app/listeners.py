@@ -5,7 +5,8 @@ aggregate, evaluate. It tells its listeners what happened, in this order within 
 `exchanged` (the replies of an exchange are in), `rows_changed` (a round's row was added or
 completed), `round_closed` (the global model of a round is final: aggregated, or evaluated
 after the last round), `faults` (sites that failed or went missing), `round_reported` (a
-round is trained and, when due, evaluated). Around the rounds: `configured` (the run's
+round is trained and, when due, evaluated); before a round's exchange, `sites_offline`
+(sites the SuperLink no longer lists). Around the rounds: `configured` (the run's
 settings, again when the federation changes them), `finished` (the summary) and `close`
 (also after a failure).
 
@@ -74,6 +75,9 @@ class RunListener:
     def round_closed(self, run: FederatedRun, server_round: int) -> None:
         """`run.arrays` is round `server_round`'s global model (0: the initial one)."""
 
+    def sites_offline(self, run: FederatedRun, server_round: int, labels: list[str]) -> None:
+        """Sites connected in an earlier round that the SuperLink no longer lists (not asked)."""
+
     def faults(self, run: FederatedRun, what: str, failed: list[str], missing: Iterable[str]) -> None:
         """Sites that failed an exchange, labelled as in `failed_sites`."""
 
@@ -124,6 +128,13 @@ class ConsoleReport(RunListener):
     def __init__(self, tracker: RunTracker, started: float) -> None:
         self.tracker = tracker
         self.started = started
+
+    def sites_offline(self, run: FederatedRun, server_round: int, labels: list[str]) -> None:
+        for label in labels:
+            console.print(
+                f"[yellow]round {server_round}: {label} is offline (not connected to the SuperLink): "
+                "not asked this round[/yellow]"
+            )
 
     def faults(self, run: FederatedRun, what: str, failed: list[str], missing: Iterable[str]) -> None:
         report_failures(what, failed, missing)

@@ -328,15 +328,12 @@ class FederatedRun:
     def report_offline(self, server_round: int, connected: set[int]) -> list[str]:
         """Sites that were connected in an earlier round (answered or not) but that the
         SuperLink no longer lists as `connected` (it drops a node that missed its
-        heartbeats): one log line each."""
+        heartbeats), told to the listeners."""
         known = self.book.seen | set(self.book.sites)
         offline = [self.book.label(node) for node in sorted(known - connected)]
         self.book.seen |= connected
-        for label in offline:
-            console.print(
-                f"[yellow]round {server_round}: {label} is offline (not connected to the SuperLink): "
-                "not asked this round[/yellow]"
-            )
+        if offline:
+            self.tell("sites_offline", server_round, offline)
         return offline
 
     def evaluate_messages(self, server_round: int, exclude: set[int] = frozenset()) -> list[Message]:
