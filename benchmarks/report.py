@@ -439,8 +439,17 @@ PROTOCOL_KEYS = (
     "rec-loss",
     "ae-lr-ramp",
     "warmup-min-steps",
+    "shared-encoder-init",
 )
-RECIPE_KEYS = ("norm", "lr-schedule", "ae-optimizer", "rec-loss", "ae-lr-ramp", "warmup-min-steps")
+RECIPE_KEYS = (
+    "norm",
+    "lr-schedule",
+    "ae-optimizer",
+    "rec-loss",
+    "ae-lr-ramp",
+    "warmup-min-steps",
+    "shared-encoder-init",
+)
 
 
 def protocol(runs: list[Run]) -> list[str]:

@@ -54,7 +54,7 @@ from core.methods import (
     MethodContract,
     contract_for,
 )
-from core.seeds import BATCH_ORDER, GAMMA_BATCH, round_seed, site_init_seed
+from core.seeds import BATCH_ORDER, GAMMA_BATCH, private_init_seed, round_seed
 from models import SiteModel, build_run_model
 from partitions.site_data import SiteData
 from partitions.sources import site_data_for
@@ -121,7 +121,8 @@ class Site:
         self.timeline.mark("model_built")
 
     def _build_model(self, global_arrays: ArrayRecord) -> SiteModel:
-        model = build_run_model(self.cfg, self.data.spec, seed=site_init_seed(self.cfg.seed, self.site_id))
+        seed = private_init_seed(self.cfg.seed, self.site_id, self.cfg.fused and self.cfg.shared_encoder_init)
+        model = build_run_model(self.cfg, self.data.spec, seed=seed)
         self.shared_keys = self.contract.shared_keys(model, self.cfg.head_blocks)
         if self.phase == "train":  # which keys arrive and leave in this round (most methods: all shared both ways)
             self.received_keys, self.reply_keys = self.contract.key_sets(

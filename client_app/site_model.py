@@ -29,7 +29,7 @@ from core.config import ConfigError, RunConfig
 from core.files import round_files
 from core.methods import contract_for
 from core.run_folder import CONFIG_FILE, RunFolder, RunFolderError, read_json
-from core.seeds import site_init_seed
+from core.seeds import private_init_seed
 from models import SiteModel, build_run_model
 from partitions.deployed import IMAGE_SUFFIXES, read_image
 from partitions.inputs import input_spec, reference_inputs
@@ -194,7 +194,8 @@ def build_site_model(run: RunModel, site_name: str) -> SiteModel:
     """The run's model for this site: private parts freshly initialised (seeded by the
     site name), shared parts from the run. Errors say when the arrays do not fit."""
     cfg = run.cfg
-    model = build_run_model(cfg, run.input_spec, seed=site_init_seed(cfg.seed, site_number(site_name)))
+    shared = cfg.fused and cfg.shared_encoder_init
+    model = build_run_model(cfg, run.input_spec, seed=private_init_seed(cfg.seed, site_number(site_name), shared))
     expected = model.state_dict()
     shared = contract_for(cfg.method).shared_keys(model, cfg.head_blocks)
     missing, unexpected = sorted(set(shared) - set(run.shared)), sorted(set(run.shared) - set(shared))

@@ -52,6 +52,7 @@ class RunConfig:
     ae_optimizer: str = "adam"
     ae_lr_ramp: int = 10
     warmup_min_steps: int = 100
+    shared_encoder_init: bool = True
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lambda_rec: float = 1.0

@@ -13,7 +13,14 @@ MULTI_LABEL = "multi-label, binary-class"  # medmnist's task name for ChestMNIST
 
 # Health metrics (docs/recipe.md): the server keeps their worst site (`<name>_worst`, the
 # minimum) beside the mean, since one site whose fused space is empty is enough to worry.
-HEALTH_WORST_OF = ("rec_r2", "rec_dependence", "rec_r2_warmup", "rec_dependence_warmup")
+HEALTH_WORST_OF = (
+    "rec_r2",
+    "rec_dependence",
+    "rec_r2_warmup",
+    "rec_dependence_warmup",
+    "rec_r2_received",
+    "rec_dependence_received",
+)
 
 
 def _auc(y_true: np.ndarray, scores: np.ndarray, task: str) -> float:

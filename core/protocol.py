@@ -47,6 +47,7 @@ PROTOCOLS: dict[str, Protocol] = {
         quiet_autoencoder_start=False,
         first_warmup_trains_decoder=False,
         # averaged BatchNorm, the plain SGD autoencoder at lr 0.01 (no ramp), warm-ups of whole epochs only,
+        # each site's own encoder initialisation,
         # the per-pixel MSE, a constant lr
         fixed={
             "norm": "batch",
@@ -54,6 +55,7 @@ PROTOCOLS: dict[str, Protocol] = {
             "lr_ae": 0.01,
             "ae_lr_ramp": 0,
             "warmup_min_steps": 0,
+            "shared_encoder_init": False,
             "rec_loss": "pixel-mean",
             "lr_schedule": "constant",
         },

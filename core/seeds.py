@@ -17,6 +17,14 @@ def site_init_seed(seed: int, site_id: int) -> int:
     return seed * 7919 + site_id
 
 
+def private_init_seed(seed: int, site_id: int, shared_encoder: bool) -> int:
+    """The seed of a site's fresh model, whose private parts are what it keeps. With
+    `shared-encoder-init` (FusedSpaceFed's E_i) every site starts its encoder from the run's
+    initial model (the server's seed), so that the decoders they train in round 1 read
+    the same features and their average fits each encoder (docs/recipe.md, issue 24)."""
+    return seed if shared_encoder else site_init_seed(seed, site_id)
+
+
 def round_seed(seed: int, server_round: int, site_id: int, purpose: int = BATCH_ORDER) -> int:
     """A site's random stream for one round and purpose."""
     return (seed * 1_000_003 + server_round * 1009 + site_id * 17 + purpose) % 2**63

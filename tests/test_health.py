@@ -168,7 +168,7 @@ def test_demo_settings_take_overrides_once_each():
 @pytest.mark.xfail(
     strict=True,
     reason="issue 24: round 1 is healthy now, but the averaged decoder fits no site's private encoder in round 2 "
-    "(worst-site R^2 0.37 after round 2; docs/recipe.md)",
+    "(worst-site R^2 0.61 after round 2 with shared-encoder-init, 0.37 without; docs/recipe.md)",
 )
 def test_default_fusedspacefed_keeps_an_informative_fused_space_at_every_small_site(tmp_path, real_data_root):
     """Issue 24 item 4: on real RetinaMNIST over 10 sites (108 images each, Dirichlet 0.05),

@@ -114,10 +114,10 @@ def test_onboard_warms_the_encoder_and_writes_the_site_state(run_dir, site_npz, 
     loaded = state.load(before_round=4)
     assert loaded is not None and state.loaded_round == 3
     assert all(torch.equal(loaded.model[k], saved.model[k]) for k in saved.model)
-    # the fresh encoder is seeded by the site's name
-    expected = build_run_model(
-        load_run_model(run_dir).cfg, dataset_spec("breastmnist"), site_init_seed(3, site_number(SITE))
-    )
+    # the fresh encoder: the run's initial one (seed 3) with shared-encoder-init, else seeded by the site's name
+    cfg = load_run_model(run_dir).cfg
+    seed = 3 if cfg.shared_encoder_init else site_init_seed(3, site_number(SITE))
+    expected = build_run_model(cfg, dataset_spec("breastmnist"), seed)
     assert all(torch.equal(expected.state_dict()[k], fresh[k]) for k in saved.model)
 
 

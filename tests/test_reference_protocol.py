@@ -125,3 +125,25 @@ def test_first5_is_the_mean_over_sites_0_to_4(tmp_path):
     accs = {int(r.content["evaluation"]["site-id"]): r.content["evaluation"]["test_acc"] for r in replies}
     assert metrics["global_acc_first5"] == pytest.approx(np.mean([accs[i] for i in range(5)]))
     assert metrics["global_acc_mean"] == pytest.approx(np.mean(list(accs.values())))
+
+
+def test_sites_start_from_one_encoder_under_the_standard_recipe_and_their_own_under_the_reference(tmp_path):
+    """Issue 24 item 4: `shared-encoder-init` (the standard recipe's default) starts every
+    site's private encoder from the run's initial model, so that round 1's decoders read the
+    same features and their average fits each encoder; the reference protocol pins it off
+    (each site's own seeded encoder, as the reference code)."""
+    from server_app.rounds import initial_model
+
+    cfg = small_config(tmp_path, "fusedspacefed")
+    assert cfg.shared_encoder_init
+    fed = federation(tmp_path, cfg)
+    first, second = (Site(fed.grid_message(1), fed.grid.contexts[i]).model.encoder.state_dict() for i in (1, 2))
+    run_initial = initial_model(cfg).encoder.state_dict()
+    assert all(torch.equal(first[k], second[k]) and torch.equal(first[k], run_initial[k]) for k in first)
+
+    own = small_config(tmp_path, "fusedspacefed", shared_encoder_init=False)
+    fed = federation(tmp_path, own)
+    first, second = (Site(fed.grid_message(1), fed.grid.contexts[i]).model.encoder.state_dict() for i in (1, 2))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    reference = RunConfig.from_mapping({"protocol": "reference", "shared-encoder-init": True})
+    assert reference.shared_encoder_init is False
