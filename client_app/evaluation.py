@@ -10,7 +10,10 @@ parts; for Ditto and FuseFL its personal or stage model) on its splits:
   statistics (`bn_acc_running`) against statistics recomputed on the site's training images
   (`bn_acc_recal`); with `norm = "batch-recal"` every split is scored with the recomputed ones;
 - `test_majority_share`: what always predicting the test split's most common class scores
-  (the reference of the "= majority class" warning).
+  (the reference of the "= majority class" warning);
+- for FusedSpaceFed, the fused space's health, measured by its trainer on the same training
+  images every round (`fused_space_health`: R^2 of x_rec = D(E_i(x)) and its input
+  dependence, after the warm-up, after fused training and with the received decoder).
 
 Every method and both engines (Flower's Ray simulation, the lean one) evaluate here (through
 `client_app.site.Site.evaluate`, which picks a personal model where the method keeps one); the
@@ -26,9 +29,15 @@ import torch
 from core.data_report import MAJORITY_KEY
 from core.metrics import majority_share
 from models import SiteModel
-from models.evaluation import batchnorm_layers, evaluate_split, recalibrated_batchnorm
+from models.evaluation import (
+    HEALTH_IMAGES,
+    batchnorm_layers,
+    evaluate_split,
+    recalibrated_batchnorm,
+    reconstruction_health,
+)
 from partitions.site_data import SiteData
-from partitions.tensors import TensorSplit
+from partitions.tensors import TensorSplit, to_float
 
 
 def evaluate_site(
@@ -72,3 +81,14 @@ def split_scores(model: SiteModel, splits: dict[str, TensorSplit], task: str, de
 def majority_share_of_test(data: SiteData) -> float:
     """The test split's most common class share (what a model that learnt nothing scores)."""
     return majority_share(data.test.labels.numpy(), data.spec.task)
+
+
+def health_images(train: TensorSplit) -> torch.Tensor:
+    """The site's first `HEALTH_IMAGES` training images (the same ones every round)."""
+    return to_float(train.images[:HEALTH_IMAGES])
+
+
+def fused_space_health(model: SiteModel, images: torch.Tensor) -> dict[str, float]:
+    """`rec_r2` and `rec_dependence` of the model's reconstruction of `images`."""
+    health = reconstruction_health(model, images)
+    return {"rec_r2": health["r2"], "rec_dependence": health["dependence"]}

@@ -94,8 +94,9 @@ def test_default_fusedspacefed_warm_up_carries_information_at_every_demo_site(re
     """Issue 14 item 2: after round 1's warm-up at the demo setting (BloodMNIST, 5 sites,
     alpha 0.5, the default autoencoder), every site's reconstruction has R^2 >= 0.8 and
     input dependence >= 0.5 on its own images."""
+    from client_app.evaluation import health_images
     from client_app.trainers.base import LocalRound
-    from client_app.trainers.fusedspacefed import FusedSpaceFedTrainer, health_images
+    from client_app.trainers.fusedspacefed import FusedSpaceFedTrainer
     from core.demo import DEMO
     from models import build_run_model
     from partitions.simulated import simulation_site_data

@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from client_app.evaluation import fused_space_health, health_images
 from client_app.trainers.base import LocalRound, RoundResult, Trainer
 from client_app.training import (
     RoundOptimizers,
@@ -46,8 +47,6 @@ from client_app.training import (
 )
 from core.config import RunConfig
 from models import SiteModel
-from models.evaluation import HEALTH_IMAGES, reconstruction_health
-from partitions.tensors import TensorSplit, to_float
 
 
 def rec_error(x_rec: torch.Tensor, x: torch.Tensor, kind: str = "pixel-mean") -> torch.Tensor:
@@ -101,11 +100,6 @@ def l2sp_penalty(model: SiteModel, anchor: dict[str, torch.Tensor], weight: floa
     return weight * sum(((p - anchor[n].to(p.device)) ** 2).sum() for n, p in model.encoder.named_parameters())
 
 
-def health_images(train: TensorSplit) -> torch.Tensor:
-    """The site's first `HEALTH_IMAGES` training images (the same ones every round)."""
-    return to_float(train.images[:HEALTH_IMAGES])
-
-
 def trains_decoder_in_warm_up(cfg: RunConfig, server_round: int) -> bool:
     """Round 1's warm-up trains D too under the standard protocol (see the module doc)."""
     return server_round == 1 and cfg.rules.first_warmup_trains_decoder
@@ -149,9 +143,11 @@ class FusedSpaceFedTrainer(Trainer):
         anchor = l2sp_anchor(model, job.extras) if cfg.l2sp_lambda > 0 else None
         images = health_images(job.data.train).to(job.device)
         # what the site evaluates with: its own E_i and the received (averaged) decoder
-        received = {f"{k}_received": v for k, v in _rec_metrics(model, images).items()}
+        received = {f"{k}_received": v for k, v in fused_space_health(model, images).items()}
         warm_loss = self.warm_up(model, job, optimizers) if cfg.warmup_epochs > 0 else float("nan")
-        health = {f"{k}_warmup": v for k, v in _rec_metrics(model, images).items()} if cfg.warmup_epochs > 0 else {}
+        health = (
+            {f"{k}_warmup": v for k, v in fused_space_health(model, images).items()} if cfg.warmup_epochs > 0 else {}
+        )
         model.train()
 
         # 2. Fused local training.
@@ -195,12 +191,7 @@ class FusedSpaceFedTrainer(Trainer):
         if anchor is not None:
             extras.update({f"{L2SP_EXTRAS}/{k}": v.detach().cpu() for k, v in anchor.items()})
         metrics = {"train_loss": train_loss, "rec_loss": rec_total / max(steps, 1), **received, **health}
-        metrics.update(_rec_metrics(model, images))
+        metrics.update(fused_space_health(model, images))
         if cfg.warmup_epochs > 0:
             metrics["warmup_loss"] = warm_loss
         return RoundResult(metrics=metrics, extras=extras)
-
-
-def _rec_metrics(model: SiteModel, images: torch.Tensor) -> dict[str, float]:
-    health = reconstruction_health(model, images)
-    return {"rec_r2": health["r2"], "rec_dependence": health["dependence"]}
