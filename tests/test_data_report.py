@@ -113,11 +113,11 @@ def write_blank_breastmnist(root: Path) -> Path:
     BreastMNIST's test labels: 114 of 156 images benign (class 1), as in the official file."""
     rng = np.random.default_rng(0)
     arrays = {}
-    for split, n, ones in (("train", 96, 72), ("val", 24, 18), ("test", 156, 114)):
+    for name, n, ones in (("train", 96, 72), ("val", 24, 18), ("test", 156, 114)):
         labels = np.zeros((n, 1), np.uint8)
         labels[rng.permutation(n)[:ones]] = 1
-        arrays[f"{split}_images"] = np.full((n, 28, 28), 128, np.uint8)
-        arrays[f"{split}_labels"] = labels
+        arrays[f"{name}_images"] = np.full((n, 28, 28), 128, np.uint8)
+        arrays[f"{name}_labels"] = labels
     root.mkdir(parents=True, exist_ok=True)
     np.savez(root / "breastmnist.npz", **arrays)
     return root
