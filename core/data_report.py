@@ -32,8 +32,11 @@ def site_data_record(sizes: Mapping[str, int], majority: float, meta: Mapping[st
     return record
 
 
-def describe_sites(reports: Mapping[int, Mapping[str, float]]) -> dict[str, Any]:
-    """The summary's `data` entry from the latest report of each site (keyed by site id)."""
+def describe_sites(reports: Mapping[int, Mapping[str, float]], in_deployment: bool = False) -> dict[str, Any]:
+    """The summary's `data` entry from the latest report of each site (keyed by site id).
+    `source`: `site files` when the sites' files say how they were split, else `sites`
+    in a deployment (their own data: sizes and shares only) and `run config` in a
+    simulation (the run's partition settings made the split)."""
     sites = []
     for site in sorted(reports):
         report = reports[site]
@@ -45,7 +48,8 @@ def describe_sites(reports: Mapping[int, Mapping[str, float]]) -> dict[str, Any]
             entry["split"] = split
         sites.append(entry)
     splits = [s["split"] for s in sites if "split" in s]
-    out: dict[str, Any] = {"source": "site files" if splits else "run config", "sites": sites}
+    source = "site files" if splits else "sites" if in_deployment else "run config"
+    out: dict[str, Any] = {"source": source, "sites": sites}
     if splits and all(s == splits[0] for s in splits):
         out["split"] = splits[0]
     return out

@@ -131,12 +131,13 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         ) from exc
 
 
-def find_resume_checkpoint(cfg: RunConfig) -> Checkpoint | None:
-    """The checkpoint `resume-from` names (None when it is empty)."""
+def find_resume_checkpoint(cfg: RunConfig, in_deployment: bool = False) -> Checkpoint | None:
+    """The checkpoint `resume-from` names (None when it is empty); `in_deployment`: which
+    default run name `latest` looks under (server_data.run_name_for)."""
     if not cfg.resume_from:
         return None
     if cfg.resume_from == LATEST:
-        run_name = run_name_for(cfg)
+        run_name = run_name_for(cfg, in_deployment)
         found = list_checkpoints(cfg.results_dir, run_name)
         if not found:
             raise CheckpointError(

@@ -48,7 +48,7 @@ from server_app.checkpoint import (
 from server_app.faults import Exchange, SiteBook, TooFewReplies, exchange
 from server_app.listeners import Checkpoints, ConsoleReport, RunFolderFiles, RunListener
 from server_app.results import RunResults, summarise
-from server_app.server_data import central_evaluator, partition_summary, run_name_for
+from server_app.server_data import central_evaluator, deployed, partition_summary, run_name_for
 from server_app.tracking import RunTracker
 from strategies import build_strategy
 
@@ -94,12 +94,15 @@ class FederatedRun:
 
     def __init__(self, grid: Grid, cfg: RunConfig) -> None:
         self.grid = grid
-        self.checkpoint = find_resume_checkpoint(cfg)
+        # a deployment's sites bring their own data: the run's name and summary describe it
+        # as they report it, not by the run config's partition settings (server_data.py)
+        self.in_deployment = deployed(grid)
+        self.checkpoint = find_resume_checkpoint(cfg, self.in_deployment)
         if self.checkpoint is not None:
             cfg = resumed_config(cfg, self.checkpoint)
             refuse_stale_private_resume(cfg, self.checkpoint)
         else:
-            cfg = cfg.replace(run_name=run_name_for(cfg))
+            cfg = cfg.replace(run_name=run_name_for(cfg, self.in_deployment))
             refuse_to_overwrite(Path(cfg.results_dir) / cfg.run_name)
         self.cfg = cfg
         self.contract = contract_for(cfg.method)
@@ -144,15 +147,16 @@ class FederatedRun:
         returns the first round to run."""
         cfg = self.cfg
         self.tell("configured")
-        console.rule(f"{cfg.method} on {cfg.dataset} ({cfg.partition}) -> {self.results.dir}")
+        data = "the sites' own data" if self.in_deployment else cfg.partition
+        console.rule(f"{cfg.method} on {cfg.dataset} ({data}) -> {self.results.dir}")
         console.print(cfg.describe_model())
         num_nodes = wait_for_nodes(self.grid, minimum=cfg.min_replies)
         num_nodes = self.wait_for_resumed_sites(num_nodes)
         cfg = self.settle_for_federation(num_nodes)
-        partition_summary(cfg, num_nodes, self.results.dir)
+        partition_summary(cfg, num_nodes, self.results.dir, self.in_deployment)
         model = initial_model(cfg)  # built once: what is shared, and whether every site evaluates the same model
         everywhere = self.contract.same_model_everywhere(model, cfg.head_blocks)
-        self.evaluator = central_evaluator(cfg, everywhere and not cfg.recalibrate_bn)
+        self.evaluator = central_evaluator(cfg, everywhere and not cfg.recalibrate_bn, self.in_deployment)
         self.arrays, shared_keys = initial_model_arrays(cfg, model)
         self.strategy = build_strategy(cfg, self.arrays)
         if self.checkpoint is None:
@@ -271,7 +275,7 @@ class FederatedRun:
         if self.cfg.dp_noise_multiplier > 0:  # the delta that summary.json's dp_epsilon holds at
             extra["dp_delta"] = self.cfg.dp_delta
         if self.data_reports:
-            extra["data"] = describe_sites(self.data_reports)
+            extra["data"] = describe_sites(self.data_reports, self.in_deployment)
         summary = {**summarise(self.rows), **extra}
         self.tell("finished", summary)
         return summary
@@ -279,8 +283,8 @@ class FederatedRun:
     # -- pieces -------------------------------------------------------------------
     def learn_data(self, result: Exchange) -> None:
         """Keep each site's report of its data; on the first reports of a run whose sites
-        read their own split files, say what the split is, and which of the run's own
-        partition settings (its name's) do not apply to it."""
+        read their own split files, say what the split is, and which of the run config's
+        partition settings do not apply to it."""
         first = not self.data_reports
         for msg in result.replies:
             record = msg.content.metric_records.get(DATA_RECORD)
@@ -290,7 +294,10 @@ class FederatedRun:
                 self.data_reports[int(metrics[SITE_ID_KEY])] = report
         if not first or not self.data_reports:
             return
-        data = describe_sites(self.data_reports)
+        data = describe_sites(self.data_reports, self.in_deployment)
+        sizes = ", ".join(str(s.get("train", "?")) for s in data["sites"])
+        if data["source"] == "sites":  # a deployment's sites with data not from partitions.split
+            console.print(f"data as the sites report it: their own data; {sizes} training images")
         if data["source"] != "site files":
             return
         split = data.get("split")
@@ -301,11 +308,10 @@ class FederatedRun:
             return
         differ = config_mismatch(self.cfg, split)
         console.print(
-            f"data as the sites report it: {describe_split(split)}; "
-            f"{', '.join(str(s.get('train', '?')) for s in data['sites'])} training images"
+            f"data as the sites report it: {describe_split(split)}; {sizes} training images"
             + (
-                f"[yellow]; this run's {'; '.join(differ)} do not apply (its name and partition settings are "
-                "the run config's; summary.json's data is the sites')[/yellow]"
+                f"[yellow]; the run config's {'; '.join(differ)} do not apply: summary.json's data is the "
+                "sites'[/yellow]"
                 if differ
                 else ""
             )

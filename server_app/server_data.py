@@ -1,9 +1,13 @@
-"""What the server may do with the dataset when it can read it (simulation): show the
-partitioning, and evaluate a model that is the same at every site on the official
-test and validation splits once, instead of once per site.
+"""What the server may do with the dataset in a simulation: show the partitioning, and
+evaluate a model that is the same at every site on the official test and validation
+splits once, instead of once per site.
 
-In a deployment the data file is normally not on the server; then both are skipped
-and every site evaluates on its own data.
+Whether a run is a simulation or a deployment is the Grid's to say, not the file
+system's: Flower hands a deployed ServerApp an `HttpGrid` (the SuperLink's Runtime API)
+and a simulated one an `InMemoryGrid`. In a deployment the sites bring their own data,
+which the run config's partition settings do not describe, so both are skipped (even
+when the coordinator happens to hold the dataset file, e.g. after splitting it for the
+sites) and every site evaluates on its own data.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
+from flwr.superlink.grid import HttpGrid
 
 from core.config import RunConfig
 from core.console import console
@@ -32,20 +37,29 @@ from partitions.simulated import (
 from partitions.summary import write_summary
 
 
+def deployed(grid: object) -> bool:
+    """Whether the ServerApp runs in a deployment: Flower's deployed grid (SuperLink,
+    SuperNodes, each with its own data) rather than a simulation's or a test's in-process one."""
+    return isinstance(grid, HttpGrid)
+
+
 def dataset_on_server(cfg: RunConfig) -> bool:
     return (Path(cfg.data_root) / npz_filename(cfg.dataset, cfg.image_size)).exists()
 
 
-def run_name_for(cfg: RunConfig) -> str:
-    """`run-name`, or the default one: a simulation's (the dataset file is on the server)
-    or a deployment's (core.config.RunConfig.default_run_name)."""
-    return cfg.run_name or cfg.default_run_name(simulated=dataset_on_server(cfg))
+def run_name_for(cfg: RunConfig, in_deployment: bool = False) -> str:
+    """`run-name`, or the default one: a simulation's or a deployment's
+    (core.config.RunConfig.default_run_name)."""
+    return cfg.run_name or cfg.default_run_name(simulated=not in_deployment)
 
 
-def partition_summary(cfg: RunConfig, num_sites: int, out_dir: Path) -> None:
+def partition_summary(cfg: RunConfig, num_sites: int, out_dir: Path, in_deployment: bool = False) -> None:
     """Table and plot of the simulated partitioning, when the server can see the data."""
+    if in_deployment:
+        console.print("[dim]deployment: the sites bring their own data (described after round 1)[/dim]")
+        return
     if not dataset_on_server(cfg):
-        console.print("[dim]dataset file not on the server: no partition summary (deployment mode)[/dim]")
+        console.print("[dim]dataset file not on the server: no partition summary[/dim]")
         return
     try:
         data = cached_dataset(*dataset_key(cfg))
@@ -77,10 +91,13 @@ class CentralEvaluator:
         return metrics
 
 
-def central_evaluator(cfg: RunConfig, same_model_everywhere: bool) -> CentralEvaluator | None:
+def central_evaluator(
+    cfg: RunConfig, same_model_everywhere: bool, in_deployment: bool = False
+) -> CentralEvaluator | None:
     """An evaluator when the method's evaluated model is the same at every site and the
-    server can read the dataset; None otherwise (the sites evaluate everything)."""
-    if not same_model_everywhere or not dataset_on_server(cfg):
+    server simulates the sites from a dataset it can read; None otherwise (the sites
+    evaluate everything, in a deployment on their own data)."""
+    if in_deployment or not same_model_everywhere or not dataset_on_server(cfg):
         return None
     try:
         return CentralEvaluator(cfg)

@@ -1,5 +1,5 @@
 """pilot/rehearse.sh, the operator's walk-through of docs/pilot.md on loopback, run as an
-operator runs it (issue 30.1): certificates, keys, SuperLink, proxy, CLI connection,
+operator runs it (issue 30.1), with docs/pilot.md's own commands (30.2): certificates, keys, SuperLink, proxy, CLI connection,
 registration with names, site files, two SuperNodes and a 2-round run; then nothing it
 started is left running."""
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pilot import guide
 from tests.pilot_harness import REPO, base_env
 
 pytestmark = pytest.mark.integration
@@ -48,23 +49,34 @@ def test_the_rehearsal_runs_the_whole_pilot_and_stops_everything(tmp_path, real_
     )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-6000:]
-    # every step printed with its command
+    # every step printed with its command: the guide's, as written there (issue 30.2)
     for command in (
-        "$ pilot/make-certs.sh",
-        "$ pilot/make-site-keys.sh",
-        "start-superlink.sh",
-        "$ pilot/start-proxy.sh",
-        "-m pilot.connection pilot",
-        "keys/hospital-a.key.pub pilot --name hospital-a",
-        "-m partitions.split --dataset breastmnist",
-        "$ pilot/start-supernode.sh",
+        '$ pilot/make-certs.sh -o "$PILOT_DIR/certs" "$COORDINATOR" "$COORDINATOR_IP"',
+        '$ pilot/make-site-keys.sh -o "$PILOT_DIR/keys" "$SITE"',
+        "$ pilot/start-superlink.sh --certs",
+        "$ pilot/start-proxy.sh --superlink",
+        '$ python -m pilot.connection pilot "$COORDINATOR:$PORT"',
+        '$ flwr supernode register "$PILOT_DIR/keys/hospital-a.key.pub" pilot --name hospital-a',
+        "$ python -m partitions.split --dataset breastmnist",
+        '$ pilot/start-supernode.sh --superlink "$COORDINATOR:$PORT"',
         "$ flwr run . pilot --stream",
+        '$ flwr log "$RUN_ID" pilot',
     ):
         assert command in out, command
+    for command in guide.commands():  # every command of sections 1-7 ran, but for the skipped ones
+        if command.section in {"1", "2", "3", "4", "5", "6", "7"}:
+            assert f"$ {command.text}" in out or f"    {command.text.splitlines()[0]}" in out, command.text
+    for skipped in ("skipped here (one machine", "skipped here (needs root", "skipped here (the run has ended"):
+        assert skipped in out, skipped
+    assert out.count("skipped here (") >= 1 + 2 + 5 + 1 + 4  # settings, scp, sudo, stop, beyond section 7
     assert "hospital-a" in out and "hospital-b" in out  # `flwr supernode list` names the owners
     [summary_path] = list((folder / "results").glob("*/summary.json"))
     summary = json.loads(summary_path.read_text())
     assert summary["rounds"] == 2 and summary["final"]["global_acc_mean"] is not None
+    # a result at the majority-class share is flagged on its round line and in the summary, and only then
+    nothing = abs(summary["final"]["global_acc_mean"] - summary["final"]["test_majority_share"]) <= 1e-6
+    assert ("warning" in summary) == nothing
+    assert not nothing or "= majority class (73.08 %): learnt nothing yet" in " ".join(out.split())
     # the data as the sites report it: their split, not the run config's defaults
     assert summary["data"]["split"]["alpha"] == 0.5 and summary["data"]["source"] == "site files"
     assert summary_path.parent.name == "fusedspacefed-breastmnist-site-data-s0"
