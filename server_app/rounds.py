@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
@@ -46,6 +47,7 @@ from server_app.checkpoint import (
 )
 from server_app.faults import Exchange, SiteBook, TooFewReplies, exchange, report_failures
 from server_app.results import RunResults
+from server_app.secure import secure_sum
 from server_app.server_data import central_evaluator, partition_summary, run_name_for
 from server_app.tracking import RunTracker
 from strategies import build_strategy
@@ -243,7 +245,10 @@ class FederatedRun:
                 f'stopped; resume it with resume-from = "latest" (checkpoint of round {server_round - 1} in '
                 f"{checkpoint_dir(self.cfg.results_dir, self.cfg.run_name)})"
             )
-        arrays, metrics = self.strategy.aggregate_train(server_round, train_replies)
+        if self.cfg.secure_aggregation:
+            arrays, metrics, failed = self.aggregate_securely(server_round, train_replies, failed)
+        else:
+            arrays, metrics = self.strategy.aggregate_train(server_round, train_replies)
         self.arrays = arrays
         row: dict[str, Any] = {"round": server_round, "round_seconds": time.time() - started}
         row.update(dict(metrics or {}))
@@ -255,6 +260,18 @@ class FederatedRun:
         report_failures(f"round {server_round}", failed, result.missing)
         if not self.due(server_round):
             self.report(row)
+
+    def aggregate_securely(
+        self, server_round: int, train_replies: list[Message], failed: list[str]
+    ) -> tuple[ArrayRecord, MetricRecord, list[str]]:
+        """SecAgg+ over the sites that trained (server_app/secure.py): the server learns
+        only the weighted sum of their updates; a site that fails a stage is a failed site."""
+        result = secure_sum(self.grid, self.cfg, self.book, server_round, train_replies, self.strategy.specs)
+        summed = set(result.summed)
+        replies = [m for m in train_replies if m.metadata.src_node_id in summed]
+        upload = float(np.mean([result.upload_bytes.get(n, 0) for n in summed]))
+        arrays, metrics = self.strategy.aggregate_secure(server_round, replies, result.mean_update, upload)
+        return arrays, metrics, failed + result.failed
 
     def evaluate_final(self) -> None:
         """After the last round: evaluate the final model (one evaluate message per site)."""
