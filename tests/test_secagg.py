@@ -52,6 +52,7 @@ class StageGrid:
     contexts: dict[int, Context]
     drop: dict[str, set[int]] = field(default_factory=dict)
     tamper: Callable[[str, int, RecordDict], None] | None = None
+    workers: dict[int, object] = field(default_factory=dict)  # node -> a warm site worker serving it (frames)
     replies: list[Message] = field(default_factory=list)
     outbox: dict[str, Message] = field(default_factory=dict)
     secrets: dict[int, dict[str, bytes]] = field(default_factory=dict)  # node -> every secret it held
@@ -68,7 +69,7 @@ class StageGrid:
             if node in self.drop.get(stage, set()):
                 reply = Message(Error(code=0, reason="node went away"), reply_to=msg)
             else:
-                out = site_secagg.HANDLERS[stage](content, self.contexts[node])
+                out = self.serve(node, stage, content)
                 self.keep_secrets(node)
                 if self.tamper is not None:
                     self.tamper(stage, node, out)
@@ -77,6 +78,17 @@ class StageGrid:
             ids.append(f"m{next(self._ids)}")
             self.outbox[ids[-1]] = reply
         return ids
+
+    def serve(self, node: int, stage: str, content: RecordDict) -> RecordDict:
+        if node not in self.workers:
+            return site_secagg.HANDLERS[stage](content, self.contexts[node])
+        from client_app.worker import PROTOCOL, decode, encode
+
+        worker = self.workers[node]
+        header = {"protocol": PROTOCOL, "kind": stage, "node_config": {"node": node}, "run_id": 1, "code": worker.code}
+        reply_header, reply = decode(worker.handle(encode(header, content)))
+        assert not reply_header.get("error"), reply_header
+        return reply
 
     def pull_messages(self, ids: Iterable[str]) -> list[Message]:
         return [self.outbox.pop(i) for i in list(ids) if i in self.outbox]
@@ -104,14 +116,25 @@ def updates(num: int, seed: int = 0, scale: float = 0.05) -> list[dict[str, np.n
     return [{k: rng.normal(0, scale, SHAPES[k]) for k in KEYS} for _ in range(num)]
 
 
-def protocol(num: int, weights: list[int], ups: list[dict], grid_hooks: dict | None = None, **config):
+def protocol(
+    num: int, weights: list[int], ups: list[dict], grid_hooks: dict | None = None, workers: bool = False, **config
+):
     """Advertise every site's update (as the train reply does), then run the server's stages;
-    (the SecureSum or the exception, the grid, the train replies)."""
+    (the SecureSum or the exception, the grid, the train replies). `workers`: each site's
+    stages are served by a warm site worker (client_app/worker.py), over its wire format."""
     cfg = RunConfig(secure_aggregation=True, round_timeout=5.0, **config)
     contexts = {
         n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in range(1, num + 1)
     }
     grid = StageGrid(contexts, **(grid_hooks or {}))
+    if workers:
+        import json
+
+        from client_app.worker import Worker
+
+        for n in contexts:  # the worker's own node state is the one the train message left the secrets in
+            grid.workers[n] = Worker()
+            grid.workers[n].states[(1, json.dumps({"node": n}, sort_keys=True))] = contexts[n].state
     train_replies = []
     with server_identity():
         for n in contexts:
@@ -155,6 +178,18 @@ def test_the_unmasked_sum_is_the_weighted_mean_within_the_quantisation_error():
     # not the unweighted mean: the weights count
     plain = weighted_mean(ups, [1, 1, 1, 1])
     assert np.max(np.abs(plain["classifier.a"] - expected["classifier.a"])) > 100 * tol
+
+
+def test_the_warm_site_worker_serves_the_stages():
+    """Deployed sites with a warm worker: the stages travel the worker's frames (JSON header,
+    packed arrays) and its per-run node state keeps the secrets between them."""
+    weights = [10, 20, 30]
+    ups = updates(3, seed=8)
+    result, grid, _ = protocol(3, weights, ups, {"drop": {MASKED_INPUT: {3}}}, workers=True)
+    assert result.summed == [1, 2]
+    expected = weighted_mean(ups[:2], weights[:2])
+    assert all(np.max(np.abs(result.mean_update[k] - expected[k])) <= tolerance(2**22, 8.0, weights[:2]) for k in KEYS)
+    assert all(site_secagg.SECRETS not in grid.contexts[n].state for n in (1, 2))
 
 
 def test_what_the_server_holds_of_one_site_is_masked():
