@@ -423,3 +423,30 @@ def test_secure_aggregation_runs_in_flowers_ray_simulation(tmp_path):
     b = torch.load(tmp_path / "lean" / "secure" / "global_model.pt", weights_only=True)
     # the rounding is seeded per site and round, so the two engines agree (up to float32 rounding)
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+def test_dp_noise_goes_on_the_unmasked_mean_and_epsilon_is_accounted():
+    """Under DP with secure aggregation the sites clip (as ever) and weigh 1; the server adds
+    N(0, (z C / n)^2) to the unmasked mean of the n sites in the sum and reports epsilon from
+    Flower's accountant."""
+    from flwr.app import ArrayRecord
+
+    from core.methods import contract_for
+    from strategies import build_strategy
+
+    cfg = RunConfig.from_mapping(
+        {"method": "fedavg", "secure-aggregation": True, "dp-clip-norm": 1.0, "dp-noise-multiplier": 1.0}
+    )
+    assert not cfg.weighted_mean  # every site weighs 1: the noise is calibrated to the plain mean
+    arrays = ArrayRecord({k: Array(np.zeros(SHAPES[k], dtype=DTYPES[k])) for k in SHAPES})
+    strategy = build_strategy(cfg, arrays)
+    assert strategy.secure and contract_for(cfg.method).needs_each_update == ""
+    strategy.sent = {k: np.zeros(SHAPES[k], dtype=DTYPES[k]) for k in SHAPES}
+    ups = updates(4, seed=9, scale=0.001)
+    result, _, train_replies = protocol(4, [1] * 4, ups, dp_clip_norm=1.0, dp_noise_multiplier=1.0)
+    new, metrics = strategy.aggregate_secure(1, train_replies, result.mean_update, 1.0)
+    assert metrics["num_replies"] == 4 and metrics["dp_noise_std"] == pytest.approx(1.0 * 1.0 / 4)
+    assert metrics["dp_epsilon"] > 0
+    noise = new["classifier.a"].numpy() - weighted_mean(ups, [1] * 4)["classifier.a"]
+    assert noise.std() == pytest.approx(0.25, rel=0.1)
+    assert new["classifier.n"].numpy() == 0  # integer arrays keep the server's value
