@@ -54,7 +54,7 @@ class InProcessGrid:
             message_id = f"message-{next(self._ids)}"
             delivered = copy.copy(msg)
             delivered.content = copy.deepcopy(msg.content)  # a site never shares the server's objects
-            handler = client.train if msg.metadata.message_type == "train" else client.evaluate
+            handler = client.HANDLERS[msg.metadata.message_type]
             self.outbox[message_id] = handler(delivered, self.contexts[msg.metadata.dst_node_id])
             ids.append(message_id)
         return ids

@@ -25,6 +25,7 @@ from flwr.common.logger import log
 
 from client_app.worker import WORKER_KEY, WORKER_REQUIRED_KEY, WorkerUnavailable, call
 from core.flower_log import quiet_flower_log
+from core.secagg import STAGES
 from core.transport import is_packed, pack, unpack
 
 quiet_flower_log()  # Flower's per-round sampling lines and actor-exit warnings (core/flower_log.py)
@@ -95,3 +96,15 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return reply("evaluate", msg, context)
+
+
+def _stage(action: str):
+    def run(msg: Message, context: Context) -> Message:
+        return reply(action, msg, context)
+
+    return run
+
+
+# secure aggregation's stages after training (client_app/secagg.py): `train.<stage>` messages
+STAGE_HANDLERS = {f"train.{action}": app.train(action)(_stage(action)) for action in STAGES}
+HANDLERS = {"train": train, "evaluate": evaluate, **STAGE_HANDLERS}  # by message type

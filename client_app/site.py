@@ -23,12 +23,15 @@ import time
 from logging import INFO, WARNING
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from client_app.evaluation import evaluate_site, majority_share_of_test
 from client_app.privacy import clip_shared_update
+from client_app.secagg import HANDLERS as SECAGG_HANDLERS
+from client_app.secagg import advertise
 from client_app.state import PrivateArrays, PrivateState
 from client_app.timeline import Timeline
 from client_app.trainers import LocalRound, Trainer
@@ -54,7 +57,8 @@ from core.methods import (
     MethodContract,
     contract_for,
 )
-from core.seeds import BATCH_ORDER, GAMMA_BATCH, private_init_seed, round_seed
+from core.secagg import KEYS_RECORD, flatten, max_weight, update_keys
+from core.seeds import BATCH_ORDER, GAMMA_BATCH, SECAGG_ROUNDING, private_init_seed, round_seed
 from models import SiteModel, build_run_model
 from partitions.site_data import SiteData
 from partitions.sources import site_data_for
@@ -247,10 +251,25 @@ def train_round(incoming: RecordDict, context: Context, timeline: Timeline | Non
         )
         # the norm before clipping stays here: sent in clear it would leak what the noise hides
         log(INFO, "site %s: shared update norm %.4g before clipping to %g", site.name, norm, site.cfg.dp_clip_norm)
+    weight = {WEIGHT_KEY: len(site.data.train)}
+    if site.cfg.secure_aggregation:
+        # the update stays here, masked later; only the public keys leave now (client_app/secagg.py)
+        trained = content.array_records.pop(ARRAYS_RECORD)
+        content[KEYS_RECORD] = advertise(
+            context.state,
+            shared_update(trained, incoming[ARRAYS_RECORD]),
+            len(site.data.train) if site.cfg.weighted_mean else 1,
+            site.server_round,
+            {
+                **secagg_settings(site.cfg),
+                "rounding-seed": round_seed(site.cfg.seed, site.server_round, site.site_id, SECAGG_ROUNDING),
+            },
+        )
+        weight = {}  # the server learns the sum of the weights, never one site's
     content[METRICS_RECORD] = MetricRecord(
         {
             **result.metrics,
-            WEIGHT_KEY: len(site.data.train),
+            **weight,
             SITE_ID_KEY: site.site_id,
             RESTORED_KEY: int(site.restored),
         }
@@ -259,6 +278,8 @@ def train_round(incoming: RecordDict, context: Context, timeline: Timeline | Non
         content[key] = record
     site.timeline.mark("reply_ready")
     content[DATA_RECORD] = site.data_report()
+    if site.cfg.secure_aggregation:
+        del content[DATA_RECORD]["num-train"]  # = the example weight
     content[TIMELINE_RECORD] = MetricRecord(site.timeline.record())
     return content
 
@@ -272,4 +293,22 @@ def evaluate_round(incoming: RecordDict, context: Context, timeline: Timeline | 
     return RecordDict({EVALUATION_RECORD: evaluation, TIMELINE_RECORD: MetricRecord(site.timeline.record())})
 
 
-HANDLERS = {"train": train_round, "evaluate": evaluate_round}
+def shared_update(trained: ArrayRecord, received: ArrayRecord) -> np.ndarray:
+    """The floating-point shared arrays minus the received ones, as one float64 vector (keys
+    sorted; integer arrays, BatchNorm's batch counters, stay as the server sent them)."""
+    keys = update_keys({k: trained[k].numpy().dtype for k in trained.keys()})
+    if set(trained.keys()) != set(received.keys()):
+        raise ValueError("the trained and received shared arrays have different keys")
+    return flatten({k: trained[k].numpy().astype(np.float64) - received[k].numpy() for k in keys}, keys)
+
+
+def secagg_settings(cfg: RunConfig) -> dict[str, float | int]:
+    return {
+        "threshold": cfg.secagg_threshold,
+        "clip": cfg.secagg_clip,
+        "levels": cfg.secagg_quantization,
+        "max-weight": max_weight(cfg.max_examples, cfg.weighted_mean),
+    }
+
+
+HANDLERS = {"train": train_round, "evaluate": evaluate_round, **SECAGG_HANDLERS}

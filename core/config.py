@@ -100,6 +100,11 @@ class RunConfig:
     krum_byzantine: int = 1
     max_update_norm: float = 0.0
     max_examples: int = 0
+    secure_aggregation: bool = False
+    secagg_neighbours: int = 0  # 0: every other site
+    secagg_threshold: float = 0.5
+    secagg_clip: float = 8.0
+    secagg_quantization: int = 2**22
 
     def __post_init__(self) -> None:
         """`norm = "auto"` becomes the method's own normalisation here, once, so that
@@ -266,12 +271,47 @@ class RunConfig:
                 "turn measure-gamma off",
             ),
         ]
+        if self.secure_aggregation:
+            checks += self.secure_aggregation_checks(contract)
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         problem = contract.config_problem(self.to_mapping())
         if problem:
             raise ConfigError(f"method {self.method!r}: {problem}")
+
+    def secure_aggregation_checks(self, contract: Any) -> list[tuple[bool, str]]:
+        """What `secure-aggregation = true` needs: a method whose server needs only the
+        weighted sum of the shared arrays, and nothing that reads one site's update."""
+        need = contract.needs_each_update if contract else ""
+        return [
+            (not need, f"secure-aggregation = true with {self.method}: {need}"),
+            (
+                self.aggregation == "mean",
+                f"secure-aggregation = true with aggregation = {self.aggregation!r}: a robust rule needs each "
+                "site's update, the server learns only their sum; use aggregation = 'mean'",
+            ),
+            (
+                self.max_update_norm == 0,
+                "secure-aggregation = true with max-update-norm > 0: the server cannot bound an update it never "
+                "sees; sites clip their own under differential privacy (dp-clip-norm)",
+            ),
+            (
+                not self.measure_gamma,
+                "secure-aggregation = true with measure-gamma: Gamma needs each site's gradients in the clear",
+            ),
+            (self.secagg_neighbours >= 0, f"secagg-neighbours must be >= 0 (0 = all), got {self.secagg_neighbours}"),
+            (
+                0 < self.secagg_threshold <= 1,
+                f"secagg-threshold must be in (0, 1] (a share of each site's neighbourhood), got {self.secagg_threshold}",
+            ),
+            (self.secagg_clip > 0, f"secagg-clip must be > 0, got {self.secagg_clip}"),
+            (
+                2 <= self.secagg_quantization <= 2**24,
+                f"secagg-quantization must be in 2..2**24 (the sum of the sites' values stays below 2**32), "
+                f"got {self.secagg_quantization}",
+            ),
+        ]
 
     def describe_model(self) -> str:
         """One line for the run's start-up and summary: the autoencoder that runs (and

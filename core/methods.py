@@ -219,6 +219,9 @@ class MethodContract:
     # what `norm = "auto"` (the default) means for this method: BatchNorm statistics recomputed at
     # each site before it evaluates, or (FuseFL) the model's own, those its head was calibrated on
     default_norm: str = RECIPE_NORM
+    # why the server needs each site's update, not only their sum ("" = the sum suffices): then
+    # `secure-aggregation = true` is refused with this reason
+    needs_each_update: str = ""
 
     def shared_keys(self, model: PartedModel, head_blocks: int = 0) -> list[str]:
         """State_dict keys sent to and received from the server; all others stay private."""
@@ -324,6 +327,8 @@ METHODS: dict[str, MethodContract] = {
             strategy="strategies.scaffold:Scaffold",
             to_site=(Exchange("scaffold-c", "SCAFFOLD's server control variate c", may_be_empty=True),),
             to_server=(Exchange("scaffold-dc", "SCAFFOLD's control variate update dc_i = c_i+ - c_i"),),
+            needs_each_update="the server reads each site's control-variate update dc_i in the clear (they are "
+            "not summed securely)",
         ),
         MethodContract(
             name="fedbn",
@@ -403,6 +408,8 @@ METHODS: dict[str, MethodContract] = {
             ),
             personal_model=True,
             default_norm="batch",  # scored as the single fused model whose head it calibrated
+            needs_each_update="the server stacks each site's blocks and calibrates on each site's feature "
+            "statistics: nothing is summed",
         ),
         MethodContract(
             name="feddaf",
@@ -415,6 +422,8 @@ METHODS: dict[str, MethodContract] = {
             trainer=FEDAVG_TRAINER,
             strategy="strategies.feddaf:FedDAF",
             config_check="core.methods:mean_aggregation_only",
+            needs_each_update="the server weighs each site's update by weights it infers from that site's "
+            "normalisation statistics",
         ),
     )
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 # purposes of a site's per-round generator
 BATCH_ORDER = 0  # shuffling of the local epochs
 GAMMA_BATCH = 1  # the deterministic batch on which Gamma's gradients are measured
+SECAGG_ROUNDING = 2  # secure aggregation's stochastic rounding of the update (core/secagg.py)
 
 
 def site_init_seed(seed: int, site_id: int) -> int:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
@@ -48,6 +49,7 @@ from server_app.checkpoint import (
 from server_app.faults import Exchange, SiteBook, TooFewReplies, exchange
 from server_app.listeners import Checkpoints, ConsoleReport, RunFolderFiles, RunListener
 from server_app.results import RunResults, summarise
+from server_app.secure import secure_sum
 from server_app.server_data import central_evaluator, deployed, partition_summary, run_name_for
 from server_app.tracking import RunTracker
 from strategies import build_strategy
@@ -234,7 +236,10 @@ class FederatedRun:
                 f'stopped; resume it with resume-from = "latest" (checkpoint of round {server_round - 1} in '
                 f"{checkpoint_dir(self.cfg.results_dir, self.cfg.run_name)})"
             )
-        arrays, metrics = self.strategy.aggregate_train(server_round, train_replies)
+        if self.cfg.secure_aggregation:
+            arrays, metrics, failed = self.aggregate_securely(server_round, train_replies, failed)
+        else:
+            arrays, metrics = self.strategy.aggregate_train(server_round, train_replies)
         self.arrays = arrays
         row: dict[str, Any] = {"round": server_round, "round_seconds": time.time() - started}
         row.update(dict(metrics or {}))
@@ -246,6 +251,18 @@ class FederatedRun:
         self.tell("faults", f"round {server_round}", failed, result.missing)
         if not self.due(server_round):
             self.tell("round_reported", row)
+
+    def aggregate_securely(
+        self, server_round: int, train_replies: list[Message], failed: list[str]
+    ) -> tuple[ArrayRecord, MetricRecord, list[str]]:
+        """SecAgg+ over the sites that trained (server_app/secure.py): the server learns
+        only the weighted sum of their updates; a site that fails a stage is a failed site."""
+        result = secure_sum(self.grid, self.cfg, self.book, server_round, train_replies, self.strategy.specs)
+        summed = set(result.summed)
+        replies = [m for m in train_replies if m.metadata.src_node_id in summed]
+        upload = float(np.mean([result.upload_bytes.get(n, 0) for n in summed]))
+        arrays, metrics = self.strategy.aggregate_secure(server_round, replies, result.mean_update, upload)
+        return arrays, metrics, failed + result.failed
 
     def evaluate_final(self) -> None:
         """After the last round: evaluate the final model (one evaluate message per site)."""

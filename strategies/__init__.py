@@ -29,6 +29,7 @@ def build_strategy(cfg: RunConfig, initial_arrays: ArrayRecord) -> SharedModelSt
         krum_byzantine=cfg.krum_byzantine,
         max_update_norm=cfg.max_update_norm,
         max_examples=cfg.max_examples,
+        secure=cfg.secure_aggregation,
     )
 
 

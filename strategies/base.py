@@ -31,6 +31,7 @@ from core.methods import (
     RecordMismatch,
 )
 from core.metrics import HEALTH_WORST_OF
+from core.secagg import KEYS_RECORD
 from core.transport import PackingError, check_arrays
 from strategies.aggregation import average_arrays, mean_metrics, worst_metrics
 from strategies.gamma import gamma, gamma_decomposition
@@ -78,6 +79,7 @@ class SharedModelStrategy(FedAvg):
         krum_byzantine: int = 1,
         max_update_norm: float = 0.0,
         max_examples: int = 0,
+        secure: bool = False,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -102,6 +104,8 @@ class SharedModelStrategy(FedAvg):
         # one site must not steer the model (strategies/robust.py)
         self.aggregation, self.trim_fraction, self.krum_byzantine = aggregation, trim_fraction, krum_byzantine
         self.max_update_norm, self.max_examples = max_update_norm, max_examples
+        # secure aggregation (server_app/secure.py): replies carry public keys, not arrays
+        self.secure = secure
         self.first_counts: dict[int, int] = {}  # node -> the example count of its first reply
         self.sent: dict[str, np.ndarray] | None = None  # the global arrays of this round's train messages
 
@@ -137,9 +141,13 @@ class SharedModelStrategy(FedAvg):
         except PackingError as exc:
             raise BadReply(f"site (node {node}) sent an unreadable array: {exc}") from None
         records = msg.content.array_records
-        extra = set(records) - self.contract.allowed_reply_records()
+        allowed = self.contract.allowed_reply_records() | ({KEYS_RECORD} if self.secure else set())
+        extra = set(records) - allowed
         if extra:
             raise PrivacyViolation(f"site (node {node}) sent unexpected array records {sorted(extra)}")
+        if self.secure:
+            self.check_secure_reply(node, msg)
+            return
         if ARRAYS_RECORD not in records:
             raise BadReply(f"site (node {node}) sent no shared arrays")
         keys = set(records[ARRAYS_RECORD].keys())
@@ -170,6 +178,23 @@ class SharedModelStrategy(FedAvg):
         count = None if metrics is None else metrics.get(WEIGHT_KEY)
         if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
             raise BadReply(f"site (node {node}) claims {count!r} training examples; expected a positive integer")
+
+    def check_secure_reply(self, node: int, msg: Message) -> None:
+        """Under secure aggregation a train reply holds the site's two public keys and no
+        shared arrays and no example count (the server learns only their sums)."""
+        records = msg.content.array_records
+        if ARRAYS_RECORD in records:
+            raise BadReply(f"site (node {node}) sent its shared arrays in the clear under secure aggregation")
+        keys = records.get(KEYS_RECORD)
+        if keys is None or set(keys.keys()) != {"pk1", "pk2"}:
+            raise BadReply(f"site (node {node}) sent no public keys (pk1, pk2) for secure aggregation")
+        for name in ("pk1", "pk2"):
+            values = keys[name].numpy()
+            if values.dtype != np.uint8 or values.ndim != 1 or not 0 < values.size <= 4096:
+                raise BadReply(f"site (node {node}) sent a public key {name} that is not a byte string")
+        metrics = msg.content.metric_records.get(METRICS_RECORD)
+        if metrics is None or WEIGHT_KEY in metrics:
+            raise BadReply(f"site (node {node}) sent its example count in the clear under secure aggregation")
 
     def expected_reply_keys(self, msg: Message) -> frozenset[str]:
         """The arrays a reply carries: every shared key (a method whose keys change per round
@@ -290,6 +315,33 @@ class SharedModelStrategy(FedAvg):
             metrics[NOISE_STD_KEY] = std
         metrics.update(self.gradient_dissimilarity(valid))
         return arrays, MetricRecord(metrics)
+
+    def aggregate_secure(
+        self, server_round: int, replies: list[Message], mean_update: Mapping[str, np.ndarray], upload_bytes: float
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """The round's global arrays from the weighted mean update that secure aggregation
+        unmasked (server_app/secure.py) over `replies`' sites: the arrays sent plus that
+        update (integer arrays as sent); DP noise on it as in `aggregate_train`."""
+        if self.sent is None:
+            raise ValueError("secure aggregation before any train message was configured")
+        arrays = {}
+        for key, values in self.sent.items():
+            if key in mean_update:
+                values = (values.astype(np.float64) + mean_update[key]).astype(values.dtype)
+            arrays[key] = Array(np.ascontiguousarray(values))
+        result = ArrayRecord(arrays)
+        records = [m.content[METRICS_RECORD] for m in sorted(replies, key=_reply_order)]
+        metrics = mean_metrics(records, [1.0] * len(records), skip=BOOKKEEPING)  # no site's weight is known
+        metrics.update(worst_metrics(records, HEALTH_WORST_OF))
+        metrics["num_replies"] = len(replies)
+        metrics["upload_bytes"] = float(upload_bytes)
+        if self.dp_clip_norm > 0:
+            std = noise_std(self.dp_noise_multiplier, self.dp_clip_norm, len(replies))
+            if self.noise is not None:
+                result = self.noise.add_noise(result, std)
+                metrics[EPSILON_KEY] = self.ledger.spend_round(len(replies))
+            metrics[NOISE_STD_KEY] = std
+        return result, MetricRecord(metrics)
 
     def aggregate_arrays(self, server_round: int, replies: list[Message], weights: list[float]) -> ArrayRecord:
         records = [m.content[ARRAYS_RECORD] for m in replies]
