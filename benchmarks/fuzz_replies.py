@@ -60,7 +60,7 @@ def run_target(target: str, cases: int, chunk_seed: int, work: Path) -> dict:
     if target in ("unpack", "strategy"):
         seeds = {name: fh.seed_round(name, work / name) for name in fh.SCENARIOS}
     if target == "round-loop":
-        cfg, canned = fh.canned_replies(work / "canned")
+        loop = fh.round_loop(work / "round-loop")
     if target == "serve":
         worker.RECEIVE_TIMEOUT = 0.2  # a client that sends too little is dropped quickly
     setup_seconds = time.perf_counter() - setup_started
@@ -76,7 +76,7 @@ def run_target(target: str, cases: int, chunk_seed: int, work: Path) -> dict:
         elif target == "serve":
             outcome = fh.serve_case(data)
         else:
-            outcome = fh.round_loop_case(data, cfg, canned)
+            outcome = fh.round_loop_case(data, loop)
         outcomes[outcome] += 1
 
     test = hypothesis_seed(chunk_seed)(_settings(cases)(given(st.data())(one)))
