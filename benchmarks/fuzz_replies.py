@@ -50,8 +50,10 @@ def _settings(cases: int):
     )
 
 
-def run_target(target: str, cases: int, chunk_seed: int, work: Path) -> dict:
-    """`cases` cases of one target; its outcomes, seconds and any finding."""
+def run_target(target: str, cases: int, chunk_seed: int, work: Path, until: float | None = None) -> dict:
+    """`cases` cases of one target; its outcomes, seconds and any finding. Past `until`
+    (epoch seconds) the remaining cases are skipped (they draw nothing and are not counted:
+    hypothesis then ends the chunk at once), so a long run fits the time it is given."""
     from client_app import worker
     from tests import fuzz_harness as fh
 
@@ -66,6 +68,8 @@ def run_target(target: str, cases: int, chunk_seed: int, work: Path) -> dict:
     setup_seconds = time.perf_counter() - setup_started
 
     def one(data) -> None:
+        if until is not None and time.time() > until:
+            return
         if target == "unpack":
             outcome = fh.unpack_case(data, seeds[data.draw(st.sampled_from(sorted(seeds)))])
         elif target == "strategy":
@@ -187,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, required=True, help="cases per target in this chunk")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {TARGETS}")
     parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random, reported)")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="per target: skip the cases left after this many seconds"
+    )
     args = parser.parse_args(argv)
     targets = [t for t in args.targets.split(",") if t]
     unknown = sorted(set(targets) - set(TARGETS))
@@ -197,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     for target in targets:
         chunk_seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
         with tempfile.TemporaryDirectory(prefix="fsf-fuzz-") as work:
-            chunk = run_target(target, args.cases, chunk_seed, Path(work))
+            until = None if args.seconds is None else time.time() + args.seconds
+            chunk = run_target(target, args.cases, chunk_seed, Path(work), until)
         report["chunks"].append(chunk)
         REPORT_JSON.write_text(json.dumps(report, indent=2) + "\n")
         write_markdown(report)
