@@ -134,6 +134,7 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "load": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
 
 
@@ -160,7 +161,8 @@ def write_markdown(report: dict) -> None:
     lines = [
         "# Hostile-peer fuzz run (benchmarks/fuzz_replies.py)",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores (one used, at nice 10, sharing the machine), "
+        f"Machine: {m['cpu']}, {m['cores']} cores (the run uses one, single-threaded, and shares the machine "
+        f"with other jobs: load average {m.get('load', '?')} when this report was written), "
         f"Python {m['python']}, {m['platform']}.",
         "",
         "Targets (tests/fuzz_harness.py): `unpack` (core.transport on mutated layouts, buffers and raw "
@@ -214,12 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown targets {unknown}; choose from {TARGETS}")
     report = load_report()
-    report["machine"] = machine()
     for target in targets:
         chunk_seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
 
         def record(chunk: dict) -> None:
             report["chunks"].append(chunk)
+            report["machine"] = machine()
             REPORT_JSON.write_text(json.dumps(report, indent=2) + "\n")
             write_markdown(report)
             print(
