@@ -169,7 +169,8 @@ def write_markdown(report: dict) -> None:
         "arrays), `strategy` (the exchange's reading, `screen`, `aggregate_train` and `aggregate_evaluate` "
         "of every method and setting in SCENARIOS, one reply of a real round mutated), `frame` (the "
         "worker's `decode` and `Worker.handle`), `serve` (`serve_one` over a socket pair), `round-loop` "
-        "(server_app.rounds.FederatedRun over replayed real replies, node 2's mutated).",
+        "(server_app.rounds.FederatedRun: round 2 and the final evaluation of a run prepared once, over "
+        "replayed real replies, node 2's mutated).",
         "",
         "| target | cases | seconds (cases only) | cases/s | chunks | findings |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
