@@ -3,6 +3,7 @@ cases, and a report of what was run and what was found.
 
     python -m benchmarks.fuzz_replies --cases 20000 --targets unpack,frame
     python -m benchmarks.fuzz_replies --cases 300 --targets round-loop
+    python -m benchmarks.fuzz_replies --cases 2000 --targets frame --seconds 600   # chunks for 10 min
 
 Each invocation adds its cases to benchmarks/fuzz_replies.json (per target: cases, seconds,
 outcomes, the hypothesis seed of each chunk, anything found) and rewrites
@@ -50,58 +51,72 @@ def _settings(cases: int):
     )
 
 
-def run_target(target: str, cases: int, chunk_seed: int, work: Path) -> dict:
-    """`cases` cases of one target; its outcomes, seconds and any finding."""
+def run_target(target: str, cases: int, chunk_seed: int, work: Path, until: float | None = None, record=None) -> list:
+    """Chunks of `cases` cases of one target, each its own hypothesis run (seed `chunk_seed`,
+    then `chunk_seed + 1`, ...): one chunk, or with `until` (epoch seconds) chunk after chunk
+    while time is left, stopping at the first finding. The seeds of the target (real replies)
+    are built once. Each chunk (its outcomes, seconds and any finding) goes to `record` as it
+    ends, and all of them are returned."""
     from client_app import worker
     from tests import fuzz_harness as fh
 
-    outcomes: Counter[str] = Counter()
     setup_started = time.perf_counter()
     if target in ("unpack", "strategy"):
         seeds = {name: fh.seed_round(name, work / name) for name in fh.SCENARIOS}
     if target == "round-loop":
-        cfg, canned = fh.canned_replies(work / "canned")
+        loop = fh.round_loop(work / "round-loop")
     if target == "serve":
         worker.RECEIVE_TIMEOUT = 0.2  # a client that sends too little is dropped quickly
     setup_seconds = time.perf_counter() - setup_started
+    chunks: list[dict] = []
+    current: list[Counter[str]] = []  # this chunk's outcomes (the last)
+    while True:
+        current.append(Counter())
+        outcomes = current[-1]
 
-    def one(data) -> None:
-        if target == "unpack":
-            outcome = fh.unpack_case(data, seeds[data.draw(st.sampled_from(sorted(seeds)))])
-        elif target == "strategy":
-            scenario = data.draw(st.sampled_from(sorted(seeds)))
-            outcome = f"{scenario}: {fh.strategy_case(data, seeds[scenario])}"
-        elif target == "frame":
-            outcome = fh.frame_case(data)
-        elif target == "serve":
-            outcome = fh.serve_case(data)
-        else:
-            outcome = fh.round_loop_case(data, cfg, canned)
-        outcomes[outcome] += 1
+        def one(data) -> None:
+            if target == "unpack":
+                outcome = fh.unpack_case(data, seeds[data.draw(st.sampled_from(sorted(seeds)))])
+            elif target == "strategy":
+                scenario = data.draw(st.sampled_from(sorted(seeds)))
+                outcome = f"{scenario}: {fh.strategy_case(data, seeds[scenario])}"
+            elif target == "frame":
+                outcome = fh.frame_case(data)
+            elif target == "serve":
+                outcome = fh.serve_case(data)
+            else:
+                outcome = fh.round_loop_case(data, loop)
+            current[-1][outcome] += 1
 
-    test = hypothesis_seed(chunk_seed)(_settings(cases)(given(st.data())(one)))
-    finding = None
-    started = time.perf_counter()
-    try:
-        test()
-    except BaseException as exc:  # a finding: hypothesis has shrunk it to its smallest example
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        finding = "".join(traceback.format_exception(exc))[-6000:]
-    seconds = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if peak_mb > MEMORY_BOUND_MB and finding is None:
-        finding = f"peak resident memory {peak_mb:.0f} MB over the bound of {MEMORY_BOUND_MB} MB"
-    return {
-        "target": target,
-        "cases": sum(outcomes.values()),
-        "seconds": round(seconds, 1),
-        "setup_seconds": round(setup_seconds, 1),
-        "seed": chunk_seed,
-        "outcomes": dict(sorted(outcomes.items())),
-        "peak_rss_mb": round(peak_mb),
-        "finding": finding,
-    }
+        seed = chunk_seed + len(chunks)
+        test = hypothesis_seed(seed)(_settings(cases)(given(st.data())(one)))
+        finding = None
+        started = time.perf_counter()
+        try:
+            test()
+        except BaseException as exc:  # a finding: hypothesis has shrunk it to its smallest example
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            finding = "".join(traceback.format_exception(exc))[-6000:]
+        seconds = time.perf_counter() - started
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if peak_mb > MEMORY_BOUND_MB and finding is None:
+            finding = f"peak resident memory {peak_mb:.0f} MB over the bound of {MEMORY_BOUND_MB} MB"
+        chunk = {
+            "target": target,
+            "cases": sum(outcomes.values()),
+            "seconds": round(seconds, 1),
+            "setup_seconds": round(setup_seconds if not chunks else 0.0, 1),
+            "seed": seed,
+            "outcomes": dict(sorted(outcomes.items())),
+            "peak_rss_mb": round(peak_mb),
+            "finding": finding,
+        }
+        chunks.append(chunk)
+        if record is not None:
+            record(chunk)
+        if finding is not None or until is None or time.time() >= until:
+            return chunks
 
 
 def machine() -> dict:
@@ -119,6 +134,7 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "load": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
 
 
@@ -145,14 +161,16 @@ def write_markdown(report: dict) -> None:
     lines = [
         "# Hostile-peer fuzz run (benchmarks/fuzz_replies.py)",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores (one used, at nice 10, sharing the machine), "
+        f"Machine: {m['cpu']}, {m['cores']} cores (the run uses one, single-threaded, and shares the machine "
+        f"with other jobs: load average {m.get('load', '?')} when this report was written), "
         f"Python {m['python']}, {m['platform']}.",
         "",
         "Targets (tests/fuzz_harness.py): `unpack` (core.transport on mutated layouts, buffers and raw "
         "arrays), `strategy` (the exchange's reading, `screen`, `aggregate_train` and `aggregate_evaluate` "
         "of every method and setting in SCENARIOS, one reply of a real round mutated), `frame` (the "
         "worker's `decode` and `Worker.handle`), `serve` (`serve_one` over a socket pair), `round-loop` "
-        "(server_app.rounds.FederatedRun over replayed real replies, node 2's mutated).",
+        "(server_app.rounds.FederatedRun: round 2 and the final evaluation of a run prepared once, over "
+        "replayed real replies, node 2's mutated).",
         "",
         "| target | cases | seconds (cases only) | cases/s | chunks | findings |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -187,25 +205,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, required=True, help="cases per target in this chunk")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {TARGETS}")
     parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random, reported)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="per target: run chunks of --cases cases (seeds --seed, --seed + 1, ...) until this many seconds have passed",
+    )
     args = parser.parse_args(argv)
     targets = [t for t in args.targets.split(",") if t]
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown:
         parser.error(f"unknown targets {unknown}; choose from {TARGETS}")
     report = load_report()
-    report["machine"] = machine()
     for target in targets:
         chunk_seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+
+        def record(chunk: dict) -> None:
+            report["chunks"].append(chunk)
+            report["machine"] = machine()
+            REPORT_JSON.write_text(json.dumps(report, indent=2) + "\n")
+            write_markdown(report)
+            print(
+                f"{chunk['target']}: {chunk['cases']} cases in {chunk['seconds']} s (seed {chunk['seed']}), "
+                f"{'FOUND: ' + chunk['finding'].splitlines()[-1] if chunk['finding'] else 'nothing found'}",
+                flush=True,
+            )
+
         with tempfile.TemporaryDirectory(prefix="fsf-fuzz-") as work:
-            chunk = run_target(target, args.cases, chunk_seed, Path(work))
-        report["chunks"].append(chunk)
-        REPORT_JSON.write_text(json.dumps(report, indent=2) + "\n")
-        write_markdown(report)
-        print(
-            f"{target}: {chunk['cases']} cases in {chunk['seconds']} s, "
-            f"{'FOUND: ' + chunk['finding'].splitlines()[-1] if chunk['finding'] else 'nothing found'}",
-            flush=True,
-        )
+            until = None if args.seconds is None else time.time() + args.seconds
+            run_target(target, args.cases, chunk_seed, Path(work), until, record)
     return 1 if any(c["finding"] for c in report["chunks"]) else 0
 
 

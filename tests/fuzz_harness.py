@@ -12,8 +12,8 @@ tests/test_fuzz.py and the long run in benchmarks/fuzz_replies.py share them):
   FedDAF's statistics) and `aggregate_evaluate`;
 - `frame_case` / `serve_case`: the warm worker's frame parser (`decode`) and `serve_one`
   over a socket pair, with a stand-in for the site's handlers;
-- `round_loop_case`: the real round loop (server_app.rounds.FederatedRun) over a grid that
-  replays one real round's replies, one site's mutated.
+- `round_loop_case`: the real round loop (server_app.rounds.FederatedRun: round 2 and the final
+  evaluation of a run prepared once) over a grid that replays a real run's replies, one site's mutated.
 
 The one allowed outcome for bad input: a failed site (or a refused frame) with a reason.
 Anything raised out of a target is a finding. Every seed reply is real: a federation of
@@ -26,7 +26,6 @@ import copy
 import io
 import json
 import socket
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +127,17 @@ METRIC_NAMES = st.sampled_from(["num-examples", "site-id", "train_loss", "test_a
 RECORD_NAMES = st.sampled_from(["arrays", "gradients", "scaffold-dc", "fusefl-statistics", "encoder", "metrics"])
 
 
+def _special_values(data: st.DataObject, like: np.ndarray) -> np.ndarray:
+    """`like` with one to three entries replaced by special values, perhaps all scaled."""
+    values = np.array(like)
+    flat = values.reshape(-1)
+    for _ in range(data.draw(st.integers(1, 3))):
+        flat[data.draw(st.integers(0, flat.size - 1))] = data.draw(SPECIAL_FLOATS)
+    if data.draw(st.booleans()):
+        values = values * data.draw(st.sampled_from([1e3, 1e30, -1e6, 0.0]))
+    return np.asarray(values, dtype=like.dtype)
+
+
 def _npy_header(descr: str, shape: tuple, fortran: bool = False) -> bytes:
     stream = io.BytesIO()
     np.lib.format.write_array_header_1_0(stream, {"descr": descr, "fortran_order": fortran, "shape": shape})
@@ -139,16 +149,14 @@ def hostile_array(data: st.DataObject, like: np.ndarray | None) -> Array:
     special values, or raw bytes whose .npy header and declared shape lie."""
     kind = data.draw(st.sampled_from(["values", "shape-dtype", "raw-header", "raw-bytes", "declared-lie"]))
     if kind == "values" and like is not None and like.size and np.issubdtype(like.dtype, np.floating):
-        values = np.array(like)
-        flat = values.reshape(-1)
-        for _ in range(data.draw(st.integers(1, 3))):
-            flat[data.draw(st.integers(0, flat.size - 1))] = data.draw(SPECIAL_FLOATS)
-        if data.draw(st.booleans()):
-            values = values * data.draw(st.sampled_from([1e3, 1e30, -1e6, 0.0]))
-        return Array(np.asarray(values, dtype=like.dtype))
+        with np.errstate(all="ignore"):  # overflow to inf is what is wanted here
+            return Array(_special_values(data, like))
     if kind in ("values", "shape-dtype"):
         shape = tuple(data.draw(st.lists(st.integers(0, 5), max_size=3)))
-        return Array(np.zeros(shape, dtype=data.draw(NUMERIC_DTYPES)) + data.draw(st.sampled_from([0, 1, -7])))
+        dtype, fill = data.draw(NUMERIC_DTYPES), data.draw(st.sampled_from([0, 1, -7]))
+        # np.asarray: a 0-d result of arithmetic is a numpy scalar, which Array() does not take;
+        # astype: numpy 2 refuses `uint8 + -7` (OverflowError) where a cast wraps around
+        return Array(np.asarray(np.full(shape, fill).astype(dtype)))
     shape = tuple(data.draw(st.lists(HUGE_DIMS, max_size=3)))
     if kind == "raw-header":
         descr = data.draw(st.sampled_from(["<f4", "<f8", "|O", ">i8", "<c16", "|b1"]))
@@ -209,7 +217,7 @@ def mutate_records(data: st.DataObject, content: RecordDict) -> RecordDict:
             except Exception:  # a record Flower itself refuses to build cannot be sent either
                 pass
         elif op == "metric":
-            name = data.draw(st.sampled_from(["metrics", "evaluation"]))
+            name = data.draw(st.sampled_from(["metrics", "evaluation", "site-data"]))
             values = dict(content[name]) if name in content.metric_records else {}
             values[data.draw(METRIC_NAMES)] = data.draw(METRIC_VALUES)
             try:
@@ -454,10 +462,10 @@ def serve_case(data: st.DataObject) -> str:
 @dataclass
 class ReplayGrid:
     """Flower's Grid over canned replies: every message gets the real reply its node gave
-    in one real round (train or evaluate); node `hostile`'s goes through `mutate` first."""
+    in a real run (train or evaluate); node `hostile`'s goes through `mutate` first."""
 
     canned: dict[tuple[int, str], Message]
-    mutate: object
+    mutate: object = None
     hostile: int = 2
     outbox: dict | None = None
     pushed: int = 0
@@ -473,7 +481,7 @@ class ReplayGrid:
             ids.append(f"message-{self.pushed}")
             reply = copy.copy(self.canned[(msg.metadata.dst_node_id, msg.metadata.message_type)])
             reply.content = copy.deepcopy(reply.content)
-            if msg.metadata.dst_node_id == self.hostile:
+            if msg.metadata.dst_node_id == self.hostile and self.mutate is not None:
                 reply.content = self.mutate(reply.content)
             self.outbox[ids[-1]] = reply
         return ids
@@ -482,13 +490,25 @@ class ReplayGrid:
         return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
 
 
-def canned_replies(root: Path, method: str = "fusedspacefed") -> tuple[object, dict]:
-    """A one-round run of `method` with 3 real sites: (its config, the train and evaluate
-    reply each node gave)."""
+@dataclass
+class RoundLoop:
+    """A real FederatedRun of 2 rounds, prepared and through round 1 with honest replies;
+    `snapshot` is its state after round 1, which every case starts from."""
+
+    run: object
+    grid: ReplayGrid
+    snapshot: tuple
+
+
+def round_loop(root: Path, method: str = "fusedspacefed") -> RoundLoop:
+    """Record a real 2-round run of `method` with 3 sites (the last train reply of each
+    node, which carries its evaluation of round 1, and its final evaluate reply), then
+    prepare a FederatedRun over a ReplayGrid of those replies and run its round 1."""
+    from server_app.rounds import FederatedRun
     from tests.test_server_resume import LocalGrid, run
 
     write_fake_medmnist(root / "data")
-    cfg = small_config(root, method, run_name="canned", num_server_rounds=1, min_replies=2)
+    cfg = small_config(root, method, run_name="canned", num_server_rounds=2, min_replies=2)
     canned: dict[tuple[int, str], Message] = {}
 
     class Recording(LocalGrid):
@@ -499,22 +519,38 @@ def canned_replies(root: Path, method: str = "fusedspacefed") -> tuple[object, d
             return replies
 
     run(cfg, Recording(root / "site-state"))
-    return cfg, canned
+    grid = ReplayGrid(canned)
+    case_cfg = cfg.replace(results_dir=str(root / "fuzz"), run_name="fuzz", track_tensorboard=False, keep_checkpoints=1)
+    with server_identity():
+        loop = FederatedRun(grid, case_cfg)
+        loop.first_round = loop.prepare()
+        loop.run_round(1)
+    snapshot = (loop.arrays, fresh(loop.strategy), copy.deepcopy(loop.rows), copy.deepcopy(loop.book))
+    return RoundLoop(loop, grid, snapshot)
 
 
-def round_loop_case(data: st.DataObject, cfg, canned: dict) -> str:
-    """A one-round run whose node 2 answers with mutated replies: it ends with metrics rows
-    (node 2 a failed site or aggregated), never an exception; TooFewReplies only when the
-    two honest sites are not enough, which min-replies = 2 rules out."""
-    from tests.test_server_resume import rows, run
+def round_loop_case(data: st.DataObject, loop: RoundLoop) -> str:
+    """Round 2 and the final evaluation of the real round loop (FederatedRun.run_round,
+    evaluate_final: the exchange, the data reports, screening, aggregation, evaluation
+    records, metrics rows and checkpoint), node 2's replies mutated: it ends with node 2 a
+    failed site or aggregated, never an exception, and a finite global model. (With
+    min-replies = 2, the two honest sites are enough: TooFewReplies would be a finding.)"""
 
     def mutate(content: RecordDict) -> RecordDict:
         return on_the_wire(data, mutate_records(data, unpack(content)))
 
-    with tempfile.TemporaryDirectory(prefix="fsf-fuzz-") as folder:
-        case = cfg.replace(results_dir=folder, run_name="fuzz")
-        run(case, ReplayGrid(canned, mutate))
-        (row,) = rows(case)
-    failures = row["failed_sites"] + row["failed_eval_sites"]
+    run = loop.run
+    arrays, strategy, rows, book = loop.snapshot
+    run.arrays, run.strategy, run.rows, run.book = arrays, fresh(strategy), copy.deepcopy(rows), copy.deepcopy(book)
+    run.data_reports = {}
+    loop.grid.mutate = mutate
+    with server_identity():
+        run.run_round(2)
+        run.evaluate_final()
+    failures = [f for row in run.rows for f in row.get("failed_sites", []) + row.get("failed_eval_sites", [])]
     assert all(f.startswith("node 2") for f in failures), failures
+    assert [row["round"] for row in run.rows] == [1, 2] and all("num_evaluated" in row for row in run.rows)
+    for key in run.arrays.keys():
+        values = run.arrays[key].numpy()
+        assert not np.issubdtype(values.dtype, np.floating) or np.isfinite(values).all(), key
     return "failed site" if failures else "aggregated"
