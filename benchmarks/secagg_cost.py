@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.run_folder import RunFolder
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT_JSON = ROOT / "benchmarks" / "secagg_cost.json"
 OUT_MD = ROOT / "benchmarks" / "secagg-cost.md"
@@ -74,7 +76,7 @@ def run_one(work: Path, num_sites: int, secure: bool, engine: str) -> dict[str, 
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
         )
     wall = time.time() - started
-    rows = [json.loads(x) for x in (work / "results" / name / "metrics.jsonl").read_text().splitlines()]
+    rows = RunFolder(work / "results" / name).rows()
     return {
         "sites": num_sites,
         "secure": secure,
