@@ -85,7 +85,16 @@ def test_gamma_zero_when_every_site_holds_the_same_data(tmp_path, method: str) -
     # gamma batch covers the whole file, so the sites measure the same samples in
     # different orders: same loss, same gradient.
     same_file = write_fake_medmnist(tmp_path / "data") / "breastmnist.npz"
-    cfg = small_config(tmp_path, method, measure_gamma=True, gamma_batch_size=256, warmup_epochs=0, batch_size=128)
+    # encoders from their own seeds (shared-encoder-init off): the test needs sites whose private encoders differ
+    cfg = small_config(
+        tmp_path,
+        method,
+        measure_gamma=True,
+        gamma_batch_size=256,
+        warmup_epochs=0,
+        batch_size=128,
+        shared_encoder_init=False,
+    )
     # round 2: in round 1 every site's x_rec is the same flat image (the decoder's quiet start),
     # so the fused inputs differ only once the decoder has trained
     fed = run(tmp_path, cfg, rounds=2, **{"data-path": str(same_file), "allow-gradients": True})
