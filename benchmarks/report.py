@@ -412,6 +412,16 @@ def gamma_table(groups: dict[tuple, dict[str, list[Run]]]) -> list[str]:
 
 # -- protocol -----------------------------------------------------------------------------
 
+# the recipe's keys (runs older than them show "—")
+RECIPE_KEYS = (
+    "norm",
+    "lr-schedule",
+    "ae-optimizer",
+    "rec-loss",
+    "ae-lr-ramp",
+    "warmup-min-steps",
+    "shared-encoder-init",
+)
 PROTOCOL_KEYS = (
     "num-server-rounds",
     "local-epochs",
@@ -432,23 +442,7 @@ PROTOCOL_KEYS = (
     "image-size",
     "device",
     "num-threads",
-    # the recipe's keys (runs older than them show "—")
-    "norm",
-    "lr-schedule",
-    "ae-optimizer",
-    "rec-loss",
-    "ae-lr-ramp",
-    "warmup-min-steps",
-    "shared-encoder-init",
-)
-RECIPE_KEYS = (
-    "norm",
-    "lr-schedule",
-    "ae-optimizer",
-    "rec-loss",
-    "ae-lr-ramp",
-    "warmup-min-steps",
-    "shared-encoder-init",
+    *RECIPE_KEYS,
 )
 
 
