@@ -302,19 +302,29 @@ class SharedModelStrategy(FedAvg):
             self.check_reply(msg)
         weights = self.weights(valid)
         arrays = self.aggregate_arrays(server_round, valid, weights)
-        records = [m.content[METRICS_RECORD] for m in valid]
-        metrics = mean_metrics(records, weights, skip=BOOKKEEPING)
-        metrics.update(worst_metrics(records, HEALTH_WORST_OF))
-        metrics["num_replies"] = len(valid)
-        metrics["upload_bytes"] = float(np.mean([_array_bytes(m) for m in valid]))
-        if self.dp_clip_norm > 0:
-            std = noise_std(self.dp_noise_multiplier, self.dp_clip_norm, len(valid))
-            if self.noise is not None:
-                arrays = self.noise.add_noise(arrays, std)
-                metrics[EPSILON_KEY] = self.ledger.spend_round(len(valid))
-            metrics[NOISE_STD_KEY] = std
+        upload = float(np.mean([_array_bytes(m) for m in valid]))
+        arrays, metrics = self.noised_round(arrays, valid, weights, upload)
         metrics.update(self.gradient_dissimilarity(valid))
         return arrays, MetricRecord(metrics)
+
+    def noised_round(
+        self, arrays: ArrayRecord, replies: list[Message], weights: list[float], upload_bytes: float
+    ) -> tuple[ArrayRecord, dict[str, float]]:
+        """The round's training metrics (weighted means, the worst site's health, replies,
+        upload), and under DP the noise on `arrays` with its epsilon: the same for the plain
+        and the secure sum."""
+        records = [m.content[METRICS_RECORD] for m in replies]
+        metrics = mean_metrics(records, weights, skip=BOOKKEEPING)
+        metrics.update(worst_metrics(records, HEALTH_WORST_OF))
+        metrics["num_replies"] = len(replies)
+        metrics["upload_bytes"] = upload_bytes
+        if self.dp_clip_norm > 0:
+            std = noise_std(self.dp_noise_multiplier, self.dp_clip_norm, len(replies))
+            if self.noise is not None:
+                arrays = self.noise.add_noise(arrays, std)
+                metrics[EPSILON_KEY] = self.ledger.spend_round(len(replies))
+            metrics[NOISE_STD_KEY] = std
+        return arrays, metrics
 
     def aggregate_secure(
         self, server_round: int, replies: list[Message], mean_update: Mapping[str, np.ndarray], upload_bytes: float
@@ -329,18 +339,9 @@ class SharedModelStrategy(FedAvg):
             if key in mean_update:
                 values = (values.astype(np.float64) + mean_update[key]).astype(values.dtype)
             arrays[key] = Array(np.ascontiguousarray(values))
-        result = ArrayRecord(arrays)
-        records = [m.content[METRICS_RECORD] for m in sorted(replies, key=_reply_order)]
-        metrics = mean_metrics(records, [1.0] * len(records), skip=BOOKKEEPING)  # no site's weight is known
-        metrics.update(worst_metrics(records, HEALTH_WORST_OF))
-        metrics["num_replies"] = len(replies)
-        metrics["upload_bytes"] = float(upload_bytes)
-        if self.dp_clip_norm > 0:
-            std = noise_std(self.dp_noise_multiplier, self.dp_clip_norm, len(replies))
-            if self.noise is not None:
-                result = self.noise.add_noise(result, std)
-                metrics[EPSILON_KEY] = self.ledger.spend_round(len(replies))
-            metrics[NOISE_STD_KEY] = std
+        ordered = sorted(replies, key=_reply_order)
+        # no site's weight is known: its training metrics are averaged unweighted
+        result, metrics = self.noised_round(ArrayRecord(arrays), ordered, [1.0] * len(ordered), float(upload_bytes))
         return result, MetricRecord(metrics)
 
     def aggregate_arrays(self, server_round: int, replies: list[Message], weights: list[float]) -> ArrayRecord:
