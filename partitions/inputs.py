@@ -46,6 +46,4 @@ def as_protocol(data: MedMNISTData, to_reference_inputs: bool) -> MedMNISTData:
     if not to_reference_inputs:
         return data
     splits = {name: reference_inputs(split) for name, split in data.splits.items()}
-    # input_spec's answer, from the data's own spec
-    spec = replace(data.spec, channels=REFERENCE_CHANNELS, image_size=REFERENCE_IMAGE_SIZE)
-    return MedMNISTData(spec=spec, splits=splits)
+    return MedMNISTData(spec=input_spec(data.spec.name, data.spec.image_size, True), splits=splits)
