@@ -85,11 +85,17 @@ trap 'exit 130' INT TERM
 step() { printf '\n== %s\n' "$*"; }
 show() { printf '$ %s\n' "$*"; }
 run() { show "$@"; "$@"; }
-wait_for() {  # wait_for WHAT SECONDS TEST...
-  local what="$1" seconds="$2"
+wait_for() {  # wait_for WHAT SECONDS TEST...: a wall-clock deadline (a TEST such as `flwr` takes seconds)
+  local what="$1" seconds="$2" log
   shift 2
-  for _ in $(seq 1 $((seconds * 5))); do "$@" && return 0; sleep 0.2; done
-  echo "error: $what not within $seconds s; the logs are in $dir/logs" >&2
+  local deadline=$((SECONDS + seconds))
+  while ((SECONDS < deadline)); do "$@" && return 0; sleep 0.5; done
+  echo "error: $what not within $seconds s; the logs are in $dir/logs (their last lines below)" >&2
+  for log in "$dir"/logs/*.log "$PILOT_DIR"/state/superlink.log "$dir"/hospital-*/state/worker.log; do
+    [[ -f "$log" ]] || continue
+    echo "-- $log" >&2
+    tail -n 15 "$log" >&2
+  done
   return 1
 }
 accepts() { "$python" -c "import socket, sys; socket.create_connection(('127.0.0.1', $1), 1)" 2>/dev/null; }
@@ -190,7 +196,7 @@ for index in 0 1; do
   start "supernode-$SITE" 6 "pilot/start-supernode.sh"
 done
 both_online() { [[ "$(flwr supernode list pilot 2>/dev/null | grep -c online)" -ge 2 ]]; }
-wait_for "both SuperNodes online" 180 both_online
+wait_for "both SuperNodes online" 300 both_online
 doc 4 "flwr supernode list"
 
 step "7. a run of $ROUNDS rounds: submitted, streamed until it ends"
