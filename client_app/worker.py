@@ -272,9 +272,25 @@ def serve_one(worker: Worker, connection: socket.socket) -> None:
         print(f"dropped a connection after {time.time() - started:.2f} s ({type(exc).__name__}: {exc})", flush=True)
 
 
+#: the longest path a Unix socket takes (sun_path is 108 bytes on Linux, one for the final NUL)
+MAX_SOCKET_PATH = 107
+#: the exit status of a start that no restart can mend (sysexits' EX_CONFIG); the supervisor
+#: in pilot/start-supernode.sh stops restarting on it
+EXIT_CONFIG = 78
+
+
 def serve(path: str, group: str | None = None, node_config: dict[str, Any] | None = None) -> None:
     """Serve messages at `path`: mode 0600, or 0660 for `group` (the isolated app user's)."""
     socket_path = Path(path).expanduser()
+    if len(os.fsencode(str(socket_path))) > MAX_SOCKET_PATH:
+        print(
+            f"error: the socket path {socket_path} is {len(os.fsencode(str(socket_path)))} bytes, over the "
+            f"{MAX_SOCKET_PATH} a Unix socket allows: give --socket a shorter path "
+            "(pilot/start-supernode.sh does so itself)",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(EXIT_CONFIG)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     socket_path.unlink(missing_ok=True)
     gid = _group_id(group) if group else None

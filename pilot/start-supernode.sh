@@ -167,16 +167,26 @@ supervise() {
     child=$!
     wait "$child" && code=0 || code=$?
     child=""
+    # 78 (EX_CONFIG): a start no restart can mend, such as a socket path that is too long
+    [[ $code -ne 78 ]] || { echo "$what exited with status 78 (a configuration error): not restarting it" >&2; exit 78; }
     echo "$what exited with status $code; starting it again in 2 s" >&2
     sleep 2
   done
 }
-worker_pid="" superexec_pid=""
+worker_pid="" superexec_pid="" sock_dir=""
 if [[ "$worker" == true ]]; then
   sock="$state/worker.sock"
+  [[ -z "$app_user" ]] || sock="$app_dir/worker.sock"
+  # a Unix socket's path holds at most 107 bytes: under a deep folder the socket goes into a
+  # short private folder of its own instead (the same owner, group and mode as its place)
+  if (( ${#sock} > 107 )); then
+    sock_dir="$(mktemp -d /tmp/fsf-worker.XXXXXX)"  # 0700, this user's
+    [[ -z "$app_user" ]] || { chown "$site_uid:$app_gid" "$sock_dir" && chmod 2750 "$sock_dir"; }
+    echo "the worker's socket $sock would be ${#sock} bytes, over the 107 a Unix socket allows: it is $sock_dir/worker.sock" >&2
+    sock="$sock_dir/worker.sock"
+  fi
   worker_args=(--socket "$sock")
   if [[ -n "$app_user" ]]; then
-    sock="$app_dir/worker.sock"
     node_config="$node_config site-worker=\"$sock\" site-worker-required=true"
     worker_args=(--socket "$sock" --group "$app_gid" --node-config "$node_config")
   fi
@@ -201,6 +211,7 @@ stop_worker() {
   [[ -n "$worker_pid" ]] && { : >"$sock.stopping"; } 2>/dev/null
   [[ -n "$worker_pid" ]] && kill -TERM "$worker_pid" 2>/dev/null
   [[ -n "$superexec_pid" ]] && kill -TERM "$superexec_pid" 2>/dev/null
+  [[ -n "$sock_dir" ]] && { sleep 1; rm -rf "$sock_dir"; } 2>/dev/null
   true
 }
 trap stop_worker EXIT

@@ -37,7 +37,9 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def test_the_rehearsal_runs_the_whole_pilot_and_stops_everything(tmp_path, real_data_root):
-    folder = tmp_path / "rehearsal"
+    # deep, as an operator's folders may be (and pytest-xdist's are): the worker's socket under
+    # STATE-DIR would pass the 107 bytes a Unix socket allows, so it must go elsewhere
+    folder = tmp_path / ("a-deep-folder-" * 3) / "rehearsal"
     env = {**base_env(tmp_path / "unused-home"), "PYTHON": sys.executable}
     done = subprocess.run(
         ["bash", str(REPO / "pilot" / "rehearse.sh"), "--dir", str(folder), "--data-root", str(real_data_root)],
@@ -83,4 +85,7 @@ def test_the_rehearsal_runs_the_whole_pilot_and_stops_everything(tmp_path, real_
     rows = [json.loads(line) for line in (summary_path.parent / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["num_replies"], r["failed_sites"]) for r in rows] == [(1, 2, []), (2, 2, [])]
     assert "== stopping what this rehearsal started" in out
+    for site in ("hospital-a", "hospital-b"):
+        log = (folder / "logs" / f"supernode-{site}.log").read_text()
+        assert "over the 107 a Unix socket allows" in log and "site worker ready" in log
     assert leftovers(folder) == []

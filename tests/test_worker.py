@@ -351,3 +351,15 @@ def test_a_client_trickling_bytes_cannot_hold_the_worker(monkeypatch):
     assert not thread.is_alive() and sent < 40
     client.close()
     server.close()
+
+
+def test_a_socket_path_too_long_for_unix_is_a_clear_error_that_no_restart_repeats(tmp_path, capsys):
+    """A Unix socket's path holds 107 bytes: a longer one stops the worker with the path, its
+    length and EX_CONFIG (78), which pilot/start-supernode.sh's supervisor does not restart."""
+    deep = tmp_path / ("x" * 120) / "worker.sock"
+    with pytest.raises(SystemExit) as stopped:
+        worker.serve(str(deep))
+    assert stopped.value.code == worker.EXIT_CONFIG == 78
+    err = capsys.readouterr().err
+    assert str(deep) in err and f"{len(str(deep))} bytes" in err and "107" in err
+    assert not deep.parent.exists()  # nothing made
