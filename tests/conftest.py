@@ -14,17 +14,27 @@ SHARED_DATA = Path(os.environ.get("FSF_DATA_ROOT", REPO.parent / "shared" / "dat
 
 
 #: tests that run real SuperLink and SuperNode processes with timeouts of their own (the
-#: pilot's): under `pytest -n auto --dist loadgroup` (make test) they run one at a time on one
-#: worker, as they would alone, while the other workers take the rest
-SERIAL_GROUP = "pilot-processes"
+#: pilot's): under `pytest -n auto --dist loadgroup` (make test) each group runs one test at a
+#: time on one worker. Two groups of about equal length (about 10 minutes each on 2 cores) by
+#: module, so on two workers neither waits for the other's group and the rest fill in beside.
+SERIAL_GROUPS = {
+    "pilot-processes-a": ("test_pilot_rehearsal", "test_pilot"),
+    "pilot-processes-b": ("test_pilot_faults", "test_pilot_proxy", "test_pilot_isolation", "test_ray_cluster"),
+}
+
+
+def serial_group(module_name: str) -> str:
+    """The xdist group of an integration test's module (the b group for any new module)."""
+    short = module_name.rsplit(".", 1)[-1]
+    return next((group for group, modules in SERIAL_GROUPS.items() if short in modules), "pilot-processes-b")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Every `integration` test joins one xdist group (read by pytest-xdist's loadgroup)."""
+    """Every `integration` test joins its module's xdist group (read by pytest-xdist's loadgroup)."""
     for item in items:
         if item.get_closest_marker("integration") and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(SERIAL_GROUP))
+            item.add_marker(pytest.mark.xdist_group(serial_group(item.module.__name__)))
 
 
 @pytest.fixture(scope="session")

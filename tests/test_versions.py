@@ -186,13 +186,14 @@ def test_the_numeric_stack_is_locked_and_installed_as_locked(pin):
 
 
 def test_make_tests_groups_hold_on_the_installed_pytest(request):
-    """`make test` keeps the pilot's integration tests on one pytest-xdist worker through
+    """`make test` keeps each group of the pilot's integration tests on one pytest-xdist worker through
     `--dist loadgroup`, which pytest-xdist 3.8 applies by renaming test ids; pytest 9 ignores
     that rename and spreads every group (pyproject.toml pins pytest below 9 for this). An
     integration test collected here carries the group, and the installed pytest keeps it."""
-    from tests.conftest import SERIAL_GROUP
+    from tests.conftest import serial_group
 
     assert int(version("pytest").split(".")[0]) < 9, "pytest 9 breaks pytest-xdist 3.8's loadgroup"
     integration = [i for i in request.session.items if i.get_closest_marker("integration")]
     if integration:  # the whole suite was collected (not a -m selection without them)
-        assert all(i.get_closest_marker("xdist_group").args == (SERIAL_GROUP,) for i in integration)
+        assert all(i.get_closest_marker("xdist_group").args == (serial_group(i.module.__name__),) for i in integration)
+        assert {serial_group(i.module.__name__) for i in integration} == {"pilot-processes-a", "pilot-processes-b"}
