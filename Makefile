@@ -27,7 +27,8 @@ published: install
 	  --federation-config "num-supernodes=$(SITES)"
 
 ## Everything (what CI runs): one pytest worker per core (pytest-xdist); the pilot's integration
-## tests run one at a time on one worker (tests/conftest.py), the rest spread (README "Times, measured").
+## tests in two groups, each one test at a time on one worker (tests/conftest.py), the rest spread
+## (README "Times, measured").
 test: install
 	$(VENV)/bin/pytest -n auto --dist loadgroup
 

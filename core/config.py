@@ -24,6 +24,8 @@ REC_LOSSES = ("image-sum", "pixel-mean")
 FRAUG_DISTANCES = ("mse", "mmd")  # FRAug's distances: mean squared error, or kernel MMD (client_app/trainers/fraug.py)
 LR_SCHEDULES = ("constant", "cosine")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum")  # strategies/robust.py
+#: the fewest sites for secure aggregation: with two, each reads the other's update from the sum
+MIN_SECURE_SITES = 3
 
 
 class ConfigError(ValueError):
@@ -141,6 +143,12 @@ class RunConfig:
         """The run's configuration for the `num_sites` sites connected at its start (checked)."""
         config = self.derived(num_sites)
         config.validate()
+        if config.secure_aggregation and num_sites < MIN_SECURE_SITES:
+            raise ConfigError(
+                f"secure-aggregation = true with {num_sites} site(s): with fewer than {MIN_SECURE_SITES}, a site "
+                "subtracts its own update from the sum and reads the other's; connect at least 3 sites or set "
+                "secure-aggregation = false"
+            )
         return config
 
     def to_mapping(self) -> dict[str, Any]:

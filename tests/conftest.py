@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -29,12 +30,24 @@ def serial_group(module_name: str) -> str:
     return next((group for group, modules in SERIAL_GROUPS.items() if short in modules), "pilot-processes-b")
 
 
+@functools.cache
+def has_module_fixture(module_file: str) -> bool:
+    """Whether a test module defines a module-scoped fixture (a whole run, trained once)."""
+    return 'scope="module"' in Path(module_file).read_text()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Every `integration` test joins its module's xdist group (read by pytest-xdist's loadgroup)."""
+    """Every `integration` test joins its module's xdist group (read by pytest-xdist's
+    loadgroup). A module with a module-scoped fixture is one group of its own, so that its
+    fixture (a Ray simulation, a trained run) is built once on one worker, not once per worker."""
     for item in items:
-        if item.get_closest_marker("integration") and not item.get_closest_marker("xdist_group"):
+        if item.get_closest_marker("xdist_group"):
+            continue
+        if item.get_closest_marker("integration"):
             item.add_marker(pytest.mark.xdist_group(serial_group(item.module.__name__)))
+        elif has_module_fixture(item.module.__file__):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session")

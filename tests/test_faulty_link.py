@@ -4,6 +4,7 @@ where timing matters (a loaded machine is slower, never faster)."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import socketserver
 import threading
@@ -68,7 +69,10 @@ def test_resets_and_stalls(echo):
     try:
         try:
             reply = roundtrip(link, b"hello")
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):
+            reply = None
+        except OSError as exc:  # the reset came before our own shutdown: not connected any more
+            assert exc.errno == errno.ENOTCONN, exc
             reply = None
         assert not reply  # reset (or closed) before anything came back
         assert link.stats.resets == 1

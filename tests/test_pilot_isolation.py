@@ -180,11 +180,16 @@ def test_a_run_trains_with_every_clientapp_running_as_the_app_user(isolated, app
     seen: dict[int, int] = {}  # ClientApp pid -> uid
     done = threading.Event()
 
-    def watch() -> None:
+    site_script = psutil.Process(isolated.supernodes[SITE].pid)
+
+    def watch() -> None:  # this SuperNode's ClientApps only (other tests may run theirs beside)
         while not done.is_set():
-            for proc in psutil.process_iter(["pid", "cmdline", "uids"]):
-                if any("flwr-clientapp" in part for part in (proc.info["cmdline"] or [])[:2]):
-                    seen[proc.info["pid"]] = proc.info["uids"].real
+            for proc in site_script.children(recursive=True):
+                try:
+                    if any("flwr-clientapp" in part for part in proc.cmdline()[:2]):
+                        seen[proc.pid] = proc.uids().real
+                except psutil.Error:  # ended meanwhile
+                    continue
             done.wait(0.1)
 
     watcher = threading.Thread(target=watch, daemon=True)

@@ -329,6 +329,16 @@ def test_settings_that_read_one_sites_update_refuse_secure_aggregation(setting, 
         RunConfig.from_mapping({"secure-aggregation": True, **setting})
 
 
+def test_two_sites_refuse_secure_aggregation_as_each_would_read_the_other():
+    """With two sites, the sum and a site's own update give the other's: refused once the
+    server knows the federation (a clear config error), and three sites are accepted."""
+    config = RunConfig.from_mapping({"method": "fedavg", "secure-aggregation": True})
+    with pytest.raises(ConfigError, match="with 2 site\\(s\\): with fewer than 3") as err:
+        config.for_federation(2)
+    assert "\n" not in str(err.value)
+    assert config.for_federation(3).secure_aggregation
+
+
 def test_a_secure_train_reply_holds_public_keys_and_no_update_or_weight(tmp_path):
     """A real train message at a site: no shared arrays, no example count (neither in the
     metrics nor in the data report); the public keys; the update kept in its state."""

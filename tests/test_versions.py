@@ -197,3 +197,20 @@ def test_make_tests_groups_hold_on_the_installed_pytest(request):
     if integration:  # the whole suite was collected (not a -m selection without them)
         assert all(i.get_closest_marker("xdist_group").args == (serial_group(i.module.__name__),) for i in integration)
         assert {serial_group(i.module.__name__) for i in integration} == {"pilot-processes-a", "pilot-processes-b"}
+
+
+def test_a_module_with_a_module_fixture_stays_on_one_worker(request):
+    """Under `--dist loadgroup` a module-scoped fixture would be built once per worker that
+    gets one of its tests: such modules (test_simulation's Ray run, test_fuzz's round loop)
+    are one group each, and modules without one are spread test by test."""
+    from tests.conftest import has_module_fixture
+
+    here = Path(__file__).parent
+    assert has_module_fixture(str(here / "test_simulation.py")) and has_module_fixture(str(here / "test_fuzz.py"))
+    assert not has_module_fixture(str(here / "test_fedprox.py"))
+    for item in request.session.items:  # as collected in this session (all of it under make test)
+        marks = {m.args for m in item.iter_markers("xdist_group")}
+        if item.get_closest_marker("integration"):
+            continue
+        expected = {(item.module.__name__,)} if has_module_fixture(item.module.__file__) else set()
+        assert marks == expected, item.nodeid
