@@ -161,7 +161,7 @@ class Exchange:
         if not arrays and not self.may_be_empty:
             raise RecordMismatch(f"record {self.name!r} ({self.meaning}) cannot be empty")
         if arrays and isinstance(next(iter(arrays.values())), np.ndarray):
-            return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+            return ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in arrays.items()})
         return ArrayRecord(dict(arrays))
 
     def read(self, content: RecordDict, expected: Iterable[str]) -> ArrayRecord:

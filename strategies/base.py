@@ -338,7 +338,7 @@ class SharedModelStrategy(FedAvg):
         for key, values in self.sent.items():
             if key in mean_update:
                 values = (values.astype(np.float64) + mean_update[key]).astype(values.dtype)
-            arrays[key] = Array(np.ascontiguousarray(values))
+            arrays[key] = Array(np.require(values, requirements="C"))  # keeps a 0-d array 0-d
         ordered = sorted(replies, key=_reply_order)
         # no site's weight is known: its training metrics are averaged unweighted
         result, metrics = self.noised_round(ArrayRecord(arrays), ordered, [1.0] * len(ordered), float(upload_bytes))

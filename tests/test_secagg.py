@@ -463,3 +463,6 @@ def test_dp_noise_goes_on_the_unmasked_mean_and_epsilon_is_accounted():
     noise = new["classifier.a"].numpy() - weighted_mean(ups, [1] * 4)["classifier.a"]
     assert noise.std() == pytest.approx(0.25, rel=0.1)
     assert new["classifier.n"].numpy() == 0  # integer arrays keep the server's value
+    # and every array its shape: a 0-d counter (BatchNorm's num_batches_tracked) stays 0-d, as
+    # plain aggregation keeps it (np.ascontiguousarray made it shape (1,); found over TLS in the pilot)
+    assert {k: new[k].numpy().shape for k in SHAPES} == SHAPES
