@@ -252,8 +252,14 @@ watch_for_give_up() {
     if [[ ("$line" == *"Giving up reconnection"* || "$line" == *"SSL/TLS handshake error detected"*) && ! -e "$gave_up" ]]; then
       : >"$gave_up"
       echo "start-supernode: the SuperNode gave up reconnecting to $superlink; stopping it so that it starts again" >&2
-      local pid
-      pid="$(cat "$pid_file")"
+      # this attempt's pid: the loop below writes it just after the start, and a SuperNode
+      # that gives up at once may log the line before that (the file is emptied per attempt)
+      local pid="" tries
+      for ((tries = 0; tries < 100; tries++)); do
+        pid="$(cat "$pid_file" 2>/dev/null)"
+        [[ -n "$pid" ]] && break
+        sleep 0.1
+      done
       kill -TERM "$pid" 2>/dev/null || true
       (sleep 20 && kill -KILL "$pid" 2>/dev/null) &
     fi
@@ -263,6 +269,7 @@ child=""
 trap '[[ -n "$worker_pid" ]] && { : >"$sock.stopping"; } 2>/dev/null; [[ -n "$child" ]] && kill -TERM "$child" 2>/dev/null; stop_worker; rm -f "$pid_file" "$gave_up"; wait; exit 143' TERM INT
 for ((attempt = 0; ; attempt++)); do
   rm -f "$gave_up"
+  : >"$pid_file"
   "${cmd[@]}" 2> >(watch_for_give_up >&2) &
   child=$!
   echo "$child" >"$pid_file"
