@@ -282,9 +282,10 @@ EXIT_CONFIG = 78
 def serve(path: str, group: str | None = None, node_config: dict[str, Any] | None = None) -> None:
     """Serve messages at `path`: mode 0600, or 0660 for `group` (the isolated app user's)."""
     socket_path = Path(path).expanduser()
-    if len(os.fsencode(str(socket_path))) > MAX_SOCKET_PATH:
+    length = len(os.fsencode(str(socket_path)))
+    if length > MAX_SOCKET_PATH:
         print(
-            f"error: the socket path {socket_path} is {len(os.fsencode(str(socket_path)))} bytes, over the "
+            f"error: the socket path {socket_path} is {length} bytes, over the "
             f"{MAX_SOCKET_PATH} a Unix socket allows: give --socket a shorter path "
             "(pilot/start-supernode.sh does so itself)",
             file=sys.stderr,

@@ -146,7 +146,7 @@ class RunConfig:
         if config.secure_aggregation and num_sites < MIN_SECURE_SITES:
             raise ConfigError(
                 f"secure-aggregation = true with {num_sites} site(s): with fewer than {MIN_SECURE_SITES}, a site "
-                "subtracts its own update from the sum and reads the other's; connect at least 3 sites or set "
+                f"subtracts its own update from the sum and reads the other's; connect at least {MIN_SECURE_SITES} sites or set "
                 "secure-aggregation = false"
             )
         return config
