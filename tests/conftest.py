@@ -98,7 +98,9 @@ def fake_root(tmp_path: Path) -> Path:
 
 def tiny_blood_run(data_root: Path, method: str, **changes) -> dict:
     """A kebab-case run config for 2 quick rounds on the synthetic BloodMNIST under
-    `data_root` (written by `write_fake_medmnist`): CPU, 1 thread, no TensorBoard."""
+    `data_root` (written by `write_fake_medmnist`): CPU, 1 thread, no TensorBoard, and a
+    FusedSpaceFed warm-up of its epochs only (the recipe's 100-batch minimum would make a
+    few-batch site warm up for dozens of epochs; tests/test_health.py checks the minimum)."""
     return {
         "method": method,
         "dataset": "bloodmnist",
@@ -112,6 +114,7 @@ def tiny_blood_run(data_root: Path, method: str, **changes) -> dict:
         "device": "cpu",
         "num-threads": 1,
         "track-tensorboard": False,
+        "warmup-min-steps": 0,
         **changes,
     }
 

@@ -45,7 +45,10 @@ def write_fake_medmnist(root: Path, n_train: int = 96, n_eval: int = 24, seed: i
 
 
 def small_config(tmp_path: Path, method: str, **changes) -> RunConfig:
-    """3 iid sites on the synthetic data, 1 local epoch, small batches, CPU, 1 thread."""
+    """3 iid sites on the synthetic data, 1 local epoch, small batches, CPU, 1 thread, and a
+    warm-up of 1 epoch: the recipe's `warmup-min-steps` (100 batches) would make each site's
+    2-batch warm-up 50 epochs, which none of these tests is about (tests/test_health.py checks
+    the minimum itself)."""
     base = dict(
         method=method,
         dataset="breastmnist",
@@ -57,6 +60,7 @@ def small_config(tmp_path: Path, method: str, **changes) -> RunConfig:
         warmup_epochs=1,
         batch_size=16,
         measure_gamma=False,
+        warmup_min_steps=0,
         device="cpu",
         num_threads=1,
         results_dir=str(tmp_path / "results"),

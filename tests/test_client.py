@@ -28,6 +28,7 @@ def make_cfg(root, tmp_path, **changes) -> RunConfig:
         local_epochs=1,
         warmup_epochs=1,
         batch_size=32,
+        warmup_min_steps=0,  # the recipe's 100-batch minimum: dozens of epochs on this tiny data
         results_dir=str(tmp_path / "results"),
         run_name="test-run",
         device="cpu",

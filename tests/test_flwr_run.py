@@ -35,7 +35,7 @@ def flwr_env(tmp_path):
 def test_flwr_run_tiny_configuration(flwr_env, tmp_path, real_data_root):
     results = tmp_path / "results"
     run_config = (
-        f"dataset='breastmnist' num-server-rounds=2 local-epochs=1 warmup-epochs=1 "
+        f"dataset='breastmnist' num-server-rounds=2 local-epochs=1 warmup-epochs=1 warmup-min-steps=0 "
         f"data-root='{real_data_root}' results-dir='{results}' run-name='flwr-run' download=false"
     )
     proc = simulate_sh("--run-config", run_config, "--federation-config", "num-supernodes=3", env=flwr_env, timeout=900)

@@ -109,6 +109,7 @@ def simulation(tmp_path_factory):
         "alpha": 1.0,
         "num-server-rounds": 3,
         "local-epochs": 1,
+        "warmup-min-steps": 0,  # a warm-up of 1 epoch, not the recipe's 100 batches (50 epochs here)
         "batch-size": 32,
         "results-dir": str(tmp / "results"),
         "run-name": "sim",
