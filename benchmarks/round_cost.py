@@ -5,7 +5,8 @@ the round-cost section of benchmarks/PERFORMANCE.md.
     .venv/bin/python -m benchmarks.round_cost --only pilot --label before-worker --no-worker
 
 The small config (issue 9): breastmnist split over 3 sites, local-epochs 1, warmup-epochs 1,
-batch-size 64, measure-gamma false, num-threads 1, device cpu, 4 rounds, FusedSpaceFed.
+batch-size 64, warmup-min-steps 0 (as when its figures were measured), measure-gamma false,
+num-threads 1, device cpu, 4 rounds, FusedSpaceFed.
 - `pilot`: a loopback deployment with the pilot's own scripts (TLS, SuperNode
   authentication, SQLite database, one SuperNode per site; the warm site worker unless
   `--no-worker`), through tests/pilot_harness.py.
