@@ -42,6 +42,7 @@ def test_the_vae_separates_sites_whose_statistics_differ():
     assert np.abs(first - second).max() > 0.3  # the two groups load different components
 
 
+@pytest.mark.slow  # over ~5 s (several rounds or sites); `make test` runs it, the fast tier leaves it
 def test_a_feddaf_round_aggregates_with_the_inferred_weights_and_resumes_exactly(tmp_path):
     cfg = small_config(tmp_path, "feddaf")
     fed = run(tmp_path, cfg, rounds=2)

@@ -78,6 +78,7 @@ def _flat_gradients(fed, name: str, server_round: int = 1) -> np.ndarray:
     return np.stack([np.array(m.content["gradients"][name].numpy(), dtype=np.float64) for m in replies])
 
 
+@pytest.mark.slow  # over ~5 s (several rounds or sites); `make test` runs it, the fast tier leaves it
 @pytest.mark.parametrize("method", ["fedavg", "fusedspacefed"])
 def test_gamma_zero_when_every_site_holds_the_same_data(tmp_path, method: str) -> None:
     # Every site reads the same file through the deployment path (node config
@@ -126,6 +127,7 @@ def test_gamma_positive_and_decomposed_when_sites_differ(tmp_path) -> None:
     assert metrics["gamma"] == pytest.approx(total, rel=1e-9)
 
 
+@pytest.mark.slow  # over ~5 s (several rounds or sites); `make test` runs it, the fast tier leaves it
 def test_a_deployed_site_sends_gradients_only_when_its_own_node_config_opts_in(tmp_path) -> None:
     site_file = write_fake_medmnist(tmp_path / "data") / "breastmnist.npz"
     cfg = small_config(tmp_path, "fusedspacefed", measure_gamma=True, warmup_epochs=0)

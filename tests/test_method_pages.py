@@ -218,6 +218,7 @@ def test_feddaf_pi_is_stick_breaking_not_the_product_of_fractions():
     assert not torch.allclose(pi, torch.cumprod(v, 0))
 
 
+@pytest.mark.slow  # over ~5 s (several rounds or sites); `make test` runs it, the fast tier leaves it
 def test_fusefl_is_scored_as_the_model_it_calibrated(tmp_path, monkeypatch):
     """fusefl.md: by default (`norm = "auto"` = "batch") every site scores the one fused model
     with the BatchNorm statistics its head was calibrated on, so every site's test split

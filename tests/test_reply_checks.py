@@ -97,6 +97,7 @@ class PoisonedGrid(LocalGrid):
         return ids
 
 
+@pytest.mark.slow  # over ~5 s (several rounds or sites); `make test` runs it, the fast tier leaves it
 def test_a_site_that_sends_nan_fails_its_round_and_the_others_are_aggregated(tmp_path):
     write_fake_medmnist(tmp_path / "data")
     cfg = small_config(tmp_path, "fusedspacefed", run_name="poisoned", num_server_rounds=2)

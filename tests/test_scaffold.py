@@ -261,6 +261,7 @@ def test_c_i_persists_at_the_site_and_never_leaves_it(tmp_path) -> None:
         assert set(msg.content["arrays"].keys()) == set(fed.shared_keys)
 
 
+@pytest.mark.slow  # over ~5 s (several rounds or sites); `make test` runs it, the fast tier leaves it
 def test_c_i_survives_a_restart_from_disk(tmp_path) -> None:
     """Round 2 after a SuperNode restart (empty context.state, same state-dir) is the
     same as without one; without the saved c_i (fresh state-dir) it differs."""

@@ -103,6 +103,7 @@ def cfg(tmp_path) -> RunConfig:
     return small_config(tmp_path, "fusedspacefed", run_name="resume", round_timeout=30.0)
 
 
+@pytest.mark.slow  # over ~5 s (several rounds or sites); `make test` runs it, the fast tier leaves it
 def test_checkpoints_every_round_and_an_exact_resume(cfg, tmp_path, clock):
     grid = LocalGrid(tmp_path / "site-state")
     run(cfg, grid)
@@ -126,6 +127,7 @@ def test_checkpoints_every_round_and_an_exact_resume(cfg, tmp_path, clock):
     assert json.loads((Path(cfg.results_dir) / "resume" / "summary.json").read_text())["rounds"] == 2
 
 
+@pytest.mark.slow  # over ~5 s (several rounds or sites); `make test` runs it, the fast tier leaves it
 def test_a_failed_site_does_not_end_the_run(cfg, tmp_path, clock):
     cfg = cfg.replace(min_replies=2, num_server_rounds=3)
     grid = LocalGrid(tmp_path / "site-state", down={3: {2}})
@@ -140,6 +142,7 @@ def test_a_failed_site_does_not_end_the_run(cfg, tmp_path, clock):
     assert all(r["global_acc_mean"] is not None for r in history)
 
 
+@pytest.mark.slow  # over ~5 s (several rounds or sites); `make test` runs it, the fast tier leaves it
 def test_too_few_replies_stops_with_a_resumable_checkpoint(cfg, tmp_path):
     cfg = cfg.replace(min_replies=3)
     with pytest.raises(TooFewReplies, match=r"round 2: 2 of 3 sites replied, fewer than min-replies = 3.*resume-from"):
@@ -164,6 +167,7 @@ def test_resume_refuses_a_different_configuration(cfg, tmp_path):
     assert path.read_bytes() == b"broken"
 
 
+@pytest.mark.slow  # over ~5 s (several rounds or sites); `make test` runs it, the fast tier leaves it
 def test_a_fresh_start_never_writes_over_an_earlier_run(cfg, tmp_path):
     """Starting a run (no resume-from) under the name of a finished one stops with one line
     that says what to do, and the finished run's files are untouched."""
@@ -176,6 +180,7 @@ def test_a_fresh_start_never_writes_over_an_earlier_run(cfg, tmp_path):
     run(cfg.replace(num_server_rounds=1, run_name="another"), LocalGrid(tmp_path / "site-state"))
 
 
+@pytest.mark.slow  # over ~5 s (several rounds or sites); `make test` runs it, the fast tier leaves it
 def test_a_private_run_resumes_only_from_its_newest_checkpoint(tmp_path):
     """Security review, finding 4: a resume from an older checkpoint restored the noise
     generator and the accountant, so the re-run rounds drew the same noise (with another set

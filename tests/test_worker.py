@@ -223,6 +223,7 @@ def _serve_in_thread(connection):
     return thread
 
 
+@pytest.mark.slow  # over ~5 s (several rounds or sites); `make test` runs it, the fast tier leaves it
 def test_the_worker_survives_clients_that_stall_hang_up_send_garbage_or_too_much(monkeypatch, capsys):
     import socket
     import struct
