@@ -183,7 +183,8 @@ PILOT_NOTE = (
     "pilot`; a fresh federation per row). Seconds per round are the run folder's `round_seconds` "
     "(metrics.jsonl, the ServerApp's clock), as for the simulations; every site evaluates on its own "
     "data each round (in simulation the server evaluates the global model once). Load is the machine's "
-    "1/5/15-minute load average before and after the row; one core was busy with other work. SuperNodes "
+    "1/5/15-minute load average before and after the row (the pilot's own processes included); one core was "
+    "busy with other work. SuperNodes "
     "stop being added below {reserve} GB of available memory."
 )
 
@@ -259,8 +260,11 @@ def markdown(result: dict[str, Any]) -> str:
         "its float32 arrays, plus per neighbour a ciphertext of its shares and, at unmasking, a share "
         "per neighbour: so the bytes grow with the number of sites (all are neighbours by default; "
         "`secagg-neighbours` bounds that), and the time by the extra round trips and the masks (one "
-        "AES-CTR keystream per neighbour and the site's own seed). The machine was shared with other "
-        "work when this ran: compare the rows with each other, not with other tables.",
+        "AES-CTR keystream per neighbour and the site's own seed). In the pilot each extra exchange is a "
+        "message round trip through the SuperLink with a fresh ClientApp process per site handing it to "
+        "the warm worker, which costs far more time than a message in simulation (the run folder's "
+        "timeline.jsonl shows where). The machine was shared with other work when this ran: compare the "
+        "rows with each other, not with other tables.",
         "",
     ]
     return "\n".join(lines)
