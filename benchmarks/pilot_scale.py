@@ -112,42 +112,60 @@ def _children(proc) -> list:
         return []
 
 
+def bring_up(
+    pilot, n: int, dataset: str, data_root: Path, worker: bool = True, into: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`n` SuperNodes (site-000, ...) on `pilot`: the dataset under `data_root` split iid into
+    one file per site, certificates and keys, the SuperLink, every site registered, each
+    SuperNode started (one at a time with its warm worker, until that worker is ready) and
+    all online. Stops with MemoryError once less than MEMORY_RESERVE_GB is available after
+    a start. Writes `seconds_to_all_online` (or `started_before_memory_ran_low`) into
+    `into`, which it returns; the caller stops the pilot (`pilot.stop_all()`)."""
+    import psutil
+
+    from partitions.split import split_dataset
+    from tests.pilot_harness import wait_for
+
+    result = {} if into is None else into
+    sites = [f"site-{i:03d}" for i in range(n)]
+    pilot.site_files = split_dataset(
+        dataset, data_root, pilot.root / "site-files", num_sites=n, partition="iid", show=False
+    )
+    pilot.make_material(sites)
+    pilot.start_superlink()
+    for site in sites:
+        pilot.register(site)
+    started = time.time()
+    for i, site in enumerate(sites):
+        extra = () if worker else ("--no-worker",)
+        proc = pilot.start_supernode(site, pilot.site_files[i], retry=5, extra=extra)
+        pilot.supernodes[site] = proc
+        if worker:  # one at a time: each worker loads PyTorch and the data
+            wait_for(lambda proc=proc: "site worker ready" in proc.text(), 300, f"{site}'s worker", proc, every=1)
+        available = psutil.virtual_memory().available / 2**30
+        if available < MEMORY_RESERVE_GB:
+            result["started_before_memory_ran_low"] = i + 1
+            raise MemoryError(
+                f"{i + 1} SuperNodes started, {available:.1f} GB of memory left (reserve {MEMORY_RESERVE_GB} GB): "
+                "not starting more"
+            )
+    wait_for(lambda: len(pilot.online()) >= n, 300 + 20 * n, f"{n} SuperNodes online", every=5)
+    result["seconds_to_all_online"] = round(time.time() - started, 1)
+    return result
+
+
 def measure(n: int, rounds: int, worker: bool, keep: Path | None, idle: bool = False) -> dict[str, Any]:
     """One federation of `n` SuperNodes; with `idle`, only connected (no run): what the
     SuperNodes and the SuperLink cost before any training process exists."""
     import psutil
 
-    from partitions.split import split_dataset
-    from tests.pilot_harness import Pilot, wait_for
+    from tests.pilot_harness import Pilot
 
     root = Path(tempfile.mkdtemp(prefix=f"pilot-scale-{n}-", dir=keep))
     pilot = Pilot(root)
-    sites = [f"site-{i:03d}" for i in range(n)]
     result: dict[str, Any] = {"supernodes": n, "worker": worker, "rounds": 0 if idle else rounds}
     try:
-        pilot.site_files = split_dataset(
-            "bloodmnist", DATA, root / "site-files", num_sites=n, partition="iid", show=False
-        )
-        pilot.make_material(sites)
-        pilot.start_superlink()
-        for site in sites:
-            pilot.register(site)
-        started = time.time()
-        for i, site in enumerate(sites):
-            extra = () if worker else ("--no-worker",)
-            proc = pilot.start_supernode(site, pilot.site_files[i], retry=5, extra=extra)
-            pilot.supernodes[site] = proc
-            if worker:  # one at a time: each worker loads PyTorch and the data
-                wait_for(lambda proc=proc: "site worker ready" in proc.text(), 300, f"{site}'s worker", proc, every=1)
-            available = psutil.virtual_memory().available / 2**30
-            if available < MEMORY_RESERVE_GB:
-                result["started_before_memory_ran_low"] = i + 1
-                raise MemoryError(
-                    f"{i + 1} SuperNodes started, {available:.1f} GB of memory left (reserve {MEMORY_RESERVE_GB} GB): "
-                    "not starting more"
-                )
-        wait_for(lambda: len(pilot.online()) >= n, 300 + 20 * n, f"{n} SuperNodes online", every=5)
-        result["seconds_to_all_online"] = round(time.time() - started, 1)
+        bring_up(pilot, n, "bloodmnist", DATA, worker=worker, into=result)
         sampler = Sampler([p.pid for p in pilot.supernodes.values()])
         sampler.sample()
         result["rss_idle_supernode_mb"] = round(mean(sampler.peak_node.values()), 1)

@@ -471,3 +471,99 @@ def test_a_plan_that_sets_a_fraug_distance_or_a_norm_names_its_runs():
     assert plain == "fraug-pneumoniamnist-dirichlet-equal-a0.5-n5-r4-e1-s1"
     assert mmd == "fraug-gmmd-ftmmd-pneumoniamnist-dirichlet-equal-a0.5-n5-r4-e1-s1"
     assert recal == "fusefl-batch-recal-pneumoniamnist-dirichlet-equal-a0.5-n5-r4-e1-s1"
+
+
+def _pilot_row(sites: int, secure: bool, seconds: float, upload: float, **extra) -> dict:
+    return {
+        "sites": sites,
+        "secure": secure,
+        "engine": "pilot",
+        "rounds": 2,
+        "round_seconds": [seconds, seconds],
+        "seconds_per_round": seconds,
+        "upload_bytes_per_site": upload,
+        "num_replies": [sites, sites],
+        "failed_sites": 0,
+        "final_acc": 0.3,
+        "load_before": [1.0, 1.5, 2.0],
+        "load_after": [2.0, 1.7, 2.0],
+        "seconds_to_all_online": 20.0,
+        "memory_reserve_gb": 4.0,
+        "machine": "x86_64, 2 CPUs (shared)",
+        "date": "2026-12-07 03:00 UTC",
+        **extra,
+    }
+
+
+def test_the_secagg_pilot_engine_plans_both_aggregations_per_size_and_starts_nothing_on_a_dry_run(
+    tmp_path, monkeypatch, capsys
+):
+    from benchmarks import pilot_scale, secagg_cost
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run started a pilot")
+
+    monkeypatch.setattr(secagg_cost, "run_pilot", refuse)
+    monkeypatch.setattr(pilot_scale, "bring_up", refuse)
+    assert secagg_cost.plan("3,10") == [(3, False), (3, True), (10, False), (10, True)]
+    out = ["--json", str(tmp_path / "c.json"), "--md", str(tmp_path / "c.md")]
+    assert secagg_cost.main(["--engine", "pilot", "--dry-run", *out]) == 0
+    printed = capsys.readouterr().out
+    assert "pilot: 10 sites, SecAgg+, 2 rounds" in printed and "below 4.0 GB available" in printed
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    with pytest.raises(SystemExit) as refused:  # secure aggregation refuses two sites
+        secagg_cost.main(["--engine", "pilot", "--sites", "3,2", "--dry-run", *out])
+    assert refused.value.code == 2
+
+
+def test_a_secagg_pilot_report_keeps_the_simulation_rows_and_replaces_only_its_own(tmp_path):
+    from benchmarks import secagg_cost
+
+    committed = json.loads(secagg_cost.OUT_JSON.read_text())["runs"]
+    simulated = [
+        {k: v for k, v in r.items() if k not in ("date", "machine")} for r in committed if r["engine"] != "pilot"
+    ]
+    assert simulated, "the committed report has simulation rows"
+    # the first version's layout: one engine, its date and machine at the top
+    first = {"engine": "ray", "machine": "x86_64, 2 CPUs (shared)", "date": "2026-12-06 20:52 UTC", "runs": simulated}
+    (tmp_path / "c.json").write_text(json.dumps(first))
+    pilot = [_pilot_row(3, False, 40.0, 1_000_000), _pilot_row(3, True, 60.0, 1_002_000)]
+    paths = (tmp_path / "c.json", tmp_path / "c.md")
+    secagg_cost.write_report(pilot, *paths)
+    again = [_pilot_row(3, False, 50.0, 1_000_000), _pilot_row(10, True, 90.0, 1_009_000, error="MemoryError: low")]
+    result = secagg_cost.write_report(again, *paths)
+    assert result == json.loads(paths[0].read_text())
+    runs = result["runs"]
+    for row in simulated:  # every simulation row, its figures unchanged
+        (kept,) = [
+            r for r in runs if (r["engine"], r["sites"], r["secure"]) == (row["engine"], row["sites"], row["secure"])
+        ]
+        assert {k: kept[k] for k in row} == row
+        assert (kept["date"], kept["machine"]) == (first["date"], first["machine"])
+    mine = sorted((r["sites"], r["secure"], r["seconds_per_round"]) for r in runs if r["engine"] == "pilot")
+    assert mine == [(3, False, 50.0), (3, True, 60.0), (10, True, 90.0)]  # the second call replaced 3-plain only
+    md = paths[1].read_text()
+    assert "## Flower's Ray simulation (`--engine ray`)" in md and "## the pilot on loopback (`--engine pilot`)" in md
+    assert md.index("--engine ray") < md.index("--engine pilot")
+    pilot_rows = [line for line in md.split("## the pilot on loopback")[1].splitlines() if line.startswith("| 3 |")]
+    assert pilot_rows[1].startswith("| 3 | SecAgg+ | 60.00 | 1,002,000 | 1.20 | 1.002 | [3, 3] | 0 | 60.0, 60.0 |")
+    assert "| 10 | SecAgg+ | 90.00 | 1,009,000 | - | - |" in md  # no plain row at 10 sites to compare with
+    assert "- 10 sites, SecAgg+: MemoryError: low" in md and "below 4.0 GB of available memory" in md
+
+
+def test_a_secagg_pilot_that_runs_out_of_memory_leaves_a_row_with_the_error_and_no_figures(tmp_path, monkeypatch):
+    from benchmarks import pilot_scale, secagg_cost
+
+    def low_memory(pilot, n, dataset, data_root, worker=True, into=None):
+        assert (n, dataset, worker) == (3, "bloodmnist", True) and (data_root / "bloodmnist.npz").exists()
+        into["started_before_memory_ran_low"] = 2
+        raise MemoryError("2 SuperNodes started, 3.1 GB of memory left (reserve 4.0 GB): not starting more")
+
+    monkeypatch.setattr(pilot_scale, "bring_up", low_memory)
+    row = secagg_cost.run_pilot(tmp_path, 3, True)
+    assert row["error"].startswith("MemoryError: 2 SuperNodes started") and row["started_before_memory_ran_low"] == 2
+    assert (row["engine"], row["sites"], row["secure"], row["rounds"]) == ("pilot", 3, True, 0)
+    assert row["seconds_per_round"] is None and row["upload_bytes_per_site"] is None
+    assert len(row["load_before"]) == 3 and row["memory_reserve_gb"] == pilot_scale.MEMORY_RESERVE_GB
+    md = secagg_cost.markdown({"runs": [{**row, "machine": "m", "date": "d"}]})
+    assert "| 3 | SecAgg+ | - | - | - | - | [] | 0 | - | - |" in md
