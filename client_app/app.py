@@ -23,9 +23,11 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from client_app.worker import WORKER_KEY, WORKER_REQUIRED_KEY, WorkerUnavailable, call
+from client_app.worker import WORKER_KEY, WORKER_REQUIRED_KEY, SettingsNeeded, WorkerUnavailable, call
 from core.flower_log import quiet_flower_log
+from core.methods import CONFIG_RECORD
 from core.secagg import STAGES
+from core.settings import SettingsUnknown, held_settings, readable_settings_folder, with_held_settings
 from core.transport import is_packed, pack, unpack
 
 quiet_flower_log()  # Flower's per-round sampling lines and actor-exit warnings (core/flower_log.py)
@@ -44,8 +46,16 @@ def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     the warm worker when there is one (the packed arrays pass through untouched), else here."""
     worker = str(context.node_config.get(WORKER_KEY, "") or "")
     if worker:
+        node_config = dict(context.node_config)
         try:
-            return call(worker, kind, content, dict(context.node_config), context.run_id, WORKER_TIMEOUT)
+            timeout = worker_timeout(content, context)
+            try:  # the settings go to the worker as the server sent them: with the run's first message
+                return call(worker, kind, content, node_config, context.run_id, timeout)
+            except SettingsNeeded as needed:  # a restarted worker without them on disk: this node's copy
+                resent = with_held_settings(content, context.state)
+                if resent is None:
+                    raise SettingsUnknown(str(needed)) from None
+                return call(worker, kind, resent, node_config, context.run_id, timeout)
         except WorkerUnavailable as exc:
             if os.path.exists(worker + STOPPING_SUFFIX):
                 # the worker went because the site is stopping: do not start training here
@@ -64,6 +74,18 @@ def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     from client_app.timeline import Timeline
 
     return pack(site.HANDLERS[kind](unpack(content), context, Timeline(site.IMPORTED, app_loaded=IMPORTED)))
+
+
+def worker_timeout(content: RecordDict, context: Context) -> float:
+    """How long to wait for the worker: no longer than the server waits for the reply
+    (`round-timeout`, from the run's settings this node holds; core/settings.py)."""
+    if CONFIG_RECORD not in content.config_records:  # secure aggregation's stages: their round's time
+        return WORKER_TIMEOUT
+    try:
+        settings = held_settings(content, context.state, readable_settings_folder(context.node_config))
+        return min(WORKER_TIMEOUT, float(settings["round-timeout"])) if settings else WORKER_TIMEOUT
+    except Exception:  # whatever is wrong with them, the site (worker or in-process) says so
+        return WORKER_TIMEOUT
 
 
 class SiteStopping(RuntimeError):

@@ -46,7 +46,6 @@ from core.methods import (
     EVALUATE_KEY,
     EVALUATION_RECORD,
     GRADIENTS_RECORD,
-    MESSAGE_KEYS,
     METRICS_RECORD,
     RESTORED_KEY,
     ROUND_KEY,
@@ -59,6 +58,7 @@ from core.methods import (
 )
 from core.secagg import KEYS_RECORD, flatten, max_weight, update_keys
 from core.seeds import BATCH_ORDER, GAMMA_BATCH, SECAGG_ROUNDING, private_init_seed, round_seed
+from core.settings import run_config, site_settings
 from models import SiteModel, build_run_model
 from partitions.site_data import SiteData
 from partitions.sources import site_data_for
@@ -100,13 +100,15 @@ class Site:
     ) -> None:
         self.timeline = timeline or Timeline(IMPORTED)
         self.phase = phase  # "train" starts from the state of an earlier round, "evaluate" from this round's
-        config = content[CONFIG_RECORD]
-        self.cfg = RunConfig.from_mapping({k: v for k, v in config.items() if k not in MESSAGE_KEYS})
+        node = context.node_config
+        state_dir = str(node.get("state-dir", "") or "")
+        # the run's settings: held since the run's first message (core/settings.py), parsed once
+        self.cfg = run_config(*site_settings(content, context.state, state_dir or None))
+        config = content[CONFIG_RECORD]  # what changes per message: the round, what to evaluate
         self.server_round = int(config.get(ROUND_KEY, 0))
         self.evaluate_received = _flag(config.get(EVALUATE_KEY, False))
         self.evaluate_splits = str(config.get(SPLITS_KEY, "all"))
         self.contract: MethodContract = contract_for(self.cfg.method)
-        node = context.node_config
         require_privacy(self.cfg, node)  # before the site reads any of its data
         self.deployed = bool(str(node.get("data-path", "") or ""))
         self.allows_gradients = not self.deployed or _flag(node.get(ALLOW_GRADIENTS, False))
@@ -117,7 +119,7 @@ class Site:
         self.site_id = int(node.get("partition-id", meta.get("site", 0)))
         self.num_sites = int(node.get("num-partitions", meta.get("num_sites", 1)))
         self.name = str(node.get("site-name", f"site-{self.site_id}"))
-        state_dir = str(node.get("state-dir", "")) or str(Path(self.cfg.results_dir) / self.cfg.run_name / "site-state")
+        state_dir = state_dir or str(Path(self.cfg.results_dir) / self.cfg.run_name / "site-state")
         self.state = PrivateState(context.state, state_dir, self.cfg.run_name, self.name, self.cfg.keep_checkpoints)
         set_threads(self.cfg.num_threads)
         self.device = resolve_device(self.cfg.device)

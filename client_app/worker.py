@@ -23,6 +23,12 @@ app's messages.
     python -m client_app.worker --socket APP_DIR/worker.sock --group fsf-app \
         --node-config 'data-path="/srv/site.npz" state-dir="/srv/state" ...'
 
+The run's settings reach the worker once per run: in the frame of the run's first message
+(the server sends them only then), kept in the worker's state for that run and on the
+site's disk (core/settings.py). A worker that does not hold the settings a message names
+(restarted, with no copy on its disk) answers `settings-unknown`, and the thin app sends
+the message again with the copy its node keeps.
+
 The wire format is a JSON header plus the array bytes packed by core.transport, the format
 in which Flower delivers and takes the message (no pickle, one layout, checked once). A worker runs the
 code of the checkout it was started from; a message from an app bundle whose site code
@@ -46,12 +52,14 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from core.settings import SettingsUnknown
 from core.transport import LAYOUT_RECORD, PACKED_RECORD, pack, unpack
 
 WORKER_KEY = "site-worker"  # node config: the worker's socket path
 #: node config: the ClientApp runs as a user that cannot read the data, so never in-process
 WORKER_REQUIRED_KEY = "site-worker-required"
 PROTOCOL = 2  # 2: the arrays travel packed by core.transport (1: one entry per array)
+SETTINGS_UNKNOWN = "settings-unknown"  # reply header: the worker lacks the run settings the message names
 _LENGTH = struct.Struct("!Q")
 CODE_PACKAGES = ("client_app", "core", "models", "partitions")
 #: the largest frame either side accepts (a message of this project is a few MB): a bigger
@@ -71,6 +79,11 @@ class FrameError(ConnectionError):
 
 class WorkerUnavailable(RuntimeError):
     """No worker answers at the socket, or it refused the message."""
+
+
+class SettingsNeeded(SettingsUnknown):
+    """The worker does not hold the run settings the message names (it restarted without
+    them on its disk): send the message again with them (core/settings.py)."""
 
 
 # -- code identity ----------------------------------------------------------------------
@@ -183,11 +196,6 @@ def call(
     core.transport sends them), or WorkerUnavailable."""
     header = {"protocol": PROTOCOL, "kind": kind, "node_config": node_config, "run_id": run_id}
     header["code"] = code_digest()
-    try:  # no longer than the server waits for this round's reply
-        config = content.config_records.get("config")
-        timeout = min(timeout, float(config["round-timeout"])) if config and "round-timeout" in config else timeout
-    except (TypeError, ValueError):
-        pass
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
@@ -197,6 +205,8 @@ def call(
     except (OSError, ConnectionError, ValueError) as exc:  # (socket.timeout is an OSError)
         raise WorkerUnavailable(f"no site worker at {path} ({type(exc).__name__}: {exc})") from exc
     if reply_header.get("error"):
+        if reply_header.get(SETTINGS_UNKNOWN):
+            raise SettingsNeeded(reply_header["error"])
         if reply_header.get("refused"):
             raise WorkerUnavailable(reply_header["error"])
         raise RuntimeError(f"site worker: {reply_header['error']}")
@@ -249,6 +259,8 @@ class Worker:
 
         try:
             reply = self.site.HANDLERS[kind](content, context, Timeline(self.site.IMPORTED, via="worker"))
+        except SettingsUnknown as exc:  # the thin app sends them if its node holds them
+            return encode({"error": f"{type(exc).__name__}: {exc}", SETTINGS_UNKNOWN: True}, None)
         except Exception as exc:  # the thin app turns this into the message's error
             return encode({"error": f"{type(exc).__name__}: {exc}"}, None)
         return encode({}, reply)

@@ -1,8 +1,10 @@
 """The run configuration: one typed, validated view of `[tool.flwr.app.config]`.
 
 The defaults here equal those in pyproject.toml (a test keeps them in step). The
-ServerApp builds a `RunConfig` from the run config and sends it to the sites with every
-message, so server and sites always train with the same settings.
+ServerApp builds a `RunConfig` from the run config, resolves it (run name, `norm`, what
+the method derives from the federation) and hands it to each site once per run, naming it
+by digest in every message (core/settings.py), so server and sites always train with the
+same settings.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ AUX = "aux"  # networks a method adds beside the classifier (`aux.<name>.*`, see
 PARTS = (ENCODER, DECODER, CLASSIFIER, AUX)
 
 # -- record names in messages ------------------------------------------------------
-CONFIG_RECORD = "config"  # server -> site: the run configuration and the round
+CONFIG_RECORD = "config"  # server -> site: the round, what to evaluate, the settings' digest (core/settings.py)
 ARRAYS_RECORD = "arrays"  # both ways: the shared arrays
 METRICS_RECORD = "metrics"  # site -> server: training metrics and bookkeeping
 EVALUATION_RECORD = "evaluation"  # site -> server: metrics of the model it received (previous round)
@@ -40,11 +40,10 @@ TIMELINE_RECORD = "timeline"  # site -> server: wall-clock marks of the message 
 GRADIENTS_RECORD = "gradients"  # site -> server: classifier gradients for Gamma (opt-in at a deployed site)
 DATA_RECORD = "site-data"  # site -> server: what the site's data is (sizes, its split's settings; core/data_report.py)
 
-# -- keys of the config record beyond the run configuration --------------------------
+# -- keys of the config record (with core/settings.py's digest of the run's settings) ----
 ROUND_KEY = "server-round"  # Flower's FedAvg adds it to every message
 EVALUATE_KEY = "evaluate-received"  # train message: evaluate the received model before training on it
 SPLITS_KEY = "evaluate-splits"  # "all", or "local" when the server evaluates the official splits itself
-MESSAGE_KEYS = (ROUND_KEY, EVALUATE_KEY, SPLITS_KEY)
 
 # -- metric keys with a meaning beyond "average me" ---------------------------------
 WEIGHT_KEY = "num-examples"

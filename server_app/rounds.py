@@ -27,16 +27,9 @@ from flwr.serverapp import Grid
 from core.config import ConfigError, RunConfig
 from core.console import console
 from core.data_report import config_mismatch, describe_sites, describe_split
-from core.methods import (
-    DATA_RECORD,
-    EVALUATE_KEY,
-    EVALUATION_RECORD,
-    METRICS_RECORD,
-    SITE_ID_KEY,
-    SPLITS_KEY,
-    contract_for,
-)
+from core.methods import DATA_RECORD, EVALUATION_RECORD, METRICS_RECORD, SITE_ID_KEY, contract_for
 from core.run_folder import METRICS_FILE
+from core.settings import SettingsHandOver
 from models import SiteModel, build_run_model
 from partitions.inputs import input_spec
 from server_app.checkpoint import (
@@ -161,6 +154,8 @@ class FederatedRun:
         self.evaluator = central_evaluator(cfg, everywhere and not cfg.recalibrate_bn, self.in_deployment)
         self.arrays, shared_keys = initial_model_arrays(cfg, model)
         self.strategy = build_strategy(cfg, self.arrays)
+        # the settings, now resolved, go to each site once (core/settings.py); messages name them
+        self.handover = SettingsHandOver(cfg.to_mapping())
         if self.checkpoint is None:
             self.tell("round_closed", 0)
             return 1
@@ -221,9 +216,7 @@ class FederatedRun:
         unsampled = connected - sampled  # (fraction-train < 1, or sites that joined)
         eval_messages = self.evaluate_messages(pending, exclude=sampled) if pending is not None and unsampled else []
         offline = self.report_offline(server_round, connected)
-        result = exchange(
-            self.grid, train_messages + eval_messages, self.cfg.round_timeout, self.book, f"round {server_round}"
-        )
+        result = self.send(train_messages + eval_messages, f"round {server_round}")
         self.tell("exchanged", server_round, result, False)
         self.learn_data(result)
         if pending is not None:
@@ -270,13 +263,7 @@ class FederatedRun:
         if pending is None:
             return
         started = time.time()
-        result = exchange(
-            self.grid,
-            self.evaluate_messages(pending),
-            self.cfg.round_timeout,
-            self.book,
-            f"final evaluation of round {pending}",
-        )
+        result = self.send(self.evaluate_messages(pending), f"final evaluation of round {pending}")
         self.tell("exchanged", pending, result, True)
         self.tell("faults", f"final evaluation of round {pending}", result.failed, result.missing)
         self.record_evaluation(pending, result, started=started)
@@ -345,8 +332,17 @@ class FederatedRun:
         return last["round"] if self.due(last["round"]) and EVALUATED_KEY not in last else None
 
     def message_config(self, evaluate_received: bool) -> ConfigRecord:
-        splits = "local" if self.evaluator is not None else "all"
-        return ConfigRecord({**self.cfg.to_mapping(), EVALUATE_KEY: evaluate_received, SPLITS_KEY: splits})
+        """What changes per message (the strategy adds the round); the settings go by digest."""
+        return self.handover.config(evaluate_received, "local" if self.evaluator is not None else "all")
+
+    def send(self, messages: list[Message], what: str) -> Exchange:
+        """One exchange; the run's settings go with the messages to nodes that may not hold them."""
+        messages = self.handover.attach(messages)
+        result = exchange(self.grid, messages, self.cfg.round_timeout, self.book, what)
+        self.handover.settle(
+            [m.metadata.dst_node_id for m in messages], [m.metadata.src_node_id for m in result.replies]
+        )
+        return result
 
     def report_offline(self, server_round: int, connected: set[int]) -> list[str]:
         """Sites that were connected in an earlier round (answered or not) but that the

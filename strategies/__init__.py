@@ -30,6 +30,7 @@ def build_strategy(cfg: RunConfig, initial_arrays: ArrayRecord) -> SharedModelSt
         max_update_norm=cfg.max_update_norm,
         max_examples=cfg.max_examples,
         secure=cfg.secure_aggregation,
+        settings=cfg.to_mapping(),
     )
 
 

@@ -80,6 +80,7 @@ class SharedModelStrategy(FedAvg):
         max_update_norm: float = 0.0,
         max_examples: int = 0,
         secure: bool = False,
+        settings: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -91,6 +92,9 @@ class SharedModelStrategy(FedAvg):
             arrayrecord_key=ARRAYS_RECORD,
         )
         self.contract = contract
+        # the run's resolved settings (kebab-case): a method's strategy reads its own here; the
+        # messages carry only their digest (core/settings.py)
+        self.settings: dict[str, object] = dict(settings or {})
         self.specs = array_specs(initial_arrays)
         self.shared_keys = frozenset(self.specs)
         # differential privacy (strategies/privacy.py): the noise is calibrated to the plain mean

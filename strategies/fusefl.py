@@ -36,7 +36,7 @@ class FuseFL(SharedModelStrategy):
         super().__init__(*args, **kwargs)
         (self.statistics,) = self.contract.to_server
         self.server_round = 0
-        self.config: dict = {}
+        self.config: dict = self.settings  # the run's settings (fusefl-blocks, -columns, seed, lr)
         self.full: dict[str, np.ndarray] = {}
         self.column_of: dict[int, int] = {}  # node -> the column it claimed first (a column is one site's)
 
@@ -52,7 +52,7 @@ class FuseFL(SharedModelStrategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send only the levels fused so far; remember the whole model for the stacking."""
-        self.server_round, self.config = server_round, dict(config)
+        self.server_round = server_round
         columns, nodes = int(self.config["fusefl-columns"]), len(list(grid.get_node_ids()))
         if nodes != columns:
             raise ValueError(

@@ -25,6 +25,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import client_app.app as client
 from core.config import RunConfig
+from core.settings import SETTINGS_RECORD, SettingsHandOver
 from server_app.rounds import initial_model_arrays
 from strategies import SharedModelStrategy, build_strategy
 
@@ -70,6 +71,14 @@ def small_config(tmp_path: Path, method: str, **changes) -> RunConfig:
     return RunConfig(**base)
 
 
+def first_message(cfg: RunConfig, arrays: ArrayRecord, server_round: int = 1) -> RecordDict:
+    """A site's first train message of a run: the arrays, the round, and the run's settings
+    with their digest (core/settings.py)."""
+    handover = SettingsHandOver(cfg.to_mapping())
+    config = ConfigRecord({**handover.config(), "server-round": server_round})
+    return RecordDict({"arrays": arrays, "config": config, SETTINGS_RECORD: handover.record})
+
+
 @contextmanager
 def server_identity() -> Iterator[None]:
     """Messages built outside a ServerApp process need a task identity."""
@@ -91,12 +100,17 @@ class FakeGrid:
     contexts: dict[int, Context]  # node id -> the site's context
     sent: list[Message] = field(default_factory=list)  # server -> sites
     replies: list[Message] = field(default_factory=list)  # sites -> server
+    #: the run's settings, handed to each site with its first message as the round loop does
+    handover: SettingsHandOver | None = None
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.contexts)
 
     def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
         out = []
+        messages = list(messages)
+        if self.handover is not None:
+            messages = self.handover.attach(messages)
         # in node order (not the strategy's random sampling order): the server then sums
         # the replies in a fixed order, so repeated runs agree bit for bit
         for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
@@ -106,6 +120,8 @@ class FakeGrid:
             reply = client.train(delivered, self.contexts[msg.metadata.dst_node_id])
             self.replies.append(reply)
             out.append(reply)
+        if self.handover is not None:
+            self.handover.settle([m.metadata.dst_node_id for m in messages], [m.metadata.src_node_id for m in out])
         return out
 
 
@@ -120,16 +136,18 @@ class Federation:
     round_replies: list[list[Message]] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)  # aggregate_train's metrics per round
 
+    def config(self) -> ConfigRecord:
+        """A train message's config record, as the round loop builds it (the settings' digest)."""
+        return self.grid.handover.config()
+
     def grid_message(self, server_round: int) -> RecordDict:
-        """The content of this round's train message (current global arrays and config)."""
-        config = ConfigRecord({**self.cfg.to_mapping(), "server-round": server_round})
-        return RecordDict({"arrays": copy.deepcopy(self.arrays), "config": config})
+        """The content of a first train message of the run (current global arrays, the round
+        and the run's settings)."""
+        return first_message(self.cfg, copy.deepcopy(self.arrays), server_round)
 
     def run_round(self, server_round: int) -> list[Message]:
         with server_identity():
-            messages = self.strategy.configure_train(
-                server_round, self.arrays, ConfigRecord(self.cfg.to_mapping()), self.grid
-            )
+            messages = self.strategy.configure_train(server_round, self.arrays, self.config(), self.grid)
             replies = self.grid.send_and_receive(messages)
             arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         assert arrays is not None
@@ -149,6 +167,7 @@ def federation(
         write_fake_medmnist(Path(cfg.data_root))
     state_dir = state_dir or tmp_path / "site-state"
     grid = FakeGrid({i + 1: site_context(i, num_sites, state_dir, **node_extra) for i in range(num_sites)})
+    grid.handover = SettingsHandOver(cfg.to_mapping())
     arrays, keys = initial_model_arrays(cfg)
     strategy = build_strategy(cfg, arrays)
     return Federation(cfg, grid, strategy, keys, arrays)

@@ -88,7 +88,7 @@ def seed_round(scenario: str, root: Path) -> Seed:
     for server_round in range(1, fuzz_round):
         fed.run_round(server_round)
     with server_identity():
-        messages = fed.strategy.configure_train(fuzz_round, fed.arrays, ConfigRecord(cfg.to_mapping()), fed.grid)
+        messages = fed.strategy.configure_train(fuzz_round, fed.arrays, fed.config(), fed.grid)
         replies = fed.grid.send_and_receive(messages)
     for reply in replies:
         reply.content = unpack(reply.content)

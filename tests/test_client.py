@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, Context, RecordDict
 
 from client_app.site import Site, evaluate_round, train_round
 from client_app.state import FILE_NAME, MODEL_RECORD, StateError
@@ -17,6 +17,7 @@ from core.config import RunConfig
 from models import build_model, part_of
 from partitions.simulated import simulation_site_data
 from server_app.rounds import initial_model_arrays
+from tests.fl_harness import first_message
 
 
 def make_cfg(root, tmp_path, **changes) -> RunConfig:
@@ -38,7 +39,7 @@ def make_cfg(root, tmp_path, **changes) -> RunConfig:
 
 
 def message(cfg: RunConfig, arrays: ArrayRecord, server_round: int = 1) -> RecordDict:
-    return RecordDict({"arrays": arrays, "config": ConfigRecord({**cfg.to_mapping(), "server-round": server_round})})
+    return first_message(cfg, arrays, server_round)
 
 
 def context(site: int, num_sites: int = 3, state: RecordDict | None = None) -> Context:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord
 
 from client_app.privacy import clip_shared_update
 from core.config import ConfigError, RunConfig
 from core.methods import ARRAYS_RECORD, METRICS_RECORD
+from core.settings import SETTINGS_RECORD, SettingsHandOver
 from strategies import build_strategy
 from strategies.aggregation import average_arrays
 from strategies.privacy import EPSILON_KEY, NOISE_STD_KEY, NoiseSource, PrivacyLedger
@@ -119,10 +120,11 @@ def test_dp_off_changes_nothing(tmp_path):
         mapping = run_cfg.to_mapping()
         if variant == "without-keys":
             del mapping["dp-clip-norm"], mapping["dp-noise-multiplier"]
+        fed.grid.handover = SettingsHandOver(mapping)  # the settings a site receives, with or without the keys
         with server_identity():
-            messages = list(fed.strategy.configure_train(1, fed.arrays, ConfigRecord(mapping), fed.grid))
-            assert all(("dp-clip-norm" in m.content["config"]) == (variant == "with-keys") for m in messages)
+            messages = list(fed.strategy.configure_train(1, fed.arrays, fed.config(), fed.grid))
             replies = fed.grid.send_and_receive(messages)
+            assert all(("dp-clip-norm" in m.content[SETTINGS_RECORD]) == (variant == "with-keys") for m in messages)
             arrays, metrics = fed.strategy.aggregate_train(1, replies)
         outcomes.append((replies, arrays, dict(metrics)))
     (replies_a, arrays_a, metrics_a), (replies_b, arrays_b, metrics_b) = outcomes

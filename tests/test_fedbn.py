@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord
 
 from client_app.site import Site
 from client_app.state import node_private_state
@@ -56,7 +56,7 @@ def test_batchnorm_stays_private_and_is_restored_per_site(tmp_path) -> None:
     # the next round's model at each site carries that site's BatchNorm and the global rest,
     # also after a restart that empties context.state (then it comes from disk)
     with server_identity():
-        messages = list(fed.strategy.configure_train(2, fed.arrays, ConfigRecord(cfg.to_mapping()), fed.grid))
+        messages = list(fed.strategy.configure_train(2, fed.arrays, fed.config(), fed.grid))
     global_state = state_dict(fed.arrays)
     restarted = {i + 1: site_context(i, 3, tmp_path / "site-state") for i in range(3)}
     for contexts in (fed.grid.contexts, restarted):

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from flwr.app import RecordDict
 
 from client_app.site import Site
 from client_app.state import node_private_state
@@ -19,7 +18,7 @@ from models import build_run_model
 from partitions.inputs import input_spec, reference_inputs
 from partitions.medmnist_data import Split
 from server_app.results import summarise
-from tests.fl_harness import federation, small_config, state_dict
+from tests.fl_harness import federation, first_message, small_config, state_dict
 
 
 def test_reference_inputs_are_32_px_3_channel_uint8():
@@ -112,11 +111,10 @@ def test_first5_is_the_mean_over_sites_0_to_4(tmp_path):
     cfg = small_config(tmp_path, "fedbn")
     fed = federation(tmp_path, cfg, num_sites=6)
     fed.run_round(1)
-    from flwr.app import ConfigRecord
 
     from client_app.site import evaluate_round
 
-    content = RecordDict({"arrays": fed.arrays, "config": ConfigRecord({**cfg.to_mapping(), "server-round": 1})})
+    content = first_message(cfg, fed.arrays, 1)
     replies = []
     for node, ctx in fed.grid.contexts.items():
         reply = evaluate_round(content, ctx)

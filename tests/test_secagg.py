@@ -343,7 +343,7 @@ def test_a_secure_train_reply_holds_public_keys_and_no_update_or_weight(tmp_path
     """A real train message at a site: no shared arrays, no example count (neither in the
     metrics nor in the data report); the public keys; the update kept in its state."""
     import client_app.app as client
-    from tests.fl_harness import site_context, small_config, write_fake_medmnist
+    from tests.fl_harness import first_message, site_context, small_config, write_fake_medmnist
 
     cfg = small_config(tmp_path, "fedavg", secure_aggregation=True)
     write_fake_medmnist(tmp_path / "data", n_train=48, n_eval=8)
@@ -353,7 +353,7 @@ def test_a_secure_train_reply_holds_public_keys_and_no_update_or_weight(tmp_path
     context = site_context(0, 2, tmp_path / "state")
     with server_identity():
         msg = Message(
-            RecordDict({ARRAYS_RECORD: arrays, "config": ConfigRecord({**cfg.to_mapping(), "server-round": 1})}),
+            first_message(cfg, arrays, 1),
             dst_node_id=1,
             message_type="train",
         )

@@ -15,6 +15,7 @@ import torch
 from flwr.app import Context, Message
 
 from client_app.state import FILE_NAME, forget_node_state, node_private_state, read_state_file
+from core.settings import SETTINGS_RECORD
 from core.transport import is_packed, unpack
 from tests.conftest import simulate_with_recorder, write_fake_medmnist
 
@@ -53,7 +54,7 @@ def recording_mod(log_path: str):
         disk_digest = None
         if wiped:  # simulate a SuperNode restart: the in-memory state is gone
             forget_node_state(ctx.state)
-            state_file = next(p for p in _state_files(msg) if p.parent.name == "site-0")
+            state_file = next(p for p in _state_files(ctx) if p.parent.name == "site-0")
             disk_digest = _digest(read_state_file(state_file)[0].flat())
         held = node_private_state(ctx.state)
         before = held.flat() if held is not None else None
@@ -87,11 +88,11 @@ def recording_mod(log_path: str):
             handle.write(json.dumps(row) + "\n")
         return reply
 
-    def _state_files(msg: Message):
+    def _state_files(ctx: Context):
         from pathlib import Path
 
-        cfg = msg.content["config"]
-        return Path(cfg["results-dir"]).rglob(FILE_NAME)
+        settings = ctx.state.config_records[SETTINGS_RECORD]  # kept since the run's first message
+        return Path(settings["results-dir"]).rglob(FILE_NAME)
 
     return recorder
 

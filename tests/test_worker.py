@@ -264,21 +264,6 @@ def test_the_worker_survives_clients_that_stall_hang_up_send_garbage_or_too_much
     assert log.count("dropped a connection") == 3 and "over the limit" in log
 
 
-def test_the_thin_app_waits_no_longer_than_the_rounds_timeout(tmp_path, monkeypatch):
-    import socket
-
-    path = tmp_path / "w.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(1)  # a worker that accepts and never answers
-    content = RecordDict({"config": ConfigRecord({"round-timeout": 0.5})})
-    started = time.time()
-    with pytest.raises(worker.WorkerUnavailable):
-        worker.call(str(path), "train", content, {}, 1, timeout=3600.0)
-    assert time.time() - started < 5
-    listener.close()
-
-
 def _frame(header_json: bytes, body: bytes = b"") -> bytes:
     import struct
 
