@@ -29,6 +29,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from client_app.evaluation import evaluate_site, majority_share_of_test
+from client_app.node import flag, node_settings, require_privacy
 from client_app.privacy import clip_shared_update
 from client_app.secagg import HANDLERS as SECAGG_HANDLERS
 from client_app.secagg import advertise
@@ -61,35 +62,8 @@ from core.seeds import BATCH_ORDER, GAMMA_BATCH, SECAGG_ROUNDING, private_init_s
 from core.settings import run_config, site_settings
 from models import SiteModel, build_run_model
 from partitions.site_data import SiteData
-from partitions.sources import site_data_for
 
-ALLOW_GRADIENTS = "allow-gradients"  # node config of a deployed site: opt in to sending gradients
-MIN_DP_NOISE = "min-dp-noise-multiplier"  # node config: take part only in runs with at least this much DP noise
 IMPORTED = time.time()
-
-
-def _flag(value: object) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes")
-
-
-class PrivacyRequired(RuntimeError):
-    """This site's node config asks for more differential privacy than the run gives."""
-
-
-def require_privacy(cfg: RunConfig, node: dict) -> None:
-    """A site whose node config sets `min-dp-noise-multiplier = m > 0` takes part only in
-    runs that clip (dp-clip-norm > 0) and noise with dp-noise-multiplier >= m. The server
-    adds the noise, so this guards against a misconfigured run, not a dishonest server."""
-    try:
-        minimum = float(node.get(MIN_DP_NOISE, 0.0) or 0.0)
-    except (TypeError, ValueError):
-        raise PrivacyRequired(f"node config {MIN_DP_NOISE} must be a number, got {node.get(MIN_DP_NOISE)!r}") from None
-    if minimum > 0 and not (cfg.dp_clip_norm > 0 and cfg.dp_noise_multiplier >= minimum):
-        raise PrivacyRequired(
-            f"this site takes part only with differential privacy of noise multiplier >= {minimum:g} "
-            f"({MIN_DP_NOISE} in its node config); this run has dp-clip-norm = {cfg.dp_clip_norm:g}, "
-            f"dp-noise-multiplier = {cfg.dp_noise_multiplier:g}"
-        )
 
 
 class Site:
@@ -100,26 +74,26 @@ class Site:
     ) -> None:
         self.timeline = timeline or Timeline(IMPORTED)
         self.phase = phase  # "train" starts from the state of an earlier round, "evaluate" from this round's
-        node = context.node_config
-        state_dir = str(node.get("state-dir", "") or "")
-        # the run's settings: held since the run's first message (core/settings.py), parsed once
-        self.cfg = run_config(*site_settings(content, context.state, state_dir or None))
+        # this node's own settings and the run's: both parsed on the run's first message and kept
+        # (client_app/node.py, core/settings.py)
+        self.node = node = node_settings(context.run_id, context.node_config)
+        self.cfg = run_config(*site_settings(content, context.state, node.state_dir or None))
         config = content[CONFIG_RECORD]  # what changes per message: the round, what to evaluate
         self.server_round = int(config.get(ROUND_KEY, 0))
-        self.evaluate_received = _flag(config.get(EVALUATE_KEY, False))
+        self.evaluate_received = flag(config.get(EVALUATE_KEY, False))
         self.evaluate_splits = str(config.get(SPLITS_KEY, "all"))
         self.contract: MethodContract = contract_for(self.cfg.method)
         require_privacy(self.cfg, node)  # before the site reads any of its data
-        self.deployed = bool(str(node.get("data-path", "") or ""))
-        self.allows_gradients = not self.deployed or _flag(node.get(ALLOW_GRADIENTS, False))
+        self.deployed = node.deployed
+        self.allows_gradients = node.allows_gradients
         self.data: SiteData
-        self.data, meta = site_data_for(self.cfg, node)
+        self.data, meta = node.source.load(self.cfg)
         self.meta = meta
         self.timeline.mark("data_loaded")
-        self.site_id = int(node.get("partition-id", meta.get("site", 0)))
-        self.num_sites = int(node.get("num-partitions", meta.get("num_sites", 1)))
-        self.name = str(node.get("site-name", f"site-{self.site_id}"))
-        state_dir = state_dir or str(Path(self.cfg.results_dir) / self.cfg.run_name / "site-state")
+        self.site_id = node.partition_id if node.partition_id is not None else int(meta.get("site", 0))
+        self.num_sites = node.num_partitions if node.num_partitions is not None else int(meta.get("num_sites", 1))
+        self.name = node.site_name if node.site_name is not None else f"site-{self.site_id}"
+        state_dir = node.state_dir or str(Path(self.cfg.results_dir) / self.cfg.run_name / "site-state")
         self.state = PrivateState(context.state, state_dir, self.cfg.run_name, self.name, self.cfg.keep_checkpoints)
         set_threads(self.cfg.num_threads)
         self.device = resolve_device(self.cfg.device)

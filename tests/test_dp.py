@@ -259,20 +259,23 @@ def test_config_checks():
 def test_a_site_can_require_dp_and_refuses_runs_with_less(tmp_path):
     """`min-dp-noise-multiplier` in a site's node config: the site takes part in runs with at
     least that noise and refuses the others before it reads its data."""
-    from client_app.site import PrivacyRequired, require_privacy
+    from client_app.node import NodeSettings, PrivacyRequired, require_privacy
+
+    def node(**config):  # a simulated site's node config with the given keys
+        return NodeSettings.read({"partition-id": 0, **config})
 
     noised = RunConfig.from_mapping({"method": "fedavg", "dp-clip-norm": 1.0, "dp-noise-multiplier": 1.0})
-    require_privacy(noised, {"min-dp-noise-multiplier": 1.0})
-    require_privacy(RunConfig(), {})  # a site that asks for nothing takes part in any run
-    for cfg, node in (
-        (noised, {"min-dp-noise-multiplier": 1.5}),
-        (RunConfig(), {"min-dp-noise-multiplier": 0.1}),
-        (RunConfig.from_mapping({"dp-clip-norm": 1.0}), {"min-dp-noise-multiplier": 0.1}),  # clipping alone
+    require_privacy(noised, node(**{"min-dp-noise-multiplier": 1.0}))
+    require_privacy(RunConfig(), node())  # a site that asks for nothing takes part in any run
+    for cfg, minimum in (
+        (noised, 1.5),
+        (RunConfig(), 0.1),
+        (RunConfig.from_mapping({"dp-clip-norm": 1.0}), 0.1),  # clipping alone
     ):
         with pytest.raises(PrivacyRequired, match="noise multiplier >= .*min-dp-noise-multiplier"):
-            require_privacy(cfg, node)
+            require_privacy(cfg, node(**{"min-dp-noise-multiplier": minimum}))
     with pytest.raises(PrivacyRequired, match="must be a number"):
-        require_privacy(noised, {"min-dp-noise-multiplier": "lots"})
+        node(**{"min-dp-noise-multiplier": "lots"})
 
     cfg = small_config(tmp_path, "fedavg", dp_clip_norm=CLIP, dp_noise_multiplier=NOISE)
     fed = federation(tmp_path, cfg, num_sites=2, **{"min-dp-noise-multiplier": NOISE})

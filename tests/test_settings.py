@@ -282,3 +282,31 @@ def test_the_thin_app_waits_no_longer_than_the_rounds_timeout(short_tmp):
         client.handle("train", content, context)
     assert time.time() - started < 10
     listener.close()
+
+
+def test_a_site_reads_its_node_config_once_per_run(tmp_path, monkeypatch):
+    """Three sites, two rounds, one process: each site's node config is parsed (its data
+    source, opt-ins, DP minimum, name) on the run's first message and kept; another run, or
+    another node config, is read afresh."""
+    from client_app import node as node_module
+
+    reads = []
+    read = node_module.NodeSettings.read.__func__
+
+    def counted(cls, config):
+        reads.append(dict(config))
+        return read(cls, config)
+
+    monkeypatch.setattr(node_module, "_KEPT", {})
+    monkeypatch.setattr(node_module.NodeSettings, "read", classmethod(counted))
+    cfg = small_config(tmp_path, "fedavg")
+    fed = federation(tmp_path / "a", cfg)
+    fed.run_round(1)
+    replies = fed.run_round(2)
+    assert len(replies) == 3 and len(reads) == 3  # once per site, not once per message
+    assert sorted(r["partition-id"] for r in reads) == [0, 1, 2]
+    kept = node_module.node_settings(1, reads[0])
+    assert len(reads) == 3 and kept.partition_id == reads[0]["partition-id"] and not kept.deployed
+    node_module.node_settings(2, reads[0])  # a new run reads it again
+    node_module.node_settings(1, {**reads[0], "allow-gradients": True})  # so does a changed node config
+    assert len(reads) == 5
