@@ -58,6 +58,7 @@ class _Log:
         pass
 
 
+@pytest.mark.slow  # about 4 s or more idle (several lean rounds); `make test` runs it, the fast tier leaves it
 def test_sweep_skips_finished_runs_and_redoes_interrupted_ones(tmp_path, monkeypatch):
     runs = sweep.expand({"methods": "fedavg", "datasets": "breastmnist", "seeds": "0,1,2", "rounds": 2})
     done, partial, new = runs

@@ -123,6 +123,7 @@ def write_blank_breastmnist(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow  # about 4 s or more idle (several lean rounds); `make test` runs it, the fast tier leaves it
 def test_a_deployed_breastmnist_run_that_learns_nothing_says_so_and_names_the_sites_data(tmp_path, capsys):
     """The coordinator holds the dataset file (it split it for the hospitals), yet the run
     is a deployment because Flower's deployed grid says so: its name leaves the run

@@ -115,6 +115,7 @@ def test_only_a_nodes_first_message_carries_the_settings_and_a_site_without_them
     assert rows[2]["failed_sites"] == [] and rows[2]["num_replies"] == 3
 
 
+@pytest.mark.slow  # about 4 s or more idle (several lean rounds); `make test` runs it, the fast tier leaves it
 def test_a_site_parses_the_settings_once_per_run_and_a_digest_only_message_trains_the_same(tmp_path, monkeypatch):
     """Three sites, two rounds, one process: the settings are parsed (RunConfig checks)
     once; a round-2 message with only the digest trains exactly like one carrying them."""

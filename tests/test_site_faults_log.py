@@ -85,6 +85,7 @@ class ReconnectingGrid(LocalGrid):
         return nodes if self.clock.now >= self.after else [n for n in nodes if n != 3]
 
 
+@pytest.mark.slow  # about 4 s or more idle (several lean rounds); `make test` runs it, the fast tier leaves it
 def test_a_resumed_run_waits_for_the_sites_of_its_last_round(cfg, tmp_path, clock, capsys):
     run(cfg.replace(num_server_rounds=1), LocalGrid(tmp_path / "state"))
     assert [r for r, _ in list_checkpoints(cfg.results_dir, cfg.run_name)] == [0, 1]
@@ -214,6 +215,7 @@ def test_a_site_lost_before_it_ever_answered_is_offline_next_round(cfg, tmp_path
 # -- one round time (issue 30.6) -------------------------------------------------------------
 
 
+@pytest.mark.slow  # about 4 s or more idle (several lean rounds); `make test` runs it, the fast tier leaves it
 def test_the_console_and_metrics_give_the_same_round_time(cfg, tmp_path, clock, capsys):
     """Every round's time on its progress line is metrics.jsonl's `round_seconds`, the last
     round's included (its final evaluation adds to it before either is written)."""
