@@ -33,10 +33,9 @@ test: install
 	$(VENV)/bin/pytest -n auto --dist loadgroup
 
 ## Unit and small integration tests, without the `slow` and `integration` ones (flwr, Ray, the
-## pilot), one pytest worker per core (pytest-xdist; a module with shared fixtures on one worker, so they
-## are built once), for the edit-test loop (times: README).
+## pilot), one pytest worker per core (pytest-xdist), for the edit-test loop (times: README).
 test-fast: install
-	$(VENV)/bin/pytest -n auto --dist loadgroup -m "not slow and not integration"
+	$(VENV)/bin/pytest -n auto -m "not slow and not integration"
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
