@@ -85,6 +85,9 @@ def run_config(work: Path, num_sites: int, secure: bool, results_dir: Path) -> d
             "run-name": f"{'secure' if secure else 'plain'}-{num_sites}",
             "results-dir": str(results_dir),
             "secure-aggregation": secure,
+            # the recipe's warm-up minimum, as when the committed rows were measured (the tests'
+            # tiny config leaves it out since)
+            "warmup-min-steps": 100,
         },
     )
 

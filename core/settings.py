@@ -152,14 +152,22 @@ def held_settings(content: RecordDict, state: RecordDict, folder: str | Path | N
     if kept is not None and settings_digest(kept) == digest:
         return dict(kept)
     if folder:
-        path = _settings_file(folder, digest)
-        try:
-            settings = _checked(json.loads(path.read_text()), digest, f"in {path}")
-        except FileNotFoundError:
-            return None
-        state.config_records[SETTINGS_RECORD] = ConfigRecord(settings)
+        settings = _disk_copy(_settings_file(folder, digest), digest)
+        if settings is not None:
+            state.config_records[SETTINGS_RECORD] = ConfigRecord(settings)
         return settings
     return None
+
+
+def _disk_copy(path: Path, digest: str) -> dict[str, Any] | None:
+    """The settings in `path` when it holds them for `digest`; None when it is missing,
+    unreadable or does not match (then the server's copy is asked for, and written over it)."""
+    try:
+        return _checked(json.loads(path.read_text()), digest, f"in {path}")
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError, SettingsMismatch):  # not JSON, not a mapping, another content
+        return None
 
 
 def site_settings(content: RecordDict, state: RecordDict, folder: str | Path | None = None) -> tuple[str, dict]:
@@ -173,8 +181,9 @@ def site_settings(content: RecordDict, state: RecordDict, folder: str | Path | N
             "without them on its disk); the server sends them with its next message"
         )
     if folder:
+        run_config(digest, settings)  # settings this site would refuse are never written
         path = _settings_file(folder, digest)
-        if not path.exists():
+        if _disk_copy(path, digest) is None:  # missing, or a damaged copy replaced
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             atomic_write_bytes(path, json.dumps(settings, sort_keys=True).encode())
     return digest, settings

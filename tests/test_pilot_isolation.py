@@ -229,8 +229,12 @@ def test_without_its_worker_the_isolated_clientapp_fails_fast_and_reads_nothing(
         f"""
         from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
         from client_app.app import handle
-        content = RecordDict({{"config": ConfigRecord({{"dataset": "breastmnist", "download": False}}),
-                               "arrays": ArrayRecord()}})
+        from core.config import RunConfig
+        from core.settings import SETTINGS_RECORD, SettingsHandOver
+        # a run's first message: its settings and their digest (core/settings.py)
+        handover = SettingsHandOver(RunConfig(dataset="breastmnist", download=False).to_mapping())
+        content = RecordDict({{"config": ConfigRecord({{**handover.config(), "server-round": 1}}),
+                               "arrays": ArrayRecord(), SETTINGS_RECORD: handover.record}})
         handle("train", content, Context(run_id=1, node_id=0, node_config={node_config!r}, state=RecordDict(),
                                          run_config={{}}))
         """,

@@ -311,3 +311,44 @@ def test_a_site_reads_its_node_config_once_per_run(tmp_path, monkeypatch):
     node_module.node_settings(2, reads[0])  # a new run reads it again
     node_module.node_settings(1, {**reads[0], "allow-gradients": True})  # so does a changed node config
     assert len(reads) == 5
+
+
+@pytest.mark.parametrize("damage", ["not json", "[1, 2]", '{"method": "fedavg"}'])
+def test_a_damaged_settings_file_is_unknown_and_the_next_copy_replaces_it(tmp_path, damage):
+    """A site's disk copy that is not JSON, not a mapping, or other settings is treated as
+    absent (SettingsUnknown, so the server resends them), and the copy that then arrives is
+    written over it."""
+    from flwr.app import ArrayRecord
+
+    cfg = small_config(tmp_path, "fedavg")
+    first = first_message(cfg, ArrayRecord())
+    digest = first["config"][DIGEST_KEY]
+    path = tmp_path / "state" / SETTINGS_DIR / f"{digest}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(damage)
+    digest_only = RecordDict({"arrays": first["arrays"], "config": first["config"]})
+    with pytest.raises(SettingsUnknown):
+        settings.site_settings(digest_only, RecordDict(), tmp_path / "state")
+    assert settings.site_settings(first, RecordDict(), tmp_path / "state")[0] == digest
+    assert settings.site_settings(digest_only, RecordDict(), tmp_path / "state")[0] == digest  # from disk now
+    assert json.loads(path.read_text()) == dict(first[SETTINGS_RECORD])
+
+
+@pytest.mark.parametrize("digest", ["../../etc/passwd", "x" * 64, "", "AB" * 32])
+def test_a_hostile_digest_is_refused_before_it_names_a_file(tmp_path, digest):
+    from core.settings import SettingsMismatch
+
+    content = RecordDict({"config": settings.message_config(digest)})
+    with pytest.raises((SettingsUnknown, SettingsMismatch)):
+        settings.site_settings(content, RecordDict(), tmp_path / "state")
+    assert not (tmp_path / "state").exists()  # nothing written, no folder made
+
+
+def test_settings_the_site_refuses_are_never_written_to_its_disk(tmp_path):
+    from core.config import ConfigError
+
+    handover = SettingsHandOver({"method": "fedsgd"})  # no such method: RunConfig refuses it
+    content = RecordDict({"config": handover.config(), SETTINGS_RECORD: handover.record})
+    with pytest.raises(ConfigError):
+        settings.site_settings(content, RecordDict(), tmp_path / "state")
+    assert not (tmp_path / "state" / SETTINGS_DIR).exists()
