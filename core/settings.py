@@ -164,9 +164,7 @@ def _disk_copy(path: Path, digest: str) -> dict[str, Any] | None:
     unreadable or does not match (then the server's copy is asked for, and written over it)."""
     try:
         return _checked(json.loads(path.read_text()), digest, f"in {path}")
-    except FileNotFoundError:
-        return None
-    except (ValueError, TypeError, SettingsMismatch):  # not JSON, not a mapping, another content
+    except (FileNotFoundError, ValueError, TypeError, SettingsMismatch):  # missing, not JSON, other settings
         return None
 
 
