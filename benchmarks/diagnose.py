@@ -37,11 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from client_app.evaluation import batchnorm_layers, recalibrated_batchnorm, reconstruction_health
 from client_app.site_model import SiteModelError, build_site_model, load_run_model, run_cli
 from client_app.state import read_state_file
 from core.run_folder import RunFolder
 from models import SiteModel
-from models.evaluation import batchnorm_layers, predict_scores, recalibrated_batchnorm, reconstruction_health
+from models.evaluation import predict_scores
 from partitions.simulated import simulation_site_data
 from partitions.tensors import TensorSplit, to_float
 

@@ -102,7 +102,7 @@ class Site:
 
     def _build_model(self, global_arrays: ArrayRecord) -> SiteModel:
         seed = private_init_seed(self.cfg.seed, self.site_id, self.cfg.fused and self.cfg.shared_encoder_init)
-        model = build_run_model(self.cfg, self.data.spec, seed=seed)
+        model = build_run_model(self.cfg, self.data.spec, seed=seed, contract=self.contract)
         self.shared_keys = self.contract.shared_keys(model, self.cfg.head_blocks)
         if self.phase == "train":  # which keys arrive and leave in this round (most methods: all shared both ways)
             self.received_keys, self.reply_keys = self.contract.key_sets(

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from core.config import RunConfig
-from core.methods import AUX, CLASSIFIER, DECODER, ENCODER, PARTS, contract_for
+from core.methods import AUX, CLASSIFIER, DECODER, ENCODER, PARTS, MethodContract
 from models.autoencoders import build_autoencoder
 from models.classifier import PreActResNet20
 
@@ -90,11 +90,11 @@ def build_model(
     return SiteModel(classifier, encoder, decoder)
 
 
-def build_run_model(cfg: RunConfig, spec, seed: int) -> SiteModel:
+def build_run_model(cfg: RunConfig, spec, seed: int, *, contract: MethodContract) -> SiteModel:
     """The model a run configuration (`core.config.RunConfig`) asks for on a dataset
-    (`partitions.medmnist_data.DatasetSpec`), initialised from `seed`."""
+    (`partitions.medmnist_data.DatasetSpec`), initialised from `seed`; `contract`: the method's
+    (`core.methods.contract_for(cfg.method)`), which the caller holds already."""
     torch.manual_seed(seed)
-    contract = contract_for(cfg.method)
     if contract.classifier_builder:  # a method with its own classifier (FuseFL's fused columns)
         return SiteModel(contract.build_classifier(spec.channels, spec.num_classes, cfg.classifier_norm, cfg))
     model = build_model(

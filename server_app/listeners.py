@@ -21,7 +21,7 @@ The listeners:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core.console import console
 from core.data_report import majority_class
@@ -31,7 +31,20 @@ from server_app.results import RunResults
 from server_app.tracking import RunTracker
 
 if TYPE_CHECKING:
-    from server_app.rounds import FederatedRun
+    from flwr.app import ArrayRecord
+
+    from core.config import RunConfig
+
+
+class RunView(Protocol):
+    """What a listener reads of the round loop (server_app/rounds.py's FederatedRun): named
+    here so that the loop imports its listeners and never the other way round."""
+
+    cfg: RunConfig
+    rows: list[dict[str, Any]]
+    arrays: ArrayRecord
+    strategy: Any  # a strategies/ strategy: `checkpoint_state()` for the checkpoints
+    results: RunResults
 
 
 def progress_line(row: dict[str, Any], num_rounds: int, eta: str = "") -> str:
@@ -63,28 +76,28 @@ def progress_line(row: dict[str, Any], num_rounds: int, eta: str = "") -> str:
 class RunListener:
     """A listener of the round loop: every event is optional (a no-op here)."""
 
-    def configured(self, run: FederatedRun) -> None:
+    def configured(self, run: RunView) -> None:
         """The run's settings are settled (again, when the federation changed them)."""
 
-    def exchanged(self, run: FederatedRun, server_round: int, result: Exchange, final: bool) -> None:
+    def exchanged(self, run: RunView, server_round: int, result: Exchange, final: bool) -> None:
         """An exchange's replies are in (`final`: the evaluation after the last round)."""
 
-    def rows_changed(self, run: FederatedRun) -> None:
+    def rows_changed(self, run: RunView) -> None:
         """`run.rows` gained a round or a round's evaluation."""
 
-    def round_closed(self, run: FederatedRun, server_round: int) -> None:
+    def round_closed(self, run: RunView, server_round: int) -> None:
         """`run.arrays` is round `server_round`'s global model (0: the initial one)."""
 
-    def sites_offline(self, run: FederatedRun, server_round: int, labels: list[str]) -> None:
+    def sites_offline(self, run: RunView, server_round: int, labels: list[str]) -> None:
         """Sites connected in an earlier round that the SuperLink no longer lists (not asked)."""
 
-    def faults(self, run: FederatedRun, what: str, failed: list[str], missing: Iterable[str]) -> None:
+    def faults(self, run: RunView, what: str, failed: list[str], missing: Iterable[str]) -> None:
         """Sites that failed an exchange, labelled as in `failed_sites`."""
 
-    def round_reported(self, run: FederatedRun, row: dict[str, Any]) -> None:
+    def round_reported(self, run: RunView, row: dict[str, Any]) -> None:
         """A round is finished: trained and, when due, evaluated."""
 
-    def finished(self, run: FederatedRun, summary: dict[str, Any]) -> None:
+    def finished(self, run: RunView, summary: dict[str, Any]) -> None:
         """The run is over; `summary` is what summary.json holds."""
 
     def close(self) -> None:
@@ -97,16 +110,16 @@ class RunFolderFiles(RunListener):
     def __init__(self, results: RunResults) -> None:
         self.results = results
 
-    def configured(self, run: FederatedRun) -> None:
+    def configured(self, run: RunView) -> None:
         self.results.write_config(run.cfg.to_mapping())
 
-    def exchanged(self, run: FederatedRun, server_round: int, result: Exchange, final: bool) -> None:
+    def exchanged(self, run: RunView, server_round: int, result: Exchange, final: bool) -> None:
         self.results.write_timeline(server_round, result, final=final)
 
-    def rows_changed(self, run: FederatedRun) -> None:
+    def rows_changed(self, run: RunView) -> None:
         self.results.write_rounds(run.rows)
 
-    def finished(self, run: FederatedRun, summary: dict[str, Any]) -> None:
+    def finished(self, run: RunView, summary: dict[str, Any]) -> None:
         self.results.write_model(run.arrays.to_torch_state_dict())
         self.results.write_summary(summary)
 
@@ -114,7 +127,7 @@ class RunFolderFiles(RunListener):
 class Checkpoints(RunListener):
     """A checkpoint of every round's global model, strategy state and rows."""
 
-    def round_closed(self, run: FederatedRun, server_round: int) -> None:
+    def round_closed(self, run: RunView, server_round: int) -> None:
         write_checkpoint(
             run.cfg, server_round, run.arrays.to_torch_state_dict(), run.strategy.checkpoint_state(), run.rows
         )
@@ -129,22 +142,22 @@ class ConsoleReport(RunListener):
         self.tracker = tracker
         self.started = started
 
-    def sites_offline(self, run: FederatedRun, server_round: int, labels: list[str]) -> None:
+    def sites_offline(self, run: RunView, server_round: int, labels: list[str]) -> None:
         for label in labels:
             console.print(
                 f"[yellow]round {server_round}: {label} is offline (not connected to the SuperLink): "
                 "not asked this round[/yellow]"
             )
 
-    def faults(self, run: FederatedRun, what: str, failed: list[str], missing: Iterable[str]) -> None:
+    def faults(self, run: RunView, what: str, failed: list[str], missing: Iterable[str]) -> None:
         report_failures(what, failed, missing)
 
-    def round_reported(self, run: FederatedRun, row: dict[str, Any]) -> None:
+    def round_reported(self, run: RunView, row: dict[str, Any]) -> None:
         self.tracker.log_round(row)
         eta = self.tracker.progress(row["round"], self.started, getattr(run, "first_round", 1))
         console.print(progress_line(row, run.cfg.num_server_rounds, eta))
 
-    def finished(self, run: FederatedRun, summary: dict[str, Any]) -> None:
+    def finished(self, run: RunView, summary: dict[str, Any]) -> None:
         if "warning" in summary:
             console.print(f"[yellow]warning: {run.cfg.method} ({run.cfg.run_name}): {summary['warning']}[/yellow]")
         console.print(f"results written to {run.results.dir}")

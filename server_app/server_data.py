@@ -21,6 +21,7 @@ from flwr.superlink.grid import HttpGrid
 from core.config import RunConfig
 from core.console import console
 from core.data_report import MAJORITY_KEY
+from core.methods import contract_for
 from core.metrics import majority_share
 from models import build_run_model
 from models.evaluation import evaluate_split
@@ -80,7 +81,7 @@ class CentralEvaluator:
         self.spec = cached_dataset(*inputs_key(cfg)).spec
 
     def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
-        model = build_run_model(self.cfg, self.spec, seed=self.cfg.seed)
+        model = build_run_model(self.cfg, self.spec, seed=self.cfg.seed, contract=contract_for(self.cfg.method))
         model.load_state_dict({**model.state_dict(), **arrays.to_torch_state_dict()})
         cpu = torch.device("cpu")
         metrics: dict[str, float] = {}

@@ -30,7 +30,7 @@ def test_class_means_move_by_the_momentum_for_the_classes_present():
 
 def test_a_fraug_site_sends_the_classifier_and_generator_and_keeps_the_rest(tmp_path):
     cfg = small_config(tmp_path, "fraug")
-    model = build_run_model(cfg, input_spec("breastmnist"), seed=0)
+    model = build_run_model(cfg, input_spec("breastmnist"), seed=0, contract=contract_for(cfg.method))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fed = run(tmp_path, cfg, rounds=2)
     keys = set(model.state_dict())
@@ -65,7 +65,7 @@ def test_balanced_augmentation_uses_only_the_classes_a_site_has_seen(tmp_path):
     from partitions.tensors import TensorSplit
 
     cfg = small_config(tmp_path, "fraug")
-    model = build_run_model(cfg, input_spec("breastmnist"), seed=0)
+    model = build_run_model(cfg, input_spec("breastmnist"), seed=0, contract=contract_for(cfg.method))
     images = torch.randint(0, 255, (40, 1, 28, 28), dtype=torch.uint8)
     train = TensorSplit(images, torch.zeros(40, dtype=torch.long))  # class 0 only
     spec = input_spec("breastmnist")

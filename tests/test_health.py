@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+from client_app.evaluation import recalibrated_batchnorm, reconstruction_health
 from core.config import ConfigError, RunConfig
+from core.methods import contract_for
 from core.protocol import PROTOCOLS
 from models import build_model
-from models.evaluation import recalibrated_batchnorm, reconstruction_health
 from partitions.tensors import TensorSplit
 from tests.conftest import tiny_blood_run, write_fake_medmnist
 
@@ -106,7 +107,7 @@ def test_default_fusedspacefed_warm_up_carries_information_at_every_demo_site(re
     trainer = FusedSpaceFedTrainer()
     for site in range(5):
         data = simulation_site_data(cfg, site, 5)
-        model = build_run_model(cfg, data.spec, seed=cfg.seed)
+        model = build_run_model(cfg, data.spec, seed=cfg.seed, contract=contract_for(cfg.method))
         job = LocalRound(
             cfg=cfg,
             data=data,

@@ -37,7 +37,7 @@ def make_run(folder: Path, method: str = "fusedspacefed", rounds: int = 3) -> Pa
     """A finished run's folder as the ServerApp leaves it (config.json, metrics.jsonl,
     global_model.pt), plus the checkpoint of round 2."""
     cfg = RunConfig(method=method, dataset="breastmnist", run_name=RUN, num_server_rounds=5, batch_size=16, seed=3)
-    model = build_run_model(cfg, dataset_spec("breastmnist", 28), seed=11)
+    model = build_run_model(cfg, dataset_spec("breastmnist", 28), seed=11, contract=contract_for(cfg.method))
     if model.fused:  # a trained decoder: a fresh one's output weights are zero (quiet start), a wall for E_i's gradient
         torch.nn.init.normal_(output_layer(model.decoder).weight, std=0.05)
     state = model.state_dict()
@@ -117,7 +117,7 @@ def test_onboard_warms_the_encoder_and_writes_the_site_state(run_dir, site_npz, 
     # the fresh encoder: the run's initial one (seed 3) with shared-encoder-init, else seeded by the site's name
     cfg = load_run_model(run_dir).cfg
     seed = 3 if cfg.shared_encoder_init else site_init_seed(3, site_number(SITE))
-    expected = build_run_model(cfg, dataset_spec("breastmnist"), seed)
+    expected = build_run_model(cfg, dataset_spec("breastmnist"), seed, contract=contract_for(cfg.method))
     assert all(torch.equal(expected.state_dict()[k], fresh[k]) for k in saved.model)
 
 

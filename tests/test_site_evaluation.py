@@ -7,6 +7,7 @@ import torch
 from client_app.evaluation import evaluate_site, majority_share_of_test
 from core.config import RunConfig
 from core.data_report import MAJORITY_KEY
+from core.methods import contract_for
 from models import build_run_model
 from partitions.simulated import simulation_site_data
 from tests.conftest import tiny_blood_run, write_fake_medmnist
@@ -16,7 +17,7 @@ def _site(tmp_path, norm: str):
     write_fake_medmnist(tmp_path / "data", "bloodmnist", sizes=(60, 16, 20))
     cfg = RunConfig.from_mapping({**tiny_blood_run(tmp_path / "data", "fedavg"), "norm": norm})
     data = simulation_site_data(cfg, 0, 2)
-    return cfg, data, build_run_model(cfg, data.spec, seed=0)
+    return cfg, data, build_run_model(cfg, data.spec, seed=0, contract=contract_for(cfg.method))
 
 
 def test_the_local_shard_always_and_the_shared_splits_only_when_asked(tmp_path):

@@ -20,7 +20,7 @@ Under the standard protocol (docs/recipe.md):
   where the site builds its model, client_app/site.py), so that the decoders the sites train
   in round 1 read the same features and average better (round 2's worst R^2 on RetinaMNIST
   0.37 -> 0.61; still short of 0.8, docs/recipe.md).
-The reconstruction's health (R^2 and input dependence, models.evaluation) is measured on
+The reconstruction's health (R^2 and input dependence, client_app.evaluation) is measured on
 the site's own images before the warm-up (`_received`: its E_i with the received averaged
 decoder, the pair the site evaluates with), after the warm-up and after training (with the
 decoder as the site trained it), and reported as metrics.
