@@ -211,7 +211,9 @@ def plain_rounds(cfg: dict[str, Any], sites: int, threads: int) -> dict[str, Any
     trainer = trainer_for(rc.method)
 
     def fresh(site_id: int):
-        return build_run_model(rc, data[site_id].spec, seed=site_init_seed(rc.seed, site_id), contract=contract_for(rc.method))
+        return build_run_model(
+            rc, data[site_id].spec, seed=site_init_seed(rc.seed, site_id), contract=contract_for(rc.method)
+        )
 
     torch.manual_seed(rc.seed)
     template = fresh(0)

@@ -294,7 +294,12 @@ def upload_megabytes(run: Run) -> float | None:
 
         known = {f.replace("_", "-") for f in RunConfig.__dataclass_fields__}
         cfg = RunConfig.from_mapping({k: v for k, v in c.items() if k in known})
-        model = build_run_model(cfg, input_spec(cfg.dataset, cfg.image_size, cfg.rules.reference_inputs), seed=0, contract=contract_for(cfg.method))
+        model = build_run_model(
+            cfg,
+            input_spec(cfg.dataset, cfg.image_size, cfg.rules.reference_inputs),
+            seed=0,
+            contract=contract_for(cfg.method),
+        )
         state = model.state_dict()
         shared = METHODS[cfg.method].shared_keys(model, cfg.head_blocks)
         _SHARED_BYTES[key] = float(sum(state[k].numel() * state[k].element_size() for k in shared))

@@ -195,7 +195,12 @@ def build_site_model(run: RunModel, site_name: str) -> SiteModel:
     site name), shared parts from the run. Errors say when the arrays do not fit."""
     cfg = run.cfg
     shared = cfg.fused and cfg.shared_encoder_init
-    model = build_run_model(cfg, run.input_spec, seed=private_init_seed(cfg.seed, site_number(site_name), shared), contract=contract_for(cfg.method))
+    model = build_run_model(
+        cfg,
+        run.input_spec,
+        seed=private_init_seed(cfg.seed, site_number(site_name), shared),
+        contract=contract_for(cfg.method),
+    )
     expected = model.state_dict()
     shared = contract_for(cfg.method).shared_keys(model, cfg.head_blocks)
     missing, unexpected = sorted(set(shared) - set(run.shared)), sorted(set(run.shared) - set(shared))

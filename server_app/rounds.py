@@ -53,7 +53,12 @@ RESUME_WAIT = 180.0  # seconds a resumed run waits for the sites of its checkpoi
 
 def initial_model(cfg: RunConfig) -> SiteModel:
     """A freshly initialised model of the run (seeded)."""
-    return build_run_model(cfg, input_spec(cfg.dataset, cfg.image_size, cfg.rules.reference_inputs), seed=cfg.seed, contract=contract_for(cfg.method))
+    return build_run_model(
+        cfg,
+        input_spec(cfg.dataset, cfg.image_size, cfg.rules.reference_inputs),
+        seed=cfg.seed,
+        contract=contract_for(cfg.method),
+    )
 
 
 def initial_model_arrays(cfg: RunConfig, model: SiteModel | None = None) -> tuple[ArrayRecord, list[str]]:

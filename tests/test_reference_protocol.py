@@ -63,7 +63,9 @@ def test_a_reference_run_keeps_optimisers_starts_sites_independently_and_average
     assert fed.strategy.weighted is False
     # round 1: each site trains from its own seeded initialisation, not the server's
     site = Site(fed.grid_message(1), fed.grid.contexts[2])  # site 1
-    own = build_run_model(cfg, input_spec("breastmnist", 28, True), seed=site_init_seed(cfg.seed, 1), contract=contract_for(cfg.method)).state_dict()
+    own = build_run_model(
+        cfg, input_spec("breastmnist", 28, True), seed=site_init_seed(cfg.seed, 1), contract=contract_for(cfg.method)
+    ).state_dict()
     sent = state_dict(fed.arrays)
     model = site.model.state_dict()
     some = next(k for k in sent if k.endswith("weight") and "conv" in k)
