@@ -26,11 +26,12 @@ published: install
 	scripts/simulate.sh --run-config "data-root='$(DATA_ROOT)' num-server-rounds=50 warmup-epochs=2 batch-size=256 $(RUN_CONFIG)" \
 	  --federation-config "num-supernodes=$(SITES)"
 
-## Everything (what CI runs): one pytest worker per core (pytest-xdist); the pilot's integration
-## tests in two groups, each one test at a time on one worker (tests/conftest.py), the rest spread
-## (README "Times, measured").
+## Everything (what CI runs): pytest-xdist workers, one per core but at least 3 (the pilot's
+## integration tests, in three groups each one test at a time on one worker, mostly wait:
+## tests/conftest.py); the rest spread (README "Times, measured").
+TEST_WORKERS ?= $(shell python3 -c "import os; print(max(3, len(os.sched_getaffinity(0))))" 2>/dev/null || echo 3)
 test: install
-	$(VENV)/bin/pytest -n auto --dist loadgroup
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 ## Unit and small integration tests, without the `slow` and `integration` ones (flwr, Ray, the
 ## pilot), one pytest worker per core (pytest-xdist), for the edit-test loop (times: README).

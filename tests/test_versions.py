@@ -190,13 +190,13 @@ def test_make_tests_groups_hold_on_the_installed_pytest(request):
     `--dist loadgroup`, which pytest-xdist 3.8 applies by renaming test ids; pytest 9 ignores
     that rename and spreads every group (pyproject.toml pins pytest below 9 for this). An
     integration test collected here carries the group, and the installed pytest keeps it."""
-    from tests.conftest import serial_group
+    from tests.conftest import SERIAL_GROUPS, serial_group
 
     assert int(version("pytest").split(".")[0]) < 9, "pytest 9 breaks pytest-xdist 3.8's loadgroup"
     integration = [i for i in request.session.items if i.get_closest_marker("integration")]
     if integration:  # the whole suite was collected (not a -m selection without them)
         assert all(i.get_closest_marker("xdist_group").args == (serial_group(i.module.__name__),) for i in integration)
-        assert {serial_group(i.module.__name__) for i in integration} == {"pilot-processes-a", "pilot-processes-b"}
+        assert {serial_group(i.module.__name__) for i in integration} == set(SERIAL_GROUPS)
 
 
 def test_a_module_with_a_module_fixture_stays_on_one_worker(request):
