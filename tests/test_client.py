@@ -142,6 +142,7 @@ def test_corrupt_state_file_is_reported_and_kept(fake_root, tmp_path):
     assert state_file.read_bytes() == b"garbage"
 
 
+@pytest.mark.slow  # a U-Net round on 3-channel images: about 9 s
 def test_decoupled_round_runs(fake_root, tmp_path):
     cfg = make_cfg(fake_root, tmp_path, task_aware=False, ae_arch="unet")
     arrays, _ = initial_model_arrays(cfg)
