@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 ## The default job: FusedSpaceFed and FedAvg side by side on a small non-IID federation
-## (BloodMNIST, 2 sites, alpha 0.5, 2 rounds of 1 local epoch; 333 s on 2 cores: README "Times, measured"), a comparison and a plot.
+## (BloodMNIST, 2 sites, alpha 0.5, 2 rounds of 1 local epoch; about 250 s on 2 cores: README "Times, measured"), a comparison and a plot.
 run: install
 	RUN_CONFIG="$(RUN_CONFIG)" scripts/demo.sh "$(DATA_ROOT)"
 
@@ -29,7 +29,7 @@ published: install
 ## Everything (what CI runs): pytest-xdist workers, one per core but at least 3 (the pilot's
 ## integration tests, in three groups each one test at a time on one worker, mostly wait:
 ## tests/conftest.py); the rest spread (README "Times, measured").
-TEST_WORKERS ?= $(shell python3 -c "import os; print(max(3, len(os.sched_getaffinity(0))))" 2>/dev/null || echo 3)
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(); print(max(3, n or 1))" 2>/dev/null || echo 3)
 test: install
 	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup
 

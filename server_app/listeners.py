@@ -45,6 +45,7 @@ class RunView(Protocol):
     arrays: ArrayRecord
     strategy: Any  # a strategies/ strategy: `checkpoint_state()` for the checkpoints
     results: RunResults
+    first_round: int  # the round this start of the run began with (after a resume: past 1)
 
 
 def progress_line(row: dict[str, Any], num_rounds: int, eta: str = "") -> str:
@@ -154,7 +155,7 @@ class ConsoleReport(RunListener):
 
     def round_reported(self, run: RunView, row: dict[str, Any]) -> None:
         self.tracker.log_round(row)
-        eta = self.tracker.progress(row["round"], self.started, getattr(run, "first_round", 1))
+        eta = self.tracker.progress(row["round"], self.started, run.first_round)
         console.print(progress_line(row, run.cfg.num_server_rounds, eta))
 
     def finished(self, run: RunView, summary: dict[str, Any]) -> None:

@@ -110,6 +110,7 @@ class FederatedRun:
         self.book = SiteBook()
         self.data_reports: dict[int, dict[str, float]] = {}  # site id -> what its data is (core/data_report.py)
         self.rows: list[dict[str, Any]] = []
+        self.first_round = 1  # set again by run(): past 1 after a resume
         tracker = RunTracker(
             self.results.dir,
             cfg.num_server_rounds,
