@@ -159,7 +159,13 @@ def health(runs: list[Run], majority: float) -> str:
     return "; ".join(flags) or "—"
 
 
-def verdict(claim: tuple[float, float, float] | None, published_lead: float | None, n: int) -> str:
+def verdict(
+    claim: tuple[float, float, float] | None, published_lead: float | None, n: int, at_majority: bool = False
+) -> str:
+    """One plain sentence for a cell. `at_majority`: both methods' selected accuracy is the
+    majority class in every paired seed; a zero-width interval then says nothing of the claim."""
+    if at_majority:
+        return f"undecided: both methods score the majority class in all {n} paired seeds, so this cell cannot compare them"
     if claim is None:
         return f"undecided: {n} paired seed(s), no interval yet"
     mean, low, high = claim
@@ -233,7 +239,10 @@ def render(cells: list[Cell], data_root: Path = DEFAULT_DATA) -> str:
                 f"{('yes' if ci and (ci[1] > 0 or ci[2] < 0) else 'no') if ci else '—'} | "
                 f"{(f'{lead:+.2f}' if lead is not None and selection == 'paper' else '')} |"
             )
-        out += ["", f"**Verdict:** {verdict(claim, lead, len(seeds))}.", ""]
+        learnt_nothing = bool(seeds) and all(
+            abs(run.paper - majority) < 0.01 for s in seeds for run in (fsf[s], avg[s])
+        )
+        out += ["", f"**Verdict:** {verdict(claim, lead, len(seeds), learnt_nothing)}.", ""]
     return "\n".join(out) + "\n"
 
 

@@ -23,6 +23,9 @@ def test_verdicts():
     assert verdict((5.0, 1.0, 9.0), 14.9, 5).startswith("reproduced in direction")
     assert verdict((-2.0, -4.0, 0.5), 14.9, 5).startswith("not reproduced")  # published lead above the interval
     assert verdict((2.0, -4.0, 20.0), 14.9, 5).startswith("undecided")
+    # both methods at the majority class in every seed: a zero-width interval is no verdict
+    assert verdict((0.0, 0.0, 0.0), 1.36, 2, at_majority=True).startswith("undecided: both methods score the majority")
+    assert verdict((0.0, 0.0, 0.0), 1.36, 2).startswith("not reproduced")
 
 
 def test_health_flags_name_broken_reconstruction_and_the_majority_class():
