@@ -141,6 +141,11 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def scores_majority(run: Run, majority: float) -> bool:
+    """The run's selected accuracy is the test split's majority share (it learnt nothing)."""
+    return abs(run.paper - majority) < 0.01
+
+
 def health(runs: list[Run], majority: float) -> str:
     """The health flags of a method's runs, for its table cell."""
     flags = []
@@ -153,7 +158,7 @@ def health(runs: list[Run], majority: float) -> str:
     gaps = [r.bn_gap for r in runs if r.bn_gap is not None]
     if gaps:
         flags.append(f"BN gap {100 * statistics.mean(gaps):+.1f}")
-    at_majority = sum(abs(r.paper - majority) < 0.01 for r in runs)
+    at_majority = sum(scores_majority(r, majority) for r in runs)
     if at_majority:
         flags.append(f"**at majority class** in {at_majority}/{len(runs)}")
     return "; ".join(flags) or "—"
@@ -239,9 +244,7 @@ def render(cells: list[Cell], data_root: Path = DEFAULT_DATA) -> str:
                 f"{('yes' if ci and (ci[1] > 0 or ci[2] < 0) else 'no') if ci else '—'} | "
                 f"{(f'{lead:+.2f}' if lead is not None and selection == 'paper' else '')} |"
             )
-        learnt_nothing = bool(seeds) and all(
-            abs(run.paper - majority) < 0.01 for s in seeds for run in (fsf[s], avg[s])
-        )
+        learnt_nothing = bool(seeds) and all(scores_majority(r, majority) for s in seeds for r in (fsf[s], avg[s]))
         out += ["", f"**Verdict:** {verdict(claim, lead, len(seeds), learnt_nothing)}.", ""]
     return "\n".join(out) + "\n"
 
