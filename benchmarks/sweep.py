@@ -34,6 +34,7 @@ of extra run-config keys. Plans are expanded in order; a run that two plans shar
 from __future__ import annotations
 
 import argparse
+import fcntl
 import itertools
 import json
 import os
@@ -370,6 +371,22 @@ def resumable(results_dir: Path, spec: RunSpec) -> bool:
     return any((results_dir / spec.name / "checkpoints").glob("round-*.pt"))
 
 
+def claim(results_dir: Path, spec: RunSpec) -> Any | None:
+    """An exclusive lock on the run for as long as the returned handle stays open, or None when
+    another live sweep holds it. Two sweeps over one results folder (a second started over the
+    same cell) then never run, clear or redo the same run; the lock lives outside the run's
+    folder, which a redo clears, and dies with the process that holds it."""
+    locks = results_dir / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    handle = open(locks / f"{spec.name}.lock", "w")  # noqa: SIM115 - held while the run runs
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
 def start_run(results_dir: Path, spec: RunSpec, engine: str = "lean") -> tuple[subprocess.Popen, Any]:
     run_config = spec.run_config(results_dir)
     if run_state(results_dir, spec) == "partial" and resumable(results_dir, spec):
@@ -461,6 +478,7 @@ def sweep(
     results_dir.mkdir(parents=True, exist_ok=True)
     total_rounds = sum(s.rounds for s in todo)
     running: dict[str, tuple[RunSpec, subprocess.Popen, Any, float]] = {}
+    locks: dict[str, Any] = {}  # the claim on each running run (claim())
     finished_rounds = 0
     with Progress(
         TextColumn("[bold]{task.fields[runs]}[/bold]"),
@@ -481,10 +499,20 @@ def sweep(
                 late = deadline is not None and time.time() >= deadline
                 while queue and len(running) < parallel and not late:
                     spec = queue.pop(0)
+                    # the to-do list is hours old by now: another sweep may have finished or be running this run
+                    lock = claim(results_dir, spec)
+                    if lock is None or run_state(results_dir, spec) == "done":
+                        if lock is not None:
+                            lock.close()
+                        counts["skipped"] += 1
+                        why = "another sweep is running it" if lock is None else "it finished meanwhile"
+                        progress.console.print(f"[yellow]skipped[/yellow] {spec.name}: {why}")
+                        continue
                     partial = run_state(results_dir, spec) == "partial"
                     note = " (resumed)" if partial and resumable(results_dir, spec) else (" (redo)" if partial else "")
                     proc, log = start_run(results_dir, spec, engine)
                     running[spec.name] = (spec, proc, log, time.time())
+                    locks[spec.name] = lock
                     progress.console.print(f"started {spec.name}{note}")
                 if late:
                     queue.clear()
@@ -502,6 +530,7 @@ def sweep(
                         continue
                     log.close()
                     del running[name]
+                    locks.pop(name).close()
                     ok = proc.returncode == 0 and run_state(results_dir, spec) == "done"
                     counts["done" if ok else "failed"] += 1
                     finished_rounds += spec.rounds
@@ -536,6 +565,9 @@ def sweep(
                 stop(proc)
                 log.close()
             raise
+        finally:
+            for lock in locks.values():
+                lock.close()
     console.print(f"sweep finished: {counts}")
     return counts
 

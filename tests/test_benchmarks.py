@@ -89,6 +89,34 @@ def test_sweep_skips_finished_runs_and_redoes_interrupted_ones(tmp_path, monkeyp
     assert sweep.sweep(runs, tmp_path)["skipped"] == 3 and started == []
 
 
+def test_a_second_sweep_never_starts_a_run_that_another_runs_or_has_finished(tmp_path, monkeypatch):
+    """Two sweeps over one results folder (each built its to-do list at its start): a run that
+    the other sweep holds is skipped, not cleared and redone; one it finished meanwhile too."""
+    runs = sweep.expand({"methods": "fedavg", "datasets": "breastmnist", "seeds": "0,1,2", "rounds": 2})
+    held, finished_meanwhile, free = runs
+    other_sweep = sweep.claim(tmp_path, held)  # a live sweep is running `held`
+    (tmp_path / held.name / "checkpoints").mkdir(parents=True)
+    (tmp_path / held.name / "metrics.jsonl").write_text('{"round": 1}\n')
+    started = []
+
+    def fake_start(results_dir, spec, engine="lean"):
+        started.append(spec.name)
+        for name in (spec.name, finished_meanwhile.name):  # the other sweep finishes its run meanwhile
+            (results_dir / name).mkdir(parents=True, exist_ok=True)
+            (results_dir / name / "summary.json").write_text("{}")
+        return _Done(), _Log()
+
+    monkeypatch.setattr(sweep, "start_run", fake_start)
+    queue = [free, held, finished_meanwhile]
+    counts = sweep.sweep(queue, tmp_path)
+    assert started == [free.name]
+    assert counts == {"done": 1, "failed": 0, "skipped": 2, "stopped": 0}
+    assert (tmp_path / held.name / "metrics.jsonl").exists()  # the other sweep's run is untouched
+    assert sweep.claim(tmp_path, free) is not None  # a finished run's claim is released
+    other_sweep.close()
+    assert sweep.claim(tmp_path, held) is not None  # and so is one whose sweep ended
+
+
 def test_reference_protocol_variants_and_their_run_configs():
     runs = sweep.expand(
         {
