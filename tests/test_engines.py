@@ -19,7 +19,7 @@ def test_runs_in_flowers_simulation_and_the_lean_engine_alike(tmp_path, method):
     import client_app.app as client
     from benchmarks.lean import run_lean
     from server_app.app import create_server_app
-    from tests.conftest import tiny_blood_run, write_fake_medmnist
+    from tests.conftest import RAY_TEST_BACKEND, tiny_blood_run, write_fake_medmnist
 
     write_fake_medmnist(tmp_path / "data", "bloodmnist", sizes=(120, 30, 40))
     # every method on its own defaults (FuseFL derives its stage, its 2 columns and min-replies)
@@ -28,7 +28,7 @@ def test_runs_in_flowers_simulation_and_the_lean_engine_alike(tmp_path, method):
         server_app=create_server_app({**config, "results-dir": str(tmp_path / "flower")}),
         client_app=client.app,
         num_supernodes=2,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
+        backend_config=RAY_TEST_BACKEND,
     )
     run_lean({**config, "results-dir": str(tmp_path / "lean")}, 2)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.lean import run_lean
-from tests.conftest import tiny_blood_run, write_fake_medmnist
+from tests.conftest import RAY_TEST_BACKEND, tiny_blood_run, write_fake_medmnist
 
 pytestmark = pytest.mark.slow  # a Flower (Ray) simulation and the GPU sweep script, 50-70 s each
 
@@ -37,7 +37,7 @@ def test_lean_runner_matches_the_flower_simulation(tmp_path):
         server_app=create_server_app({**config, "results-dir": str(tmp_path / "flower")}),
         client_app=client.app,
         num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
+        backend_config=RAY_TEST_BACKEND,
     )
     summary = run_lean({**config, "results-dir": str(tmp_path / "lean")}, 3)
     flower, lean = _rows(tmp_path / "flower" / "same"), _rows(tmp_path / "lean" / "same")

@@ -420,7 +420,7 @@ def test_secure_aggregation_runs_in_flowers_ray_simulation(tmp_path):
     import client_app.app as client
     from benchmarks.lean import run_lean
     from server_app.app import create_server_app
-    from tests.conftest import tiny_blood_run, write_fake_medmnist
+    from tests.conftest import RAY_TEST_BACKEND, tiny_blood_run, write_fake_medmnist
 
     write_fake_medmnist(tmp_path / "data", "bloodmnist", sizes=(150, 30, 60))
     config = tiny_blood_run(
@@ -430,7 +430,7 @@ def test_secure_aggregation_runs_in_flowers_ray_simulation(tmp_path):
         server_app=create_server_app({**config, "results-dir": str(tmp_path / "flower")}),
         client_app=client.app,
         num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
+        backend_config=RAY_TEST_BACKEND,
     )
     rows = [json.loads(x) for x in (tmp_path / "flower" / "secure" / "metrics.jsonl").read_text().splitlines()]
     assert [r["num_replies"] for r in rows] == [3, 3] and not any(r["failed_sites"] for r in rows)
