@@ -5,7 +5,7 @@ DATA_ROOT ?= $(if $(wildcard ../shared/data/medmnist/bloodmnist.npz),../shared/d
 SITES     ?= 10
 RUN_CONFIG ?=
 
-.PHONY: install run published test test-fast lint stop
+.PHONY: install run published test test-fast lint stop print-test-workers
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ published: install
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(); print(max(3, n or 1))" 2>/dev/null || echo 3)
 test: install
 	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup
+
+## make test's worker count (benchmarks/suite_cpu.py runs make test's command with it)
+print-test-workers:
+	@echo $(TEST_WORKERS)
 
 ## Unit and small integration tests, without the `slow` and `integration` ones (flwr, Ray, the
 ## pilot), one pytest worker per core (pytest-xdist), for the edit-test loop (times: README).
