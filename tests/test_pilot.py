@@ -115,20 +115,24 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(pilot, main_run):
 
 def test_a_secure_aggregation_run_completes_over_tls(pilot, main_run):
     """Issue 27: FusedSpaceFed with SecAgg+ over the pilot's TLS SuperLink and its three
-    authenticated SuperNodes: every site in every round's sum, and the same kind of model
-    (the shared parts' keys and shapes) as the plain run."""
+    authenticated SuperNodes: every site in the round's sum, and the same kind of model (the
+    shared parts' keys and shapes) as the plain run. One round: the SecAgg+ stages of a round
+    over the pilot's transport are what this adds (2 secure rounds took 179 CPU-s, the plain
+    2-round run 77, cgroup accounting); several secure rounds in a row are tests/test_secagg.py's."""
     run_id, seconds = run_and_wait(
-        pilot, 1500, **{"run-name": "pilot-secure", "eval-every": 2, "secure-aggregation": True}
+        pilot,
+        1500,
+        **{"run-name": "pilot-secure", "num-server-rounds": 1, "eval-every": 1, "secure-aggregation": True},
     )
     run = RunFolder(pilot.results / "pilot-secure")
     rows = run.rows()
-    assert [(r["round"], r["num_replies"], r["failed_sites"]) for r in rows] == [(1, 3, []), (2, 3, [])]
+    assert [(r["round"], r["num_replies"], r["failed_sites"]) for r in rows] == [(1, 3, [])]
     assert run.config()["secure-aggregation"] is True
-    assert 0 <= rows[1]["global_acc_mean"] <= 1
+    assert 0 <= rows[0]["global_acc_mean"] <= 1
     model = torch.load(pilot.results / "pilot-secure" / "global_model.pt", weights_only=True)
     assert {k: v.shape for k, v in model.items()} == {k: v.shape for k, v in main_run["model"].items()}
     print(
-        f"\npilot-secure: 2 rounds in {seconds:.0f} s (plain: {main_run['seconds']:.0f} s), "
+        f"\npilot-secure: 1 round in {seconds:.0f} s (plain, 2 rounds: {main_run['seconds']:.0f} s), "
         f"rounds took {[round(r['round_seconds']) for r in rows]} s"
     )
 
