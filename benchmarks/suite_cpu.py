@@ -34,9 +34,15 @@ V2 = Path("/sys/fs/cgroup")
 
 
 def cgroups_writable() -> bool:
-    """Whether this process may make cgroups (checked without moving into one)."""
-    v1 = V1.is_dir() and os.access(V1, os.W_OK)
-    return v1 or ((V2 / "cgroup.controllers").exists() and os.access(V2, os.W_OK))
+    """Whether a process here can move into a cgroup of its own and read its CPU: tried in a
+    child process (this one stays where it is), whose group is removed after it."""
+    probe = "import os, sys; from benchmarks.suite_cpu import _group_usage_reader as g; g(sys.argv[1])()"
+    name = f"fsf-suite-probe-{os.getpid()}"
+    done = subprocess.run([sys.executable, "-c", probe, name], cwd=ROOT, capture_output=True)
+    for base in (V1, V2):
+        if (base / name).is_dir():
+            (base / name).rmdir()
+    return done.returncode == 0
 
 
 NO_CGROUPS = "benchmarks.suite_cpu needs a writable cgroup file system (cgroup v1 cpuacct or v2): run as root"
@@ -164,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     rc = subprocess.run(command, cwd=ROOT, env={**os.environ, ROWS_ENV: str(rows_path)}).returncode
     wall = time.time() - started
+    for base in (V1, V2):  # the workers' groups, empty now that they have ended
+        for group in base.glob("fsf-suite-*") if base.is_dir() else ():
+            try:
+                group.rmdir()
+            except OSError:
+                pass
     rows = []
     if rows_path.exists():
         for line in rows_path.read_text().splitlines():
