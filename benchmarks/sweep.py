@@ -387,7 +387,11 @@ def claim(results_dir: Path, spec: RunSpec) -> Any | None:
     return handle
 
 
-def start_run(results_dir: Path, spec: RunSpec, engine: str = "lean") -> tuple[subprocess.Popen, Any]:
+def start_run(
+    results_dir: Path, spec: RunSpec, engine: str = "lean", claim_handle: Any | None = None
+) -> tuple[subprocess.Popen, Any]:
+    """Start the run's child process. With `claim_handle` (claim()) the child inherits the
+    lock, so the claim lasts as long as the run does, even if this sweep is killed first."""
     run_config = spec.run_config(results_dir)
     if run_state(results_dir, spec) == "partial" and resumable(results_dir, spec):
         run_config["resume-from"] = "latest"
@@ -404,6 +408,7 @@ def start_run(results_dir: Path, spec: RunSpec, engine: str = "lean") -> tuple[s
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its Ray processes form one group we can stop together
+        pass_fds=(claim_handle.fileno(),) if claim_handle is not None else (),
     )
     return proc, log
 
@@ -510,7 +515,7 @@ def sweep(
                         continue
                     partial = run_state(results_dir, spec) == "partial"
                     note = " (resumed)" if partial and resumable(results_dir, spec) else (" (redo)" if partial else "")
-                    proc, log = start_run(results_dir, spec, engine)
+                    proc, log = start_run(results_dir, spec, engine, claim_handle=lock)
                     running[spec.name] = (spec, proc, log, time.time())
                     locks[spec.name] = lock
                     progress.console.print(f"started {spec.name}{note}")

@@ -70,7 +70,7 @@ def test_sweep_skips_finished_runs_and_redoes_interrupted_ones(tmp_path, monkeyp
 
     started = []
 
-    def fake_start(results_dir, spec, engine="lean"):
+    def fake_start(results_dir, spec, engine="lean", claim_handle=None):
         sweep.clear_partial(results_dir, spec)
         started.append(spec.name)
         run_dir = results_dir / spec.name
@@ -99,7 +99,7 @@ def test_a_second_sweep_never_starts_a_run_that_another_runs_or_has_finished(tmp
     (tmp_path / held.name / "metrics.jsonl").write_text('{"round": 1}\n')
     started = []
 
-    def fake_start(results_dir, spec, engine="lean"):
+    def fake_start(results_dir, spec, engine="lean", claim_handle=None):
         started.append(spec.name)
         for name in (spec.name, finished_meanwhile.name):  # the other sweep finishes its run meanwhile
             (results_dir / name).mkdir(parents=True, exist_ok=True)
@@ -115,6 +115,23 @@ def test_a_second_sweep_never_starts_a_run_that_another_runs_or_has_finished(tmp
     assert sweep.claim(tmp_path, free) is not None  # a finished run's claim is released
     other_sweep.close()
     assert sweep.claim(tmp_path, held) is not None  # and so is one whose sweep ended
+
+
+def test_a_runs_claim_lives_as_long_as_its_process_even_after_its_sweep(tmp_path):
+    """The run's child process inherits the claim: a sweep killed while its run goes on
+    leaves the run claimed until the run itself ends."""
+    import subprocess
+    import sys
+
+    [spec] = sweep.expand({"methods": "fedavg", "datasets": "breastmnist", "seeds": "0", "rounds": 2})
+    lock = sweep.claim(tmp_path, spec)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, pass_fds=(lock.fileno(),)
+    )
+    lock.close()  # the sweep is gone
+    assert sweep.claim(tmp_path, spec) is None
+    child.communicate(b"")  # the run ends
+    assert sweep.claim(tmp_path, spec) is not None
 
 
 def test_reference_protocol_variants_and_their_run_configs():
