@@ -33,41 +33,45 @@ V1 = Path("/sys/fs/cgroup/cpuacct")
 V2 = Path("/sys/fs/cgroup")
 
 
+NO_CGROUPS = "benchmarks.suite_cpu needs a writable cgroup file system (cgroup v1 cpuacct or v2): run as root"
+
+
 def cgroups_writable() -> bool:
     """Whether a process here can move into a cgroup of its own and read its CPU: tried in a
     child process (this one stays where it is), whose group is removed after it."""
     probe = "import os, sys; from benchmarks.suite_cpu import _group_usage_reader as g; g(sys.argv[1])()"
     name = f"fsf-suite-probe-{os.getpid()}"
     done = subprocess.run([sys.executable, "-c", probe, name], cwd=ROOT, capture_output=True)
-    for base in (V1, V2):
-        if (base / name).is_dir():
-            (base / name).rmdir()
+    remove_groups(name)
     return done.returncode == 0
 
 
-NO_CGROUPS = "benchmarks.suite_cpu needs a writable cgroup file system (cgroup v1 cpuacct or v2): run as root"
+def remove_groups(pattern: str) -> None:
+    """Remove this benchmark's cgroups matching `pattern` whose processes have all ended."""
+    for base in (V1, V2):
+        for group in base.glob(pattern) if base.is_dir() else ():
+            try:
+                group.rmdir()
+            except OSError:  # a process still in it
+                pass
+
+
+def _v2_usage(group: Path) -> float:
+    stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
+    return int(stat["usage_usec"]) / 1e6
 
 
 def _group_usage_reader(name: str):
     """Make a cgroup `name`, move this process into it, and return a reader of its CPU seconds."""
     if V1.is_dir() and os.access(V1, os.W_OK):
-        group = V1 / name
-        group.mkdir(exist_ok=True)
-        (group / "cgroup.procs").write_text(str(os.getpid()))
-        return lambda: int((group / "cpuacct.usage").read_text()) / 1e9
-    if (V2 / "cgroup.controllers").exists() and os.access(V2, os.W_OK):
-        group = V2 / name
-        group.mkdir(exist_ok=True)
-        (group / "cgroup.procs").write_text(str(os.getpid()))
-
-        def usage() -> float:
-            stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
-            return int(stat["usage_usec"]) / 1e6
-
-        return usage
-    raise RuntimeError(
-        "benchmarks.suite_cpu needs a writable cgroup file system (cgroup v1 cpuacct or v2): run as root"
-    )
+        group, usage = V1 / name, lambda: int((group / "cpuacct.usage").read_text()) / 1e9
+    elif (V2 / "cgroup.controllers").exists() and os.access(V2, os.W_OK):
+        group, usage = V2 / name, lambda: _v2_usage(group)
+    else:
+        raise RuntimeError(NO_CGROUPS)
+    group.mkdir(exist_ok=True)
+    (group / "cgroup.procs").write_text(str(os.getpid()))
+    return usage
 
 
 # -- the pytest plugin (loaded in every xdist worker with -p benchmarks.suite_cpu) -----------------
@@ -170,12 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     rc = subprocess.run(command, cwd=ROOT, env={**os.environ, ROWS_ENV: str(rows_path)}).returncode
     wall = time.time() - started
-    for base in (V1, V2):  # the workers' groups, empty now that they have ended
-        for group in base.glob("fsf-suite-*") if base.is_dir() else ():
-            try:
-                group.rmdir()
-            except OSError:
-                pass
+    remove_groups("fsf-suite-*")  # the workers' groups, empty now that they have ended
     rows = []
     if rows_path.exists():
         for line in rows_path.read_text().splitlines():
