@@ -7,8 +7,15 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
+# pytest-xdist runs more workers than this machine has cores (make test: 3 on 2): one
+# thread for each worker's PyTorch and NumPy, and for the processes a test starts (they
+# inherit the environment), instead of a thread per core each, which oversubscribes the cores
+# and spends CPU on threads waiting for each other. Set before NumPy or PyTorch load.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FSF_DATA_ROOT", REPO.parent / "shared" / "data" / "medmnist"))
