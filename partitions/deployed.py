@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,8 +28,10 @@ from partitions.medmnist_data import (
     validate_npz,
     validate_split,
 )
-from partitions.site_data import SiteData, to_tensors
 from partitions.split import META_KEY
+
+if TYPE_CHECKING:
+    from partitions.site_data import SiteData
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ def deployment_site_data(
     """A SuperNode's data from its own `data-path` (an npz in MedMNIST's layout, or an
     image folder): it trains on the train split and evaluates on its own held-out data.
     With `cache_dir`, the validated arrays are prepared once and memory-mapped afterwards."""
+    # here, not at the top: PyTorch loads only for training (a site's pre-flight check reads its data without it)
+    from partitions.site_data import SiteData, to_tensors
+
     path = str(Path(data_path).expanduser())
     if cache_dir:
         site = cached_site_file(path, cfg.dataset, cfg.image_size, cfg.seed, str(cache_dir))

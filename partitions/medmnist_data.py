@@ -7,6 +7,9 @@ network allows, and otherwise the error names the file and where to put it.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +25,33 @@ class DataError(ValueError):
     """A dataset file is missing, corrupt or does not match its metadata."""
 
 
+@functools.cache
+def _medmnist_table() -> dict:
+    """medmnist's INFO, from its plain-data module `medmnist.info` alone: the package's
+    `__init__` also imports its datasets (PyTorch, pandas), about 4 CPU-s that a site's
+    pre-flight check and the split command would spend on a table of names."""
+    if "medmnist" in sys.modules:
+        return sys.modules["medmnist"].INFO
+    spec = importlib.util.find_spec("medmnist")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    info_file = Path(folders[0]) / "info.py" if folders else None
+    if info_file is None or not info_file.is_file():  # another layout: the package as documented
+        from medmnist import INFO
+
+        return INFO
+    info_spec = importlib.util.spec_from_file_location("fusedspacefed_medmnist_info", info_file)
+    module = importlib.util.module_from_spec(info_spec)
+    info_spec.loader.exec_module(module)
+    return module.INFO
+
+
 def medmnist_info(flag: str) -> dict:
     """medmnist's metadata for a 2D flag, with a clear error for anything else."""
-    from medmnist import INFO  # imported lazily: medmnist pulls in heavy modules
-
-    flags_2d = sorted(k for k in INFO if not k.endswith("3d"))
-    if flag not in INFO or flag.endswith("3d"):
+    info = _medmnist_table()
+    flags_2d = sorted(k for k in info if not k.endswith("3d"))
+    if flag not in info or flag.endswith("3d"):
         raise DataError(f"unknown dataset {flag!r}; MedMNIST 2D datasets are: {', '.join(flags_2d)}")
-    return INFO[flag]
+    return info[flag]
 
 
 IMAGE_SIZES = (28, 64, 128, 224)  # the sizes MedMNIST+ offers for 2D datasets

@@ -84,6 +84,24 @@ def test_unknown_and_3d_datasets_are_refused(tmp_path):
         load_medmnist("organmnist3d", tmp_path)
 
 
+def test_the_metadata_is_medmnists_own_table_read_without_its_datasets():
+    """medmnist's package imports PyTorch and pandas; its INFO table is read alone (a site's
+    pre-flight check and the split command need only names), and is the package's INFO."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from partitions.medmnist_data import medmnist_info, _medmnist_table\n"
+        "table = _medmnist_table(); assert medmnist_info('bloodmnist')['n_channels'] == 3\n"
+        "assert 'torch' not in sys.modules and 'medmnist' not in sys.modules, 'medmnist imported'\n"
+        "import medmnist\n"
+        "assert table == medmnist.INFO and table is not medmnist.INFO\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_chestmnist_is_multilabel(tmp_path):
     write_fake_medmnist(tmp_path, "chestmnist", channels=1, num_classes=14, multi_label=True)
     data = load_medmnist("chestmnist", tmp_path, download=False)
