@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,6 @@ def _medmnist_table() -> dict:
     """medmnist's INFO, from its plain-data module `medmnist.info` alone: the package's
     `__init__` also imports its datasets (PyTorch, pandas), about 4 CPU-s that a site's
     pre-flight check and the split command would spend on a table of names."""
-    if "medmnist" in sys.modules:
-        return sys.modules["medmnist"].INFO
     spec = importlib.util.find_spec("medmnist")
     folders = list(spec.submodule_search_locations or []) if spec else []
     info_file = Path(folders[0]) / "info.py" if folders else None
