@@ -39,7 +39,8 @@ case "$action" in
     echo "carry benchmarks/gpu-wheels with the working tree (it must stay under the transfer limit with the data)"
     ;;
   run)
-    if ! "$python" -c "import flwr, medmnist" 2>/dev/null; then
+    # installed or not, without importing them (importing medmnist loads pandas and PyTorch: 4 CPU-s)
+    if ! "$python" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('flwr', 'medmnist')))" 2>/dev/null; then
       [[ -d "$wheels" ]] || { echo "error: flwr/medmnist missing and no $wheels (run '$0 prepare' where the registry is reachable)" >&2; exit 2; }
       "$python" -m pip install --quiet --no-index --no-deps --target "$site" "$wheels"/*.whl
       export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"

@@ -143,7 +143,7 @@ def measure_pilot(args: argparse.Namespace) -> dict[str, Any]:
 
     sites = ["hospital-a", "hospital-b", "hospital-c"]
     root = Path(tempfile.mkdtemp(prefix="fsf-rc-"))
-    pilot = Pilot(root)
+    pilot = Pilot(root, superexec_poll=None)  # the pilot scripts' own poll interval
     try:
         pilot.site_files = split_dataset(
             "breastmnist", args.data_root, root / "site-files", num_sites=3, partition="dirichlet-equal", alpha=0.5
@@ -155,7 +155,7 @@ def measure_pilot(args: argparse.Namespace) -> dict[str, Any]:
         for i, site in enumerate(sites):
             cmd = pilot.supernode_cmd(site, pilot.site_files[i]) + (["--no-worker"] if args.no_worker else [])
             home = root / "sites" / site / "flwr-home"
-            pilot.supernodes[site] = pilot.start(f"supernode-{site}", cmd, base_env(home), root / "sites" / site)
+            pilot.supernodes[site] = pilot.start(f"supernode-{site}", cmd, base_env(home, None), root / "sites" / site)
         wait_for(lambda: pilot.online() >= set(pilot.node_ids.values()), 300, "three SuperNodes online", every=3)
         superlink = psutil.Process(pilot.superlink.pid)
         idle_start, idle_cpu = time.time(), _tree_cpu(superlink)

@@ -73,8 +73,21 @@ SMALL_RUN = {
 }
 
 
-def base_env(flwr_home: Path) -> dict[str, str]:
+#: How often the federation's SuperExecs ask for a new task, in the tests: Flower's own default
+#: (1 s), not the pilot scripts' 0.1 s. The scripts' 0.1 s saves about a second a message but keeps
+#: the SuperLink, SuperNodes and SuperExecs polling: a 2-site pilot left idle spent 10.4 CPU-s a
+#: minute at 0.1 s and 1.9 at 1 s (17 % and 3 % of a core: benchmarks/PILOT-IDLE.md), and the
+#: suite keeps federations up for about 20 minutes. What the
+#: tests check does not depend on it; benchmarks/round_cost.py passes None (the scripts' own).
+TEST_SUPEREXEC_POLL = "1.0"
+
+
+def base_env(flwr_home: Path, superexec_poll: str | None = TEST_SUPEREXEC_POLL) -> dict[str, str]:
+    """The environment of a pilot process or flwr CLI call: its own FLWR_HOME, none of the
+    caller's FLWR_ settings; `superexec_poll` (seconds) or None for the scripts' default."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
+    if superexec_poll is not None:
+        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = superexec_poll
     env.update(
         FLWR_HOME=str(flwr_home),
         FLWR_TELEMETRY_ENABLED="0",
@@ -147,6 +160,7 @@ class Pilot:
     site_files: list[Path] = field(default_factory=list)
     supernodes: dict[str, Process] = field(default_factory=dict)  # site name -> its SuperNode
     superlink: Process | None = None
+    superexec_poll: str | None = TEST_SUPEREXEC_POLL  # see base_env
 
     def __post_init__(self) -> None:
         self.certs = self.root / "certs"
@@ -180,7 +194,7 @@ class Pilot:
 
     def run(self, cmd: list[str], timeout: float = 120, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
         """A short command (scripts, flwr CLI) with the CLI's environment."""
-        kwargs.setdefault("env", base_env(self.cli_home))
+        kwargs.setdefault("env", base_env(self.cli_home, self.superexec_poll))
         kwargs.setdefault("cwd", REPO)
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
         if check and result.returncode != 0:
@@ -203,7 +217,9 @@ class Pilot:
     def start_superlink(self) -> Process:
         cmd = ["bash", str(REPO / "pilot" / "start-superlink.sh"), "--certs", str(self.certs)]
         cmd += ["--db", str(self.root / "superlink" / "state.db"), "--port", str(self.superlink_port or self.port)]
-        proc = self.start("superlink", cmd, base_env(self.root / "superlink-home"), self.root / "superlink")
+        proc = self.start(
+            "superlink", cmd, base_env(self.root / "superlink-home", self.superexec_poll), self.root / "superlink"
+        )
         wait_for(lambda: "Uvicorn running" in proc.text(), 90, f"SuperLink start ({proc.log})", proc)
         self.superlink = proc
         return proc
@@ -214,7 +230,7 @@ class Pilot:
         cmd = ["bash", str(REPO / "pilot" / "start-proxy.sh"), "--superlink", f"127.0.0.1:{self.superlink_port}"]
         cmd += ["--certs", str(self.certs), "--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["--state-dir", str(self.root / "proxy")] + [a for op in operators for a in ("--operator", op)]
-        proc = self.start("proxy", cmd, base_env(self.root / "proxy-home"), self.root)
+        proc = self.start("proxy", cmd, base_env(self.root / "proxy-home", self.superexec_poll), self.root)
         wait_for(lambda: _accepts("127.0.0.1", self.port), 30, f"proxy start ({proc.log})", proc, every=0.2)
         return proc
 
@@ -271,7 +287,7 @@ class Pilot:
     ) -> Process:
         cmd = self.supernode_cmd(site, data_path, ca=ca, retry=retry, superlink=superlink, extra=extra)
         home = self.root / "sites" / site / "flwr-home"
-        return self.start(f"supernode-{site}", cmd, base_env(home), self.root / "sites" / site)
+        return self.start(f"supernode-{site}", cmd, base_env(home, self.superexec_poll), self.root / "sites" / site)
 
     def exits(self, proc: Process, timeout: float = 120) -> int:
         """Wait for a process that should end by itself; its exit status."""
