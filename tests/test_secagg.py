@@ -385,6 +385,7 @@ def test_three_secure_rounds_reach_the_accuracy_of_plain_aggregation(tmp_path, r
             "download": False,
             "partition": "iid",
             "num-server-rounds": 3,
+            "eval-every": 3,  # the final accuracy is what is compared; the sums are checked every round
             "local-epochs": 1,
             "warmup-epochs": 1,
             # the warm-up's epoch alone (6 batches), not the recipe's 100-batch minimum, which is
