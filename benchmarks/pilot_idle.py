@@ -50,7 +50,7 @@ def tree_cpu(pids: list[int]) -> dict[str, float]:
 
 def idle_cost(interval: str, sites: int, seconds: float) -> dict:
     from partitions.split import split_dataset
-    from tests.pilot_harness import Pilot, wait_for
+    from tests.pilot_harness import Pilot
 
     root = Path(tempfile.mkdtemp(prefix="fsf-idle-"))
     pilot = Pilot(root, superexec_poll=interval)
@@ -59,13 +59,7 @@ def idle_cost(interval: str, sites: int, seconds: float) -> dict:
         pilot.site_files = split_dataset(
             "breastmnist", DATA, root / "site-files", num_sites=sites, partition="iid", show=False
         )
-        pilot.make_material(names)
-        pilot.start_superlink()
-        for name in names:
-            pilot.register(name)
-        for i, name in enumerate(names):
-            pilot.supernodes[name] = pilot.start_supernode(name, pilot.site_files[i])
-        wait_for(lambda: pilot.online() >= set(pilot.node_ids.values()), 300, "every SuperNode online", every=3)
+        pilot.start_federation(names, timeout=300)
         time.sleep(10)  # start-up settles
         pids = [p.popen.pid for p in pilot.processes]
         before = tree_cpu(pids)

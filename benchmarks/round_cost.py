@@ -139,7 +139,7 @@ def measure_pilot(args: argparse.Namespace) -> dict[str, Any]:
 
     sys.path.insert(0, str(ROOT))
     from partitions.split import split_dataset
-    from tests.pilot_harness import Pilot, base_env, wait_for
+    from tests.pilot_harness import Pilot
 
     sites = ["hospital-a", "hospital-b", "hospital-c"]
     root = Path(tempfile.mkdtemp(prefix="fsf-rc-"))
@@ -148,15 +148,7 @@ def measure_pilot(args: argparse.Namespace) -> dict[str, Any]:
         pilot.site_files = split_dataset(
             "breastmnist", args.data_root, root / "site-files", num_sites=3, partition="dirichlet-equal", alpha=0.5
         )
-        pilot.make_material(sites)
-        pilot.start_superlink()
-        for site in sites:
-            pilot.register(site)
-        for i, site in enumerate(sites):
-            cmd = pilot.supernode_cmd(site, pilot.site_files[i]) + (["--no-worker"] if args.no_worker else [])
-            home = root / "sites" / site / "flwr-home"
-            pilot.supernodes[site] = pilot.start(f"supernode-{site}", cmd, base_env(home, None), root / "sites" / site)
-        wait_for(lambda: pilot.online() >= set(pilot.node_ids.values()), 300, "three SuperNodes online", every=3)
+        pilot.start_federation(sites, timeout=300, extra=("--no-worker",) if args.no_worker else ())
         superlink = psutil.Process(pilot.superlink.pid)
         idle_start, idle_cpu = time.time(), _tree_cpu(superlink)
         time.sleep(20)  # the SuperLink with three SuperNodes connected and no run: its idle cost

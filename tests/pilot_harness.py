@@ -234,6 +234,21 @@ class Pilot:
         wait_for(lambda: _accepts("127.0.0.1", self.port), 30, f"proxy start ({proc.log})", proc, every=0.2)
         return proc
 
+    def start_federation(
+        self, sites: list[str], timeout: float = 240.0, unregistered: tuple[str, ...] = (), extra: tuple[str, ...] = ()
+    ) -> None:
+        """TLS material and keys (for `unregistered` names too), the SuperLink, every site
+        registered and its SuperNode started on its file (`site_files`, in order), all online."""
+        self.make_material([*sites, *unregistered])
+        self.start_superlink()
+        for site in sites:
+            self.register(site)
+        for i, site in enumerate(sites):
+            self.supernodes[site] = self.start_supernode(site, self.site_files[i], extra=extra)
+        wait_for(
+            lambda: self.online() >= set(self.node_ids.values()), timeout, f"{len(sites)} SuperNodes online", every=3
+        )
+
     def register(self, site: str) -> int:
         reply = self.flwr("supernode", "register", str(self.keys / f"{site}.key.pub"), "pilot", "--name", site)
         self.node_ids[site] = int(reply["node-id"])

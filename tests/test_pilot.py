@@ -41,13 +41,7 @@ def pilot(tmp_path_factory, real_data_root):
         show=False,
     )
     try:
-        pilot.make_material([*SITES, "unregistered"])
-        pilot.start_superlink()
-        for site in SITES:
-            pilot.register(site)
-        for i, site in enumerate(SITES):
-            pilot.supernodes[site] = pilot.start_supernode(site, pilot.site_files[i])
-        wait_for(lambda: pilot.online() >= set(pilot.node_ids.values()), 180, "three SuperNodes online", every=3)
+        pilot.start_federation(SITES, timeout=180, unregistered=("unregistered",))
         yield pilot
     finally:
         pilot.stop_all()
