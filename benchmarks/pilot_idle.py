@@ -4,9 +4,11 @@ site workers) with no run, at each SuperExec poll interval. Writes benchmarks/PI
 
     .venv/bin/python -m benchmarks.pilot_idle                       # 0.1 s and 1 s, 2 sites, 60 s
     .venv/bin/python -m benchmarks.pilot_idle --intervals 0.1 0.5 1 --sites 3 --seconds 120
+    .venv/bin/python -m benchmarks.pilot_idle --intervals scripts   # each script's own default
 
-The pilot scripts poll every 0.1 s (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`, Flower's default 1 s)
-to save about a second a message; the tests use 1 s (tests/pilot_harness.py).
+`FLWR_SUPEREXEC_TASK_POLL_INTERVAL` set for every process, or `scripts`: each start script's
+default (the sites' SuperExecs 0.1 s, to save up to a second a message; the SuperLink's 1 s,
+Flower's default). The tests use 1 s everywhere (tests/pilot_harness.py).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def idle_cost(interval: str, sites: int, seconds: float) -> dict:
     from tests.pilot_harness import Pilot
 
     root = Path(tempfile.mkdtemp(prefix="fsf-idle-"))
-    pilot = Pilot(root, superexec_poll=interval)
+    pilot = Pilot(root, superexec_poll=None if interval == "scripts" else interval)
     names = [f"hospital-{chr(97 + i)}" for i in range(sites)]
     try:
         pilot.site_files = split_dataset(
@@ -77,14 +79,16 @@ def idle_cost(interval: str, sites: int, seconds: float) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--intervals", nargs="+", default=["0.1", "1.0"], help="SuperExec poll intervals (s)")
+    parser.add_argument(
+        "--intervals", nargs="+", default=["0.1", "1.0", "scripts"], help="SuperExec poll intervals (s), or 'scripts'"
+    )
     parser.add_argument("--sites", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=60.0, help="idle time measured at each interval")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     rows = []
     for interval in args.intervals:
-        print(f"poll {interval} s: starting {args.sites} sites, then {args.seconds:.0f} s idle", flush=True)
+        print(f"poll {interval}: starting {args.sites} sites, then {args.seconds:.0f} s idle", flush=True)
         rows.append(idle_cost(interval, args.sites, args.seconds))
         print(f"  {rows[-1]['cpu_s']:.2f} CPU-s ({100 * rows[-1]['core_share']:.1f} % of a core)", flush=True)
     info = machine()
@@ -109,8 +113,10 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {row['interval']} | {row['cpu_s']:.2f} | {100 * row['core_share']:.1f} % | {parts} |")
     lines += [
         "",
-        "The pilot scripts' default is 0.1 s (a message waits up to 0.1 s for its SuperExec, not up to 1 s); the "
-        "tests use Flower's 1 s (tests/pilot_harness.py), since they keep federations up for many minutes.",
+        "`scripts`: each start script's own default: the sites' SuperExecs poll every 0.1 s (a message waits up to "
+        "0.1 s for its process, not up to 1 s), the SuperLink's every second (a run starts up to a second after it "
+        "is submitted). The tests use Flower's 1 s everywhere (tests/pilot_harness.py): they keep federations up "
+        "for many minutes.",
         "",
     ]
     args.out.write_text("\n".join(lines))

@@ -53,8 +53,11 @@ done
 mkdir -p "$(dirname "$db")"
 export FLWR_TELEMETRY_ENABLED="${FLWR_TELEMETRY_ENABLED:-0}"
 export FLWR_DISABLE_UPDATE_CHECK="${FLWR_DISABLE_UPDATE_CHECK:-1}"
-# the ServerApp's SuperExec looks for new runs every second by default
-export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}"
+# The ServerApp's SuperExec looks for new runs every second (Flower's default): a run starts up
+# to a second after it is submitted. Polling every 0.1 s (as the sites' SuperExecs do, once per
+# message) saved that second at 4 CPU-s a minute of the SuperLink's while idle
+# (benchmarks/PILOT-IDLE.md); set the variable to change it.
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-1.0}"
 args=(
   --ssl-ca-certfile "$certs/ca.crt"
   --ssl-certfile "$certs/superlink.crt"

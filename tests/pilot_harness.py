@@ -74,11 +74,11 @@ SMALL_RUN = {
 
 
 #: How often the federation's SuperExecs ask for a new task, in the tests: Flower's own default
-#: (1 s), not the pilot scripts' 0.1 s. The scripts' 0.1 s saves about a second a message but keeps
-#: the SuperLink, SuperNodes and SuperExecs polling: a 2-site pilot left idle spent 10.4 CPU-s a
-#: minute at 0.1 s and 1.9 at 1 s (17 % and 3 % of a core: benchmarks/PILOT-IDLE.md), and the
-#: suite keeps federations up for about 20 minutes. What the
-#: tests check does not depend on it; benchmarks/round_cost.py passes None (the scripts' own).
+#: (1 s) everywhere, not the sites' 0.1 s of start-supernode.sh, which saves up to a second a
+#: message but keeps the SuperNodes and their SuperExecs polling: an idle 2-site pilot spent 5.4
+#: CPU-s a minute with the scripts' defaults and 1.8 at 1 s everywhere (benchmarks/PILOT-IDLE.md),
+#: and the suite keeps federations up for about 20 minutes. What the tests check does not depend
+#: on it; benchmarks/round_cost.py passes None (the scripts' own).
 TEST_SUPEREXEC_POLL = "1.0"
 
 
