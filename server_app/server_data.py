@@ -12,11 +12,11 @@ sites) and every site evaluates on its own data.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
-from flwr.superlink.grid import HttpGrid
 
 from core.config import RunConfig
 from core.console import console
@@ -40,8 +40,13 @@ from partitions.summary import write_summary
 
 def deployed(grid: object) -> bool:
     """Whether the ServerApp runs in a deployment: Flower's deployed grid (SuperLink,
-    SuperNodes, each with its own data) rather than a simulation's or a test's in-process one."""
-    return isinstance(grid, HttpGrid)
+    SuperNodes, each with its own data) rather than a simulation's or a test's in-process one.
+
+    Flower's `HttpGrid` module is looked up, not imported: importing it costs about 2 CPU-s
+    (SQLAlchemy and Alembic come with it) in every lean run and test process, and a grid
+    can only be an `HttpGrid` in a process that has imported its class."""
+    http_grid = sys.modules.get("flwr.superlink.grid.http_grid")
+    return http_grid is not None and isinstance(grid, http_grid.HttpGrid)
 
 
 def dataset_on_server(cfg: RunConfig) -> bool:

@@ -37,7 +37,7 @@ def faulty_pilot(root: Path, data_root: Path, sites: list[str], retry: int = 30)
             pilot.supernodes[site] = pilot.start_supernode(
                 site, pilot.site_files[i], retry=retry, superlink=links[site].address
             )
-        wait_for(lambda: pilot.online() >= set(pilot.node_ids.values()), 240, "every SuperNode online", every=3)
+        pilot.wait_online(set(pilot.node_ids.values()), 240, "every SuperNode online")
     except BaseException:
         close(pilot, links)
         raise
@@ -53,7 +53,7 @@ def close(pilot: Pilot, links: dict[str, FaultyLink]) -> None:
 def wait_all_online(pilot: Pilot, timeout: float = 240) -> float:
     """Seconds until every registered SuperNode is online again."""
     started = time.time()
-    wait_for(lambda: pilot.online() >= set(pilot.node_ids.values()), timeout, "every SuperNode online", every=2)
+    pilot.wait_online(set(pilot.node_ids.values()), timeout, "every SuperNode online")
     return time.time() - started
 
 

@@ -61,3 +61,14 @@ def test_the_bundle_holds_the_app_and_nothing_else_and_the_app_imports_from_it(t
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert " modules" in done.stdout
+
+
+def test_the_pilot_tests_submit_the_same_bundle_from_their_copy_of_the_app():
+    """The pilot tests' `flwr run`s submit from a copy of the repository's own files
+    (tests/pilot_harness.app_copy, to spare Flower's walk of `.venv`): Flower builds the same
+    bundle from it, byte for byte, as `flwr run .` does from the checkout."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from tests.pilot_harness import app_copy
+
+    assert build_fab_from_disk(app_copy()) == build_fab_from_disk(REPO)

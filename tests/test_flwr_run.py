@@ -27,6 +27,9 @@ def flwr_env(tmp_path):
         "FLWR_HOME": str(tmp_path / "flwr-home"),
         "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        # 2 CPUs a site: one Ray actor on a 2-core machine instead of two (each pays its own
+        # imports of torch, Flower and the ClientApp, about 5 CPU-s); the sites take turns
+        "FSF_CPUS_PER_SITE": "2",
     }
     yield env
     stop_superlinks(control_port)

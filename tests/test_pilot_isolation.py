@@ -26,7 +26,7 @@ import pytest
 
 from client_app.state import FILE_NAME, read_state_file
 from partitions.split import split_dataset
-from tests.pilot_harness import REPO, SMALL_RUN, Pilot, wait_for
+from tests.pilot_harness import REPO, SMALL_RUN, Pilot
 
 pytestmark = pytest.mark.integration
 
@@ -116,7 +116,7 @@ def isolated(app_user, site_user, runnable_python, real_data_root):
         pilot.refused_log = readable.text() if pilot.exits(readable) == 2 else f"exit {readable.popen.returncode}"
         pilot.site_files[0].chmod(0o600)
         pilot.supernodes[SITE] = pilot.start_supernode(SITE, pilot.site_files[0], extra=isolate)
-        wait_for(lambda: pilot.node_ids[SITE] in pilot.online(), 180, "the isolated SuperNode online", every=3)
+        pilot.wait_online({pilot.node_ids[SITE]}, 180, "the isolated SuperNode online")
         yield pilot
     finally:
         pilot.stop_all()

@@ -24,7 +24,7 @@ import sys
 import pytest
 
 from partitions.split import split_dataset
-from tests.pilot_harness import BIN, REPO, SMALL_RUN, Pilot, SourceRelay, base_env, free_port, wait_for
+from tests.pilot_harness import BIN, SMALL_RUN, Pilot, SourceRelay, app_copy, base_env, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ def guarded(tmp_path_factory, real_data_root):
             env=base_env(pilot.site_cli_home),
         )
         pilot.supernodes[SITE] = pilot.start_supernode(SITE, pilot.site_files[0], superlink=relay.address)
-        wait_for(lambda: pilot.node_ids[SITE] in pilot.online(), 180, "the SuperNode online", every=3)
+        pilot.wait_online({pilot.node_ids[SITE]}, 180, "the SuperNode online")
         yield pilot
     finally:
         pilot.stop_all()
@@ -103,7 +103,7 @@ def test_an_authenticated_supernode_at_a_site_address_trains_through_the_proxy(g
 
 def test_a_site_address_can_neither_submit_nor_stop_runs(guarded):
     before = guarded.flwr("list", "pilot").get("runs", [])
-    assert refused(site_flwr(guarded, "run", str(REPO), "pilot", "--run-config", 'dataset="breastmnist"'))
+    assert refused(site_flwr(guarded, "run", str(app_copy()), "pilot", "--run-config", 'dataset="breastmnist"'))
     assert refused(site_flwr(guarded, "list", "pilot"))
     assert refused(site_flwr(guarded, "supernode", "register", str(guarded.keys / f"{SITE}.key.pub"), "pilot"))
     assert guarded.flwr("list", "pilot").get("runs", []) == before  # nothing was submitted
