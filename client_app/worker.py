@@ -317,7 +317,7 @@ def serve(path: str, group: str | None = None, node_config: dict[str, Any] | Non
     finally:
         os.umask(old_umask)
     server.listen(4)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _exit_once)
     print(f"site worker ready on {socket_path} (pid {os.getpid()})", flush=True)
     try:
         while True:
@@ -336,6 +336,14 @@ def _group_id(group: str) -> int:
         return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
     except KeyError:
         raise SystemExit(f"error: no group {group!r} on this machine (--group)") from None
+
+
+def _exit_once(*_: object) -> None:
+    """SIGTERM: exit cleanly. A stop signals the whole process group, so a second SIGTERM can
+    arrive while the exit runs torch's clean-up; it is ignored, instead of interrupting that
+    clean-up with a traceback in worker.log."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
