@@ -11,6 +11,7 @@ import sys
 import zipfile
 
 from tests.conftest import REPO
+from tests.pilot_harness import app_copy
 
 #: top-level folders of the repository that are not the app (pyproject.toml, fab-exclude)
 NOT_THE_APP = ("evidence", "benchmarks", "docs", "tests", "pilot", "docker", "scripts")
@@ -51,6 +52,9 @@ def test_the_bundle_holds_the_app_and_nothing_else_and_the_app_imports_from_it(t
     assert not [n for n in names if n.split("/")[0] in NOT_THE_APP]
     assert {"server_app/app.py", "client_app/app.py", "pyproject.toml"} <= set(names)
     assert len(fab) < 2_000_000, f"{len(fab)} bytes"  # 5.0 MB with the evidence runs in it
+    # the pilot tests' `flwr run`s submit from a copy of the repository's own files (to spare
+    # Flower's walk of `.venv`): the same bundle, byte for byte
+    assert build_fab_from_disk(app_copy()) == fab
     zipfile.ZipFile(io.BytesIO(fab)).extractall(tmp_path)
     done = subprocess.run(
         [sys.executable, "-c", IMPORT_FROM_THE_BUNDLE_ALONE.format(not_the_app=set(NOT_THE_APP))],
@@ -61,14 +65,3 @@ def test_the_bundle_holds_the_app_and_nothing_else_and_the_app_imports_from_it(t
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert " modules" in done.stdout
-
-
-def test_the_pilot_tests_submit_the_same_bundle_from_their_copy_of_the_app():
-    """The pilot tests' `flwr run`s submit from a copy of the repository's own files
-    (tests/pilot_harness.app_copy, to spare Flower's walk of `.venv`): Flower builds the same
-    bundle from it, byte for byte, as `flwr run .` does from the checkout."""
-    from flwr.cli.build import build_fab_from_disk
-
-    from tests.pilot_harness import app_copy
-
-    assert build_fab_from_disk(app_copy()) == build_fab_from_disk(REPO)
