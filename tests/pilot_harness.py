@@ -23,30 +23,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.source_files import project_files
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
 @functools.cache
 def app_copy() -> Path:
-    """The repository's own files (tracked, or untracked and not ignored, as the working tree
-    has them) copied once per test process, for the tests' `flwr run`s to submit. Flower builds
-    the app bundle by walking every file under the app's folder, `.venv` included (some 55,000
-    files: 3.8 CPU-s a submission here), before filtering; from this copy the same bundle, byte
-    for byte (tests/test_fab.py), takes 0.1 s."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
+    """The repository's own files (tests/source_files.project_files: tracked, or untracked and
+    not ignored, as the working tree has them), copied once per test process for the tests'
+    `flwr run`s to submit. Flower builds the app bundle by walking every file under the app's
+    folder, `.venv` included (some 55,000 files: 3.8 CPU-s a submission here), before
+    filtering; from this copy the same bundle, byte for byte (tests/test_fab.py), takes 0.1 s."""
     copy = Path(tempfile.mkdtemp(prefix="fsf-app-"))
     atexit.register(shutil.rmtree, copy, ignore_errors=True)
-    for name in filter(None, listed.split("\0")):
-        source = REPO / name
-        if source.is_file() and not source.is_symlink():  # a tracked file deleted in the tree is left out
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, copy / name)
+    for source in project_files(REPO, suffix=""):
+        if not source.is_symlink():  # Flower leaves symlinks out of a bundle too
+            target = copy / source.relative_to(REPO)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
     return copy
 
 
