@@ -92,21 +92,21 @@ def test_cosine_schedule_decays_to_one_percent():
 
 @pytest.mark.slow
 def test_default_fusedspacefed_warm_up_carries_information_at_every_demo_site(real_data_root):
-    """Issue 14 item 2: after round 1's warm-up at the demo setting (BloodMNIST, 5 sites,
-    alpha 0.5, the default autoencoder), every site's reconstruction has R^2 >= 0.8 and
+    """Issue 14 item 2: after round 1's warm-up at the demo setting (BloodMNIST, the demo's
+    sites, alpha 0.5, the default autoencoder), every site's reconstruction has R^2 >= 0.8 and
     input dependence >= 0.5 on its own images."""
     from client_app.evaluation import health_images
     from client_app.trainers.base import LocalRound
     from client_app.trainers.fusedspacefed import FusedSpaceFedTrainer
-    from core.demo import DEMO
+    from core.demo import DEMO, DEMO_SITES
     from models import build_run_model
     from partitions.simulated import simulation_site_data
 
     torch.set_num_threads(1)
     cfg = RunConfig.from_mapping({**DEMO, "data-root": str(real_data_root)})
     trainer = FusedSpaceFedTrainer()
-    for site in range(5):
-        data = simulation_site_data(cfg, site, 5)
+    for site in range(DEMO_SITES):
+        data = simulation_site_data(cfg, site, DEMO_SITES)
         model = build_run_model(cfg, data.spec, seed=cfg.seed, contract=contract_for(cfg.method))
         job = LocalRound(
             cfg=cfg,
