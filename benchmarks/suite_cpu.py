@@ -10,8 +10,10 @@ suite that used far more). Each pytest-xdist worker therefore moves itself into 
 its own (cgroup v1 `cpuacct`, or v2), which every process it starts inherits, setsid or not;
 a worker runs one test at a time, so the group's usage across a test is that test's CPU.
 
-Writes `benchmarks/SUITE-CPU.md` (machine, command, totals, per module, the costliest tests)
-and the raw rows beside it (`--rows`). Needs a writable cgroup file system (root).
+Writes `benchmarks/SUITE-CPU.md` (machine, command, totals, per module, the costliest tests,
+and when each worker ran out of tests: the suite's tail, where the cores wait for the last
+ones) and the raw rows beside it (`--rows`: test, wall, CPU, worker, end time). Needs a
+writable cgroup file system (root).
 """
 
 from __future__ import annotations
@@ -92,9 +94,11 @@ def pytest_runtest_protocol(item, nextitem):
         return
     cpu, wall = _usage(), time.time()
     yield
-    cpu, wall = _usage() - cpu, time.time() - wall
+    ended = time.time()
+    cpu, wall = _usage() - cpu, ended - wall
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     with open(os.environ[ROWS_ENV], "a") as rows:
-        rows.write(f"{item.nodeid}\t{wall:.1f}\t{cpu:.1f}\n")
+        rows.write(f"{item.nodeid}\t{wall:.1f}\t{cpu:.1f}\t{worker}\t{ended:.1f}\n")
 
 
 # -- the benchmark -------------------------------------------------------------------------------
@@ -109,14 +113,30 @@ def make_test_args() -> list[str]:
     return ["-n", workers or "3", "--dist", "loadgroup"]
 
 
-def report(rows: list[tuple[str, float, float]], command: list[str], wall: float, rc: int, load: str) -> str:
+def worker_ends(rows: list[tuple[str, float, float, str, float]], started: float) -> dict[str, tuple[float, str]]:
+    """Each worker's last test: when it ended (seconds after the suite started) and its id."""
+    ends: dict[str, tuple[float, str]] = {}
+    for nodeid, _, _, worker, ended in rows:
+        if ended - started > ends.get(worker, (-1.0, ""))[0]:
+            ends[worker] = (ended - started, nodeid)
+    return ends
+
+
+def report(
+    rows: list[tuple[str, float, float]],
+    command: list[str],
+    wall: float,
+    rc: int,
+    load: str,
+    ends: dict[str, tuple[float, str]] | None = None,
+) -> str:
     by_module: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
-    for nodeid, test_wall, cpu in rows:
+    for nodeid, test_wall, cpu, *_ in rows:
         entry = by_module[nodeid.split("::")[0]]
         entry[0] += cpu
         entry[1] += test_wall
         entry[2] += 1
-    total = sum(cpu for *_, cpu in rows)
+    total = sum(row[2] for row in rows)
     import torch
 
     lines = [
@@ -139,8 +159,13 @@ def report(rows: list[tuple[str, float, float]], command: list[str], wall: float
     ]
     for module, (cpu, test_wall, count) in sorted(by_module.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"| `{module}` | {count} | {cpu:.1f} | {100 * cpu / max(total, 1e-9):.1f} % | {test_wall:.1f} |")
+    if ends:
+        lines += ["", "When each worker ran out of tests (seconds after the start; the cores wait on the rest):", ""]
+        lines += ["| worker | last test ended | last test |", "|---|---|---|"]
+        for worker, (ended, nodeid) in sorted(ends.items(), key=lambda kv: kv[1][0]):
+            lines.append(f"| {worker} | {ended:.0f} s | `{nodeid}` |")
     lines += ["", "The 25 costliest tests:", "", "| test | CPU-s | wall-s |", "|---|---|---|"]
-    for nodeid, test_wall, cpu in sorted(rows, key=lambda r: -r[2])[:25]:
+    for nodeid, test_wall, cpu, *_ in sorted(rows, key=lambda r: -r[2])[:25]:
         lines.append(f"| `{nodeid}` | {cpu:.1f} | {test_wall:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -178,10 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     if rows_path.exists():
         for line in rows_path.read_text().splitlines():
-            nodeid, test_wall, cpu = line.split("\t")
-            rows.append((nodeid, float(test_wall), float(cpu)))
+            nodeid, test_wall, cpu, worker, ended = line.split("\t")
+            rows.append((nodeid, float(test_wall), float(cpu), worker, float(ended)))
     shown = ["pytest", *command[5:]]
-    args.out.write_text(report(rows, shown, wall, rc, load))
+    args.out.write_text(report(rows, shown, wall, rc, load, worker_ends(rows, started)))
     print(f"{len(rows)} tests, {sum(r[2] for r in rows):.0f} CPU-s, wall {wall:.0f} s -> {args.out}")
     return rc
 
