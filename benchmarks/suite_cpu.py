@@ -113,25 +113,22 @@ def make_test_args() -> list[str]:
     return ["-n", workers or "3", "--dist", "loadgroup"]
 
 
-def worker_ends(rows: list[tuple[str, float, float, str, float]], started: float) -> dict[str, tuple[float, str]]:
+#: a test's row: its id, wall seconds, CPU seconds, xdist worker, end (seconds after the suite started)
+Row = tuple[str, float, float, str, float]
+
+
+def worker_ends(rows: list[Row]) -> dict[str, tuple[float, str]]:
     """Each worker's last test: when it ended (seconds after the suite started) and its id."""
     ends: dict[str, tuple[float, str]] = {}
     for nodeid, _, _, worker, ended in rows:
-        if ended - started > ends.get(worker, (-1.0, ""))[0]:
-            ends[worker] = (ended - started, nodeid)
+        if ended > ends.get(worker, (-1.0, ""))[0]:
+            ends[worker] = (ended, nodeid)
     return ends
 
 
-def report(
-    rows: list[tuple[str, float, float]],
-    command: list[str],
-    wall: float,
-    rc: int,
-    load: str,
-    ends: dict[str, tuple[float, str]] | None = None,
-) -> str:
+def report(rows: list[Row], command: list[str], wall: float, rc: int, load: str) -> str:
     by_module: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
-    for nodeid, test_wall, cpu, *_ in rows:
+    for nodeid, test_wall, cpu, _, _ in rows:
         entry = by_module[nodeid.split("::")[0]]
         entry[0] += cpu
         entry[1] += test_wall
@@ -159,13 +156,13 @@ def report(
     ]
     for module, (cpu, test_wall, count) in sorted(by_module.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"| `{module}` | {count} | {cpu:.1f} | {100 * cpu / max(total, 1e-9):.1f} % | {test_wall:.1f} |")
-    if ends:
+    if ends := worker_ends(rows):
         lines += ["", "When each worker ran out of tests (seconds after the start; the cores wait on the rest):", ""]
         lines += ["| worker | last test ended | last test |", "|---|---|---|"]
         for worker, (ended, nodeid) in sorted(ends.items(), key=lambda kv: kv[1][0]):
             lines.append(f"| {worker} | {ended:.0f} s | `{nodeid}` |")
     lines += ["", "The 25 costliest tests:", "", "| test | CPU-s | wall-s |", "|---|---|---|"]
-    for nodeid, test_wall, cpu, *_ in sorted(rows, key=lambda r: -r[2])[:25]:
+    for nodeid, test_wall, cpu, _, _ in sorted(rows, key=lambda r: -r[2])[:25]:
         lines.append(f"| `{nodeid}` | {cpu:.1f} | {test_wall:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -204,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     if rows_path.exists():
         for line in rows_path.read_text().splitlines():
             nodeid, test_wall, cpu, worker, ended = line.split("\t")
-            rows.append((nodeid, float(test_wall), float(cpu), worker, float(ended)))
+            rows.append((nodeid, float(test_wall), float(cpu), worker, float(ended) - started))
     shown = ["pytest", *command[5:]]
-    args.out.write_text(report(rows, shown, wall, rc, load, worker_ends(rows, started)))
+    args.out.write_text(report(rows, shown, wall, rc, load))
     print(f"{len(rows)} tests, {sum(r[2] for r in rows):.0f} CPU-s, wall {wall:.0f} s -> {args.out}")
     return rc
 

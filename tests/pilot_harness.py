@@ -339,13 +339,7 @@ class Pilot:
         CPU-s), and a restarted or reconnecting SuperNode can take a minute (the SuperLink waits
         for the old connection's heartbeats to lapse): the looks start 1 s apart and spread
         out to 10 s, about 11 in a minute instead of 20-30."""
-        deadline, every = time.time() + timeout, 1.0
-        while time.time() < deadline:
-            if self.online() >= node_ids:
-                return
-            time.sleep(every)
-            every = min(every * 1.5, 10.0)
-        raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        wait_for(lambda: self.online() >= node_ids, timeout, what, every=1.0, growth=1.5, longest=10.0)
 
     # -- runs ------------------------------------------------------------------
     def submit(self, run_config: dict[str, object]) -> int:
@@ -432,7 +426,17 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
             pass
 
 
-def wait_for(condition, timeout: float, what: str, proc: Process | None = None, every: float = 0.5) -> None:
+def wait_for(
+    condition,
+    timeout: float,
+    what: str,
+    proc: Process | None = None,
+    every: float = 0.5,
+    growth: float = 1.0,
+    longest: float = 10.0,
+) -> None:
+    """Look at `condition` every `every` seconds, each pause `growth` times the last (up to
+    `longest`): a look that costs CPU (a CLI call) is spaced out when the wait is long."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if condition():
@@ -440,4 +444,5 @@ def wait_for(condition, timeout: float, what: str, proc: Process | None = None, 
         if proc is not None and not proc.alive():
             raise AssertionError(f"{what}: process exited with {proc.popen.returncode}:\n{proc.text()[-3000:]}")
         time.sleep(every)
+        every = min(every * growth, max(every, longest))
     raise AssertionError(f"{what}: not within {timeout:.0f} s" + (f"\n{proc.text()[-3000:]}" if proc else ""))

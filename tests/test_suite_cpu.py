@@ -51,12 +51,12 @@ def test_a_detached_process_s_cpu_is_the_test_s(tmp_path):
 
 def test_the_report_says_when_each_worker_ran_out_of_tests():
     rows = [
-        ("tests/a.py::one", 5.0, 4.0, "gw0", 1005.0),
-        ("tests/a.py::two", 9.0, 8.0, "gw0", 1020.0),
-        ("tests/b.py::three", 2.0, 1.0, "gw1", 1012.0),
+        ("tests/a.py::one", 5.0, 4.0, "gw0", 5.0),
+        ("tests/a.py::two", 9.0, 8.0, "gw0", 20.0),
+        ("tests/b.py::three", 2.0, 1.0, "gw1", 12.0),
     ]
-    ends = suite_cpu.worker_ends(rows, started=1000.0)
+    ends = suite_cpu.worker_ends(rows)
     assert ends == {"gw0": (20.0, "tests/a.py::two"), "gw1": (12.0, "tests/b.py::three")}
-    text = suite_cpu.report(rows, ["pytest"], 21.0, 0, "0 0 0", ends)
+    text = suite_cpu.report(rows, ["pytest"], 21.0, 0, "0 0 0")
     assert "| gw1 | 12 s | `tests/b.py::three` |" in text and text.index("gw1 |") < text.index("gw0 |")
     assert "| `tests/a.py` | 2 | 12.0 |" in text
